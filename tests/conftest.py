@@ -1,0 +1,50 @@
+"""Shared fixtures: paths to the benchmark data and tiny real-architecture Qwen-VL checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def tiny_vision_configs() -> dict:
+    """Tiny random vision towers of the three supported families (transformers config classes)."""
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+
+    from rot_render.encoder import tiny_vision_config
+
+    return {
+        "qwen2_vl": Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=48, num_heads=4, mlp_ratio=2,
+                                        patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        "qwen2_5_vl": Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
+                                             out_hidden_size=40, patch_size=14, spatial_merge_size=2,
+                                             temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
+        "qwen3_vl": tiny_vision_config(),
+    }
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip(f"{SHARED_DATA} not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl(tmp_path_factory) -> Path:
+    """A whole tiny Qwen3-VL model (vision tower + language model, hidden 64) saved as a HF checkpoint."""
+    from rot_train.tiny import save_tiny_vlm
+
+    return save_tiny_vlm(tmp_path_factory.mktemp("tiny-qwen3-vl"), "qwen3_vl", hidden_size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
+    """A tiny Qwen2.5-VL (legacy 'visual.' / 'model.layers.' keys), hidden 48: a second backbone size."""
+    from rot_train.tiny import save_tiny_vlm
+
+    return save_tiny_vlm(tmp_path_factory.mktemp("tiny-qwen2_5-vl"), "qwen2_5_vl", hidden_size=48, seed=1)

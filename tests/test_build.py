@@ -1,0 +1,103 @@
+"""The Ray job end to end on this CPU: shards, manifest, resume after a kill, refusal of mixed settings."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rot_render import shards
+from rot_render.encoder import VisionEncoder
+from rot_render.pipeline import BuildConfig, BuildError, build
+from rot_render.records import load_records
+from rot_render.render import RenderSettings, render_line
+
+
+def _ids(out: Path) -> list[str]:
+    return [i for p in sorted(out.glob("shard-*.parquet")) for i in pq.read_table(p, columns=["id"])["id"].to_pylist()]
+
+
+def _cli(*args, check=True):
+    return subprocess.run(["rot-render", *args], capture_output=True, text=True, check=check)
+
+
+def test_build_writes_verified_shards_and_resumes_without_rewriting(tmp_path):
+    out = tmp_path / "shards"
+    manifest = build(BuildConfig(dataset="gsm8k", out=out, limit=40, shard_size=16, batch_size=8), progress=False)
+    assert [s["rows"] for s in manifest["shards"]] == [16, 16, 8]
+    assert manifest["rows"] == 40 and manifest["encoder"]["untrained"] is True
+    records, _ = load_records("gsm8k")
+    assert _ids(out) == [r.id for r in records[:40]]  # source order inside and across shards
+
+    # stored embeddings are exactly what the encoder gives (bf16 round trip is bit exact)
+    table = pq.read_table(out / "shard-00000.parquet")
+    row = table.slice(3, 1).to_pylist()[0]
+    encoder = VisionEncoder.from_pretrained("tiny")
+    image = render_line(records[3].cot, RenderSettings(), 32)
+    expected = encoder.encode([image])[0].to(torch.bfloat16)
+    stored = torch.frombuffer(bytearray(row["embedding"]), dtype=torch.bfloat16).view(row["n_tokens"], 64)
+    assert row["image_width"] == image.shape[1] and row["n_tokens"] == image.shape[1] // 32
+    torch.testing.assert_close(stored, expected, atol=0, rtol=0)
+    assert pq.ParquetFile(out / "shard-00000.parquet").metadata.row_group(0).column(6).compression == "ZSTD"
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    again = build(BuildConfig(dataset="gsm8k", out=out, limit=40, shard_size=16, batch_size=8), progress=False)
+    assert again["run"]["encoded_rows"] == 0 and again["run"]["resumed_shards"] == 3
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == mtimes
+    assert again["fingerprint"] == manifest["fingerprint"]
+
+    result = _cli("inspect", str(out))
+    assert "OK, 3 shards verified" in result.stdout and "UNTRAINED" in result.stdout
+
+    with pytest.raises(BuildError, match="made with different settings.*--overwrite"):
+        build(BuildConfig(dataset="gsm8k", out=out, limit=40, shard_size=16, dtype="fp32"), progress=False)
+    replaced = build(BuildConfig(dataset="gsm8k", out=out, limit=40, shard_size=16, dtype="fp32", overwrite=True),
+                     progress=False)
+    assert replaced["embedding"]["dtype"] == "fp32" and _ids(out) == [r.id for r in records[:40]]
+
+    (out / "shard-00001.parquet").write_bytes(b"corrupt")
+    result = _cli("inspect", str(out), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {out / 'shard-00001.parquet'} checksum differs from the manifest; delete it and re-run the build to remake it"
+
+
+def test_killed_build_resumes_and_every_id_appears_once(tmp_path):
+    out = tmp_path / "shards"
+    args = ["build", "--dataset", "gsm8k", "--out", str(out), "--limit", "120", "--shard-size", "10", "--batch-size", "5"]
+    process = subprocess.Popen(["rot-render", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("shard-*.parquet")):
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished_before = sorted(p.name for p in out.glob("shard-*.parquet"))
+    assert 1 <= len(finished_before) < 12, "the kill should land part way through"
+    assert not (out / shards.MANIFEST).exists()
+
+    result = _cli(*args)
+    assert f"({len(finished_before)} shards kept from before)" in result.stdout
+    ids = _ids(out)
+    records, _ = load_records("gsm8k")
+    assert sorted(ids) == sorted(r.id for r in records[:120]) and len(ids) == len(set(ids)) == 120
+    assert not list(out.glob(".*tmp*"))
+    assert shards.verify(out) == []
+
+
+def test_skipped_rows_are_counted_in_the_manifest(tmp_path):
+    source = tmp_path / "rows.jsonl"
+    source.write_text('{"question": "q1", "cot": "1 + 1 = 2", "answer": "2"}\n{"question": "q2", "cot": "", "answer": "3"}\n')
+    out = tmp_path / "shards"
+    failed = _cli("build", "--dataset", str(source), "--out", str(out), check=False)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines()[-1] == f"error: {source}:2: empty CoT (this source has nothing to render); fix the row or pass --on-error skip"
+    _cli("build", "--dataset", str(source), "--out", str(out), "--on-error", "skip")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == 1 and manifest["skipped_rows"] == 1
+    assert manifest["skipped"] == [{"file": str(source), "line": 2, "reason": "empty CoT (this source has nothing to render)"}]
