@@ -48,3 +48,13 @@ def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
     from rot_train.tiny import save_tiny_vlm
 
     return save_tiny_vlm(tmp_path_factory.mktemp("tiny-qwen2_5-vl"), "qwen2_5_vl", hidden_size=48, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """48 GSM8k rows encoded by the tiny tower (dim 64) through the real Ray job, in 3 shards."""
+    from rot_render.pipeline import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("shards") / "gsm8k-tiny"
+    build(BuildConfig(dataset="gsm8k", out=out, limit=48, shard_size=16, batch_size=16), progress=False)
+    return out

@@ -1,0 +1,98 @@
+"""The model on tiny real-architecture backbones, without DeepSpeed: loading, rollout, losses."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone
+from rot_train.batches import RoTCollator
+from rot_train.model import RoTModel
+from rot_train.shard_stream import ShardSet, ShardStream
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen3_vl", "tiny_qwen2_5_vl"])
+def test_vlm_checkpoint_loads_its_language_model_only_and_matches_the_vlm(request, fixture):
+    from transformers import AutoModelForImageTextToText
+
+    folder = request.getfixturevalue(fixture)
+    lm, tokenizer = load_backbone(str(folder), dtype=torch.float32)
+    names = [n for n, _ in lm.named_parameters()]
+    assert names and not any("visual" in n or "vision" in n for n in names)
+    vlm = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer("What is 12 * 7? It is 84.")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm.eval()(input_ids=ids).logits, vlm(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_new_tokens_have_norm_sqrt_hidden(tiny_qwen3_vl):
+    lm, tokenizer = load_backbone(str(tiny_qwen3_vl), dtype=torch.float32)
+    ids = add_latent_tokens(lm, tokenizer, seed=0)
+    rows = lm.get_input_embeddings().weight[list(ids.values())]
+    torch.testing.assert_close(rows.norm(dim=1), torch.full((2,), 64 ** 0.5))
+    assert tokenizer.convert_ids_to_tokens(ids[IMG_END]) == IMG_END
+
+
+@pytest.fixture(scope="module")
+def rot_setup(tiny_qwen3_vl, tiny_shards):
+    torch.manual_seed(0)
+    lm, tokenizer = load_backbone(str(tiny_qwen3_vl), dtype=torch.float32)
+    ids = add_latent_tokens(lm, tokenizer)
+    model = RoTModel(lm, 64, ids[IMG_BEGIN], ids[IMG_END], head_width=32).eval()
+    collate = RoTCollator(tokenizer, ids[IMG_BEGIN], ids[IMG_END], max_latents=12)
+    batch = next(iter(ShardStream(ShardSet.open(tiny_shards), collate, micro_batch=4, shuffle_buffer=1)))
+    batch["n_latents"][1] = 5  # rows of different latent counts in one batch
+    batch["target_mask"][1, 5:] = 0
+    return model, batch
+
+
+def reference_rollout(model, prefix, n_steps):
+    """One sample, no padding, no KV cache: re-run the whole sequence for every latent."""
+    inputs = model.embed(prefix[None])
+    states = []
+    for _ in range(n_steps):
+        hidden = model.decoder(inputs_embeds=inputs).last_hidden_state[:, -1]
+        states.append(hidden)
+        inputs = torch.cat([inputs, model.latent_inputs(model.head(hidden))[:, None]], dim=1)
+    return torch.cat(states)
+
+
+def test_batched_rollout_equals_sample_by_sample_reference(rot_setup):
+    model, batch = rot_setup
+    n_steps = batch["targets"].shape[1]
+    batched = model.rollout_hidden(batch["prefix_ids"], batch["prefix_mask"], n_steps)
+    assert (batch["prefix_mask"] == 0).any(), "the batch should be left-padded"
+    with torch.no_grad():
+        for i in range(len(batch["ids"])):
+            prefix = batch["prefix_ids"][i][batch["prefix_mask"][i].bool()]
+            torch.testing.assert_close(batched[i], reference_rollout(model, prefix, n_steps), atol=1e-4, rtol=1e-4)
+
+
+def test_teacher_forced_pass_sees_the_rolled_out_latents(rot_setup):
+    model, batch = rot_setup
+    n_steps = batch["targets"].shape[1]
+    with torch.no_grad():
+        rolled = model.rollout_hidden(batch["prefix_ids"], batch["prefix_mask"], n_steps)
+        hidden, mask = model.teacher_forced(batch, model.head(rolled))
+    start = batch["prefix_ids"].shape[1] - 1
+    for i, n in enumerate(batch["n_latents"].tolist()):
+        torch.testing.assert_close(hidden[i, start:start + n], rolled[i, :n], atol=1e-4, rtol=1e-4)
+    assert mask[1, batch["prefix_ids"].shape[1] + 5:batch["prefix_ids"].shape[1] + n_steps].sum() == 0  # holes
+
+
+def test_stage1_loss_reaches_only_the_head(rot_setup):
+    model, batch = rot_setup
+    model.lm.requires_grad_(False)
+    model.zero_grad()
+    losses = model(batch, stage=1, vision_weight=10.0, lm_weight=1.0)
+    losses["loss"].backward()
+    assert set(losses) == {"loss", "mse", "lm", "latent_norm"}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters())
+    assert all(p.grad is None for p in model.lm.parameters())
+
+
+def test_rot_train_never_imports_rot_render():
+    code = ("import sys, rot_train.train, rot_train.launch, rot_train.export, rot_train.shard_stream; "
+            "bad = [m for m in sys.modules if m.startswith('rot_render')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,62 @@
+import shutil
+
+import pytest
+import torch
+
+from rot_train.shard_stream import ShardError, ShardSet, ShardStream, epoch_order
+
+
+def _collect(stream, workers=0):
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+    return [(b["batch_index"], [i for i, w in zip(b["ids"], b["weights"].tolist()) if w > 0]) for b in loader]
+
+
+def _ids_only(rows, embeddings):
+    return {"ids": [r["id"] for r in rows], "n": torch.tensor([len(e) for e in embeddings])}
+
+
+@pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 2), (3, 1)])
+def test_ranks_and_workers_split_an_epoch_with_no_overlap_and_no_gap(tiny_shards, world_size, workers):
+    shard_set = ShardSet.open(tiny_shards)
+    seen = []
+    for rank in range(world_size):
+        stream = ShardStream(shard_set, _ids_only, micro_batch=5, rank=rank, world_size=world_size, seed=3, shuffle_buffer=8)
+        batches = _collect(stream, workers)
+        assert [b for b, _ in batches] == list(range(stream.batches_per_epoch))  # same step count on every rank
+        seen += [i for _, ids in batches for i in ids]
+    assert len(seen) == len(set(seen)) == shard_set.rows == 48
+
+
+def test_order_is_seeded_per_epoch_and_resume_continues_exactly(tiny_shards):
+    shard_set = ShardSet.open(tiny_shards)
+    stream = ShardStream(shard_set, _ids_only, micro_batch=4, seed=1, shuffle_buffer=8)
+    full = _collect(stream)
+    stream.set_position(epoch=0, start_batch=5)
+    assert _collect(stream) == full[5:]
+    stream.set_position(epoch=1)
+    assert _collect(stream) != full
+    assert epoch_order(shard_set.shard_rows, 1, 0, 8) == epoch_order(shard_set.shard_rows, 1, 0, 8)
+    assert sorted(epoch_order(shard_set.shard_rows, 1, 0, 8)) == [(s, r) for s in range(3) for r in range(16)]
+
+
+def test_embeddings_round_trip_with_the_manifest_shapes(tiny_shards):
+    shard_set = ShardSet.open(tiny_shards)
+    row = shard_set.read_rows(0)[0]
+    embedding = shard_set.embedding(row)
+    assert embedding.shape == (row["n_tokens"], 64) and embedding.dtype == torch.float32
+    assert torch.isfinite(embedding).all() and embedding.abs().sum() > 0
+
+
+def test_bad_shard_sets_are_refused_with_the_file_and_the_fix(tiny_shards, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_shards, broken)
+    (broken / "shard-00001.parquet").unlink()
+    with pytest.raises(ShardError, match=r"shard-00001.parquet is missing; re-run rot-render build"):
+        ShardSet.open(broken)
+    shutil.copy(tiny_shards / "shard-00000.parquet", broken / "shard-00001.parquet")
+    with pytest.raises(ShardError, match=r"shard-00001.parquet does not match its checksum"):
+        ShardSet.open(broken)
+    with pytest.raises(ShardError, match="does not exist; build it first"):
+        ShardSet.open(tmp_path / "nowhere")
+    with pytest.raises(ShardError, match="embedding dim 64 but the head in X was trained on dim 32"):
+        ShardSet.open(tiny_shards).check_dim(32, "the head in X")
