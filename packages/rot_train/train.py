@@ -63,8 +63,12 @@ def init_distributed():
     import deepspeed
 
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        import socket
+
+        with socket.socket() as probe:  # a free port for this one-process group
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     accelerator = deepspeed.get_accelerator()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     local_rank = int(os.environ["LOCAL_RANK"])

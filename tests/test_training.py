@@ -1,0 +1,169 @@
+"""Stage I and Stage II through DeepSpeed on this CPU (gloo): launcher runs, resume, what each stage may change."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rot_train.export import load_export
+from rot_train.train import TrainConfig, run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(micro_batch=4, grad_accum=2, head_width=32, max_latents=12, warmup_steps=1, num_workers=1, epochs=2)
+
+
+def _clean_env(**extra):
+    """This process may have joined a one-process group (in-process runs): children must not inherit it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return dict(env, DS_ACCELERATOR="cpu", **extra)
+
+
+def _launch(script, *args):
+    """`deepspeed rot_train/<script>` exactly as a user runs it, one process."""
+    env = _clean_env()
+    command = ["deepspeed", "--num_gpus", "1", "--master_port", str(29600 + os.getpid() % 300), f"rot_train/{script}", *args]
+    result = subprocess.run(command, cwd=ROOT / "packages", env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _losses(out, key="loss"):
+    return [json.loads(line)[key] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _args(shards, backbone, out, **extra):
+    options = dict(TINY, lr=1e-3, **extra)
+    args = ["--shards", str(shards), "--backbone", str(backbone), "--out", str(out)]
+    for key, value in options.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def test_deepspeed_stage1_then_stage2_resume_continues_the_same_loss_sequence(tiny_shards, tiny_qwen3_vl, tmp_path):
+    stage1 = tmp_path / "stage1"
+    result = _launch("stage1.py", *_args(tiny_shards, tiny_qwen3_vl, stage1, max_steps=4))
+    assert "stage 1 done: 4 steps" in result.stdout
+    assert (stage1 / "export" / "head.safetensors").exists() and (stage1 / "loss.png").exists()
+
+    init = ["--init", str(stage1 / "export")]
+    whole, first, second = tmp_path / "whole", tmp_path / "part", tmp_path / "part"
+    _launch("stage2.py", *_args(tiny_shards, tiny_qwen3_vl, whole, max_steps=8), *init)
+    _launch("stage2.py", *_args(tiny_shards, tiny_qwen3_vl, first, max_steps=5), *init)  # "interrupted" after step 5
+    _launch("stage2.py", *_args(tiny_shards, tiny_qwen3_vl, second, max_steps=8), *init, "--resume")
+    uninterrupted, resumed = _losses(whole), _losses(second)
+    assert len(uninterrupted) == len(resumed) == 8
+    assert resumed[:5] == uninterrupted[:5]
+    torch.testing.assert_close(torch.tensor(resumed[5:]), torch.tensor(uninterrupted[5:]), rtol=1e-6, atol=0)
+    assert len(set(uninterrupted)) > 1  # the losses move, so equality means something
+
+    # export -> load round trip: the LoRA adapter, head and new tokens come back
+    model, tokenizer, config = load_export(whole / "export")
+    assert config["stage"] == 2 and config["weights"] == "lora"
+    assert "<img_end>" in tokenizer.get_vocab() and hasattr(model.lm, "peft_config")
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tiny_shards, tiny_qwen3_vl, tmp_path_factory):
+    """In-process Stage I (LM loss off so the MSE is the whole signal) then Stage II, with the models."""
+    from rot_train.backbone import load_backbone
+
+    base = tmp_path_factory.mktemp("runs")
+    original, _ = load_backbone(str(tiny_qwen3_vl), dtype=torch.bfloat16)
+    s1_summary, s1 = run(TrainConfig(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(base / "s1"),
+                                     lr=3e-3, lm_weight=0.0, **dict(TINY, epochs=6)))
+    s2_summary, s2 = run(TrainConfig(stage=2, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(base / "s2"),
+                                     init=str(base / "s1" / "export"), lr=1e-3, max_steps=4, **TINY))
+    return original, base, s1, s2
+
+
+def test_stage1_drives_the_mse_down_and_leaves_the_llm_bit_identical(stage_runs):
+    original, base, stage1_model, _ = stage_runs
+    mse = _losses(base / "s1", "mse")
+    assert len(mse) == 36
+    assert sum(mse[-4:]) / 4 < 0.5 * sum(mse[:4]) / 4, mse
+    trained = dict(stage1_model.lm.named_parameters())
+    for name, parameter in original.named_parameters():
+        if name != "model.embed_tokens.weight":  # its new-token rows are initialised by RoT, checked below
+            assert torch.equal(trained[name].data, parameter.data), name
+    old_rows, new_ids = original.get_input_embeddings().weight, [stage1_model.img_begin_id, stage1_model.img_end_id]
+    keep = [i for i in range(old_rows.shape[0]) if i not in new_ids]
+    assert torch.equal(trained["model.embed_tokens.weight"][keep], old_rows[keep])
+
+
+def test_stage2_changes_only_lora_weights(stage_runs, tiny_qwen3_vl):
+    from safetensors.torch import load_file
+
+    original, base, _, stage2_model = stage_runs
+    head = load_file(base / "s1" / "export" / "head.safetensors")
+    for name, value in stage2_model.head.state_dict().items():
+        torch.testing.assert_close(value.float(), head[f"head.{name}"], atol=0, rtol=0)
+    changed = [n for n, p in stage2_model.lm.named_parameters() if p.requires_grad]
+    assert changed and all("lora_" in n for n in changed)
+    lora_b = [p for n, p in stage2_model.lm.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero: non-zero means it trained
+    base_weights = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+                    for n, p in stage2_model.lm.named_parameters() if "lora_" not in n}
+    for name, parameter in original.named_parameters():
+        if name != "model.embed_tokens.weight":
+            assert torch.equal(base_weights[name].data, parameter.data), name
+
+
+def test_one_shard_set_trains_two_backbones_of_different_sizes(tiny_shards, tiny_qwen2_5_vl, tmp_path):
+    summary, model = run(TrainConfig(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen2_5_vl), out=str(tmp_path / "q25"),
+                                     max_steps=2, **TINY))
+    assert model.lm.config.hidden_size == 48 and isinstance(model.adapter, torch.nn.Linear)
+    assert model.adapter.in_features == 64 and model.head.fc_out.out_features == 64
+    assert summary["steps"] == 2 and all(v == v for v in _losses(tmp_path / "q25"))
+
+
+def _cli_error(args):
+    env = _clean_env()
+    result = subprocess.run([sys.executable, "rot_train/stage1.py", *args], cwd=ROOT / "packages", env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_bad_shards_end_with_a_one_line_error(tiny_shards, tiny_qwen3_vl, tmp_path):
+    import shutil
+
+    from rot_render import shards as writer
+
+    common = ["--backbone", str(tiny_qwen3_vl), "--out", str(tmp_path / "run")]
+    missing = tmp_path / "missing"
+    shutil.copytree(tiny_shards, missing)
+    (missing / "shard-00002.parquet").unlink()
+    assert _cli_error(["--shards", str(missing), *common]) == \
+        f"error: {missing / 'shard-00002.parquet'} is missing; re-run rot-render build with --out {missing} to remake it"
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_shards, corrupt)
+    (corrupt / "shard-00000.parquet").write_bytes(b"PAR1 not really")
+    assert "shard-00000.parquet does not match its checksum" in _cli_error(["--shards", str(corrupt), *common])
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    writer.write_manifest(empty, {"format": "rot-visual-embeddings/1", "rows": 0, "shards": []})
+    assert _cli_error(["--shards", str(empty), *common]) == \
+        f"error: {empty / 'manifest.json'} lists no rows: the shard set is empty; rebuild it from a dataset with rows"
+
+    # a manifest from a different embedding size than the Stage I head that Stage II starts from
+    other = tmp_path / "dim32"
+    shutil.copytree(tiny_shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["embedding"]["dim"] = 32
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    head = tmp_path / "stage1"
+    run(TrainConfig(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(head), max_steps=1, **TINY))
+    env = _clean_env()
+    result = subprocess.run([sys.executable, "rot_train/stage2.py", "--shards", str(other), "--init", str(head / "export"),
+                             *common, "--head-width", "32"], cwd=ROOT / "packages", env=env, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {other / 'manifest.json'} has embedding dim 32 but the head in {head / 'export'} was trained on dim 64; "
+        f"use the shard set that the head in {head / 'export'} was trained on, or start again from Stage I")
