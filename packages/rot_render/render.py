@@ -55,7 +55,8 @@ class RenderSettings:
 
 @lru_cache(maxsize=8)
 def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.truetype(path, size)
+    # the basic layout engine: the same glyph advances whether or not Pillow was built with libraqm
+    return ImageFont.truetype(path, size, layout_engine=ImageFont.Layout.BASIC)
 
 
 def line_text(cot: str, settings: RenderSettings) -> str:

@@ -81,8 +81,17 @@ class RoTModel(nn.Module):
         """Hidden states h_0 ... h_{n-1} that predict latents v_1 ... v_n, batched, with a KV cache.
 
         ``prefix_ids`` are left-padded (question + <img_begin>), so the last column is every row's
-        latest position. Returns [B, n_steps, d_llm].
+        latest position. Returns [B, n_steps, d_llm]. Runs in eval mode: no dropout in the latents fed
+        back, and gradient checkpointing (train mode only) would otherwise switch the KV cache off.
         """
+        was_training = self.training
+        self.eval()
+        try:
+            return self._rollout(prefix_ids, prefix_mask, n_steps)
+        finally:
+            self.train(was_training)
+
+    def _rollout(self, prefix_ids, prefix_mask, n_steps):
         positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)
         output = self.decoder(inputs_embeds=self.embed(prefix_ids), attention_mask=prefix_mask,
                               position_ids=positions, use_cache=True)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# GPU smoke run (issues 2 and 3): the Ray build job with the encoder on the GPU, then Stage I and
+# Stage II under the deepspeed launcher with ZeRO-2 + bf16 on a tiny Qwen3-VL-architecture backbone.
+# On the device machine: bash pipelines/gpu_smoke.sh   (expects .whl/ carried; see README "GPU machine")
+set -euo pipefail
+export TORCH_CUDA_ARCH_LIST=9.0 RAY_ENABLE_UV_RUN_RUNTIME_ENV=0
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD/packages
+fi
+OUT=${OUT:-/tmp/out}; WORK=/tmp/rot-smoke; mkdir -p "$OUT" "$WORK"
+python3 -c "import torch, transformers, deepspeed, ray; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'ray', ray.__version__, torch.cuda.get_device_name())"
+python3 -m rot_render.cli build --dataset gsm8k --split train --out "$WORK/shards" --encoder tiny 2>&1 | grep -v "^\s*$" | tail -4
+python3 -m rot_render.cli inspect "$WORK/shards"
+python3 -c "from rot_train.tiny import save_tiny_vlm; save_tiny_vlm('$WORK/backbone', 'qwen3_vl', hidden_size=256, layers=4)" 2>/dev/null
+cd packages
+COMMON="--shards $WORK/shards --backbone $WORK/backbone --micro-batch 16 --grad-accum 4 --max-steps 30 --lr 1e-3 --warmup-steps 5"
+deepspeed --num_gpus 1 rot_train/stage1.py $COMMON --out "$WORK/stage1" 2>&1 | grep -E "done|error|Error" | tail -5
+deepspeed --num_gpus 1 rot_train/stage2.py $COMMON --init "$WORK/stage1/export" --out "$WORK/stage2" 2>&1 | grep -E "done|error|Error" | tail -5
+cp "$WORK/stage1/loss.png" "$OUT/stage1_loss.png"; cp "$WORK/stage2/loss.png" "$OUT/stage2_loss.png"
+cp "$WORK/stage1/run.json" "$OUT/stage1_run.json"; cp "$WORK/stage2/summary.json" "$OUT/stage2_summary.json"
