@@ -15,7 +15,7 @@ import torch
 from rot_render import shards
 from rot_render.encoder import VisionEncoder
 from rot_render.pipeline import BuildConfig, BuildError, build
-from rot_render.records import load_records
+from rot_data.records import load_records
 from rot_render.render import RenderSettings, render_line
 
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from rot_render.records import RecordError, load_records
+from rot_data.records import RecordError, load_records
 
 
 def test_gsm8k_ships_with_the_package_and_splits_the_solution():
@@ -82,3 +82,9 @@ def test_unknown_dataset_and_missing_data_dir_say_what_to_do():
         load_records("svamp", "test")
     with pytest.raises(RecordError, match="has splits"):
         load_records("gsm8k", "valid")
+
+
+@pytest.mark.parametrize("name, expected", [("gsm8k", 1319), ("gsm_hard", 1319), ("svamp", 1000), ("multiarith", 600)])
+def test_the_four_benchmarks_load_for_evaluation_with_their_file_sizes(shared_data, name, expected):
+    records, skipped = load_records(name, "test", data_dir=shared_data, require_cot=False)
+    assert len(records) == expected and not skipped

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rot_render.records import load_records
+from rot_data.records import load_records
 from rot_render.render import RenderSettings, line_text, missing_glyphs, render_line
 
 

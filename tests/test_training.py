@@ -167,3 +167,19 @@ def test_bad_shards_end_with_a_one_line_error(tiny_shards, tiny_qwen3_vl, tmp_pa
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {other / 'manifest.json'} has embedding dim 32 but the head in {head / 'export'} was trained on dim 64; "
         f"use the shard set that the head in {head / 'export'} was trained on, or start again from Stage I")
+
+
+@pytest.mark.parametrize("mode", ["sft-cot", "sft-nocot"])
+def test_sft_baselines_train_with_the_same_trainer_and_evaluate(tiny_shards, tiny_qwen3_vl, tmp_path, mode):
+    from rot_train.evaluate import evaluate
+
+    out = tmp_path / mode
+    summary, model = run(TrainConfig(stage=2, mode=mode, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(out),
+                                     max_steps=3, lr=1e-3, **TINY))
+    losses = _losses(out, "lm")
+    assert summary["steps"] == 3 and len(losses) == 3 and all(loss > 0 for loss in losses)
+    assert all("lora_" in n for n, p in model.lm.named_parameters() if p.requires_grad)
+    config = json.loads((out / "export" / "rot_config.json").read_text())
+    assert config["mode"] == mode and config["weights"] == "lora"
+    result = evaluate(str(out / "export"), "gsm8k", tmp_path / "eval", limit=3, batch_size=3, max_cot_tokens=4, device="cpu")
+    assert result["method"] == {"sft-cot": "SFT with CoT", "sft-nocot": "SFT without CoT"}[mode] and result["examples"] == 3

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from rot_render import shards
-from rot_render.records import RecordError
+from rot_data.records import RecordError
 from rot_render.render import RenderSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from rot_render import shards
 from rot_render.encoder import VisionEncoder, read_encoder_source
-from rot_render.records import load_records
+from rot_data.records import load_records
 from rot_render.render import RenderSettings, render_line
 
 

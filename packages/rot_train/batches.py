@@ -48,3 +48,19 @@ class RoTCollator:
         return {"ids": [r["id"] for r in rows], "prefix_ids": prefix_ids, "prefix_mask": prefix_mask,
                 "suffix_ids": suffix_ids, "suffix_mask": suffix_mask, "n_latents": n_latents,
                 "targets": targets, "target_mask": target_mask}
+
+
+class SFTCollator:
+    """The baselines: question -> ``cot #### answer`` (SFT with CoT) or question -> answer (SFT without CoT)."""
+
+    def __init__(self, tokenizer, with_cot: bool, latent_dim: int):
+        self.tokenizer, self.with_cot, self.latent_dim = tokenizer, with_cot, latent_dim
+
+    def __call__(self, rows: list[dict], embeddings: list[torch.Tensor]) -> dict:
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        prefix_ids, prefix_mask = pad([question_ids(self.tokenizer, r["question"]) for r in rows], pad_id, left=True)
+        targets = [f"{' '.join(r['cot'].split())} #### {r['answer']}" if self.with_cot else r["answer"] for r in rows]
+        suffix_ids, suffix_mask = pad([answer_ids(self.tokenizer, t) for t in targets], pad_id, left=False)
+        return {"ids": [r["id"] for r in rows], "prefix_ids": prefix_ids, "prefix_mask": prefix_mask,
+                "suffix_ids": suffix_ids, "suffix_mask": suffix_mask, "n_latents": torch.zeros(len(rows), dtype=torch.long),
+                "targets": torch.zeros(len(rows), 0, self.latent_dim), "target_mask": torch.zeros(len(rows), 0)}

@@ -57,7 +57,7 @@ def export(model: RoTModel, tokenizer, folder: Path, cfg, shard_set, token_ids: 
                 model.lm.save_pretrained(folder / "lora")
                 weights = "lora"
     config = {
-        "format": "rot-export/1", "stage": cfg.stage, "backbone": cfg.backbone, "weights": weights,
+        "format": "rot-export/1", "stage": cfg.stage, "mode": cfg.mode, "backbone": cfg.backbone, "weights": weights,
         "llm_dim": model.lm.config.hidden_size, "latent_dim": shard_set.dim, "head_width": cfg.head_width,
         "tokens": {IMG_BEGIN: token_ids[IMG_BEGIN], IMG_END: token_ids[IMG_END]},
         "shards_fingerprint": shard_set.fingerprint, "max_latents": cfg.max_latents, "train_config": asdict(cfg),

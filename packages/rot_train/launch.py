@@ -10,15 +10,20 @@ from rot_train.shard_stream import ShardError
 from rot_train.train import CONFIGS, TrainConfig, run
 
 
-def app_for(stage: int) -> typer.Typer:
+def app_for(stage: int, mode: str = "rot") -> typer.Typer:
     app = typer.Typer(add_completion=False)
 
-    @app.command(help=f"RoT Stage {'I: train the projection head, LLM frozen' if stage == 1 else 'II: LoRA on the LLM, head frozen'}.")
+    title = {1: "RoT Stage I: train the projection head, LLM frozen", 2: "RoT Stage II: LoRA on the LLM, head frozen"}[stage]
+    if mode != "rot":
+        title = "SFT baselines (question -> CoT -> answer, or question -> answer) with the Stage II settings"
+
+    @app.command(help=title + ".")
     def main(
         shards: str = typer.Option(..., help="shard folder written by rot-render build"),
         backbone: str = typer.Option(..., help="hub id or local path: a Qwen-VL checkpoint (language model only is loaded) or any causal LM"),
         out: str = typer.Option(..., help="run folder: checkpoints/, export/, metrics.jsonl, tensorboard/, loss.png"),
         init: Optional[str] = typer.Option(None, help="Stage II: the Stage I export folder (<stage1 --out>/export)"),
+        mode: str = typer.Option(mode, help="rot, or the baselines sft-cot / sft-nocot (LoRA, same settings, no latents)"),
         deepspeed_config: str = typer.Option(str(CONFIGS / "zero2.json"), "--deepspeed-config", "--ds-config", help="zero2.json (default) or zero3.json in rot_train/configs, or your own"),
         micro_batch: int = typer.Option(4, help="samples per GPU per micro step"),
         grad_accum: int = typer.Option(4, help="micro steps per optimizer step (global batch = micro x accum x GPUs)"),
@@ -44,7 +49,7 @@ def app_for(stage: int) -> typer.Typer:
         log_ids: bool = typer.Option(False, help="write the ids each rank consumed to ids-rank<N>.jsonl"),
         local_rank: int = typer.Option(0, "--local_rank", "--local-rank", hidden=True, help="set by the deepspeed launcher"),
     ) -> None:
-        config = TrainConfig(stage=stage, shards=shards, backbone=backbone, out=out, init=init, deepspeed_config=deepspeed_config,
+        config = TrainConfig(stage=stage, shards=shards, backbone=backbone, out=out, init=init, mode=mode, deepspeed_config=deepspeed_config,
                              micro_batch=micro_batch, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr,
                              warmup_steps=warmup_steps, max_latents=max_latents, vision_weight=vision_weight,
                              lm_weight=lm_weight, head_width=head_width, lora_r=lora_r, lora_alpha=lora_alpha,

@@ -149,6 +149,10 @@ class RoTModel(nn.Module):
 
     def forward(self, batch, stage: int, vision_weight: float, lm_weight: float):
         n_slots = batch["targets"].shape[1]
+        if n_slots == 0:  # the SFT baselines: question -> text, no latents
+            hidden, mask = self.teacher_forced(batch, batch["targets"].to(self.embed_dtype))
+            loss = self.lm_loss(batch, hidden, mask)
+            return {"loss": loss, "lm": loss.detach()}
         hidden_roll = self.rollout_hidden(batch["prefix_ids"], batch["prefix_mask"], n_slots)
         latents = self.head(hidden_roll)  # Stage I: grad flows into the head; Stage II: the head is frozen
         losses = {"latent_norm": latents.detach().float().norm(dim=-1).mean()}

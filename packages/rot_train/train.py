@@ -19,7 +19,7 @@ import torch
 
 from rot_train import export as exporting
 from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone, set_token_rows, token_rows
-from rot_train.batches import RoTCollator
+from rot_train.batches import RoTCollator, SFTCollator
 from rot_train.model import RoTModel
 from rot_train.shard_stream import ShardSet, ShardStream
 
@@ -33,6 +33,7 @@ class TrainConfig:
     backbone: str
     out: str
     init: str | None = None  # Stage II: the Stage I export to take the head (and new token rows) from
+    mode: str = "rot"  # or the baselines "sft-cot" / "sft-nocot" (Stage II settings, no latents)
     deepspeed_config: str = str(CONFIGS / "zero2.json")
     micro_batch: int = 4
     grad_accum: int = 4
@@ -98,10 +99,13 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, shar
     token_ids = add_latent_tokens(lm, tokenizer, seed=cfg.seed)
     model = RoTModel(lm, shard_set.dim, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.head_width).to(device, dtype)
     lm.requires_grad_(False)
+    if cfg.mode not in ("rot", "sft-cot", "sft-nocot") or (cfg.mode != "rot" and cfg.stage != 2):
+        raise ValueError(f"--mode {cfg.mode}: use rot (Stage I or II) or sft-cot / sft-nocot (rot_train/sft.py)")
     if cfg.stage == 2:
-        if cfg.init is None:
+        if cfg.init is None and cfg.mode == "rot":
             raise ValueError("--init is required for Stage II: pass the export folder a Stage I run wrote (<stage1 --out>/export)")
-        exporting.load_head(model, cfg.init, shard_set)
+        if cfg.mode == "rot":
+            exporting.load_head(model, cfg.init, shard_set)
         model.head.requires_grad_(False)
         model.adapter.requires_grad_(False)
         if cfg.full_finetune:
@@ -155,7 +159,10 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     ds_file = json.loads(Path(cfg.deepspeed_config).read_text())
     dtype = torch.bfloat16 if ds_file.get("bf16", {}).get("enabled") else torch.float32
     model, tokenizer, token_ids = build_model(cfg, device, dtype, shard_set)
-    collate = RoTCollator(tokenizer, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.max_latents)
+    if cfg.mode == "rot":
+        collate = RoTCollator(tokenizer, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.max_latents)
+    else:
+        collate = SFTCollator(tokenizer, with_cot=cfg.mode == "sft-cot", latent_dim=shard_set.dim)
     stream = ShardStream(shard_set, collate, cfg.micro_batch, rank, world_size, cfg.seed, cfg.shuffle_buffer)
     steps_per_epoch = stream.batches_per_epoch // cfg.grad_accum
     total_steps = steps_per_epoch * cfg.epochs  # the LR schedule's length; --max-steps only stops early
@@ -184,7 +191,7 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
         (out / "run.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
     metrics = MetricsLog(out, rank == 0)
     ids_log = open(out / f"ids-rank{rank}.jsonl", "a") if cfg.log_ids else None
-    progress = tqdm(total=stop_step, initial=step, desc=f"stage {cfg.stage}", disable=rank != 0, unit="step")
+    progress = tqdm(total=stop_step, initial=step, desc=cfg.mode if cfg.mode != "rot" else f"stage {cfg.stage}", disable=rank != 0, unit="step")
 
     def save():
         state = {"step": step, "epoch": epoch, "next_batch": next_batch, "shards_fingerprint": shard_set.fingerprint,
@@ -238,7 +245,7 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
         exporting.export(model, tokenizer, out / "export", cfg, shard_set, token_ids)
         exporting.plot_losses(out / "metrics.jsonl", out / "loss.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"stage {cfg.stage} done: {step} steps, {samples} samples in {elapsed:.1f} s "
+        print(f"{cfg.mode if cfg.mode != 'rot' else f'stage {cfg.stage}'} done: {step} steps, {samples} samples in {elapsed:.1f} s "
               f"({summary['samples_per_s']:.2f} samples/s, global batch {summary['global_batch']}); export in {out / 'export'}")
     metrics.close()
     if ids_log:

@@ -1,0 +1,121 @@
+"""Inference: batched latent reasoning then greedy answer decoding, one KV cache for both.
+
+Every row of the batch moves one position per step and feeds one input embedding:
+- latent phase: ``adapter(head(h))``, until the budget is reached (or, with dynamic termination,
+  until the predicted latent is within ``threshold`` (mean squared distance) of ``<img_end>``'s
+  embedding, at most ``latents`` of them);
+- then ``<img_end>``;
+- then the greedy token from the previous step's logits, until end-of-turn or ``max_answer_tokens``.
+Rows may switch phase at different steps (dynamic termination); left padding and position ids
+keep each row identical to decoding it alone. ``use_cache=False`` re-runs the whole sequence at
+every step, as the official code does; it is kept as the reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rot_train.batches import pad, question_ids
+
+
+@dataclass
+class Generation:
+    text: str
+    latents: torch.Tensor  # [n_latents, latent_dim] as predicted (before the adapter)
+    token_ids: list[int]  # generated answer (or CoT + answer) tokens, end-of-turn included
+
+    @property
+    def answer_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@torch.no_grad()
+def generate_rot(model, tokenizer, questions: list[str], latents: int = 32, dynamic_threshold: float | None = None,
+                 max_answer_tokens: int = 32, use_cache: bool = True) -> list[Generation]:
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prefix_ids, mask = pad([question_ids(tokenizer, q) + [model.img_begin_id] for q in questions], pad_id, left=True)
+    prefix_ids, mask = prefix_ids.to(device), mask.to(device)
+    rows = len(questions)
+    embed_end = model.embed(torch.tensor([model.img_end_id], device=device))  # [1, d]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = model.embed(prefix_ids)
+    output = model.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=use_cache)
+    hidden, cache, position = output.last_hidden_state[:, -1], output.past_key_values, positions[:, -1]
+
+    in_latent = torch.ones(rows, dtype=torch.bool, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    latent_count = torch.zeros(rows, dtype=torch.long, device=device)
+    latent_log, answer_ids = [[] for _ in range(rows)], [[] for _ in range(rows)]
+    for _ in range(latents + 1 + max_answer_tokens):
+        predicted = model.head(hidden)
+        latent_input = model.latent_inputs(predicted)
+        close = torch.zeros_like(in_latent)
+        if dynamic_threshold is not None:
+            close = (latent_input.float() - embed_end.float()).pow(2).mean(-1) < dynamic_threshold
+        end_now = in_latent & ((latent_count >= latents) | close)
+        emit_latent = in_latent & ~end_now
+        answering = ~in_latent & ~finished
+        token = model.output_layer(hidden).argmax(-1)
+        step_inputs = model.embed(torch.where(answering, token, torch.full_like(token, model.img_end_id)))
+        step_inputs = torch.where(emit_latent[:, None], latent_input, step_inputs)
+        for i in emit_latent.nonzero().flatten().tolist():
+            latent_log[i].append(predicted[i].float().cpu())
+        for i in answering.nonzero().flatten().tolist():
+            answer_ids[i].append(int(token[i]))
+        finished |= answering & (token == tokenizer.eos_token_id)
+        finished |= answering & torch.tensor([len(a) >= max_answer_tokens for a in answer_ids], device=device)
+        latent_count += emit_latent.long()
+        in_latent &= ~end_now
+        if finished.all():
+            break
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        position = position + 1
+        if use_cache:
+            output = model.decoder(inputs_embeds=step_inputs[:, None], attention_mask=mask, position_ids=position[:, None],
+                                   past_key_values=cache, use_cache=True)
+            cache = output.past_key_values
+        else:
+            inputs = torch.cat([inputs, step_inputs[:, None]], dim=1)
+            positions = torch.cat([positions, position[:, None]], dim=1)
+            output = model.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False)
+        hidden = output.last_hidden_state[:, -1]
+    results = []
+    for i in range(rows):
+        ids = [t for t in answer_ids[i] if t != tokenizer.eos_token_id]
+        stacked = torch.stack(latent_log[i]) if latent_log[i] else torch.zeros(0, model.head.fc_out.out_features)
+        results.append(Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), stacked, answer_ids[i]))
+    return results
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, questions: list[str], max_new_tokens: int = 256) -> list[Generation]:
+    """Greedy text decoding for the SFT baselines (CoT or no CoT), with the LM's own KV cache."""
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, mask = pad([question_ids(tokenizer, q) for q in questions], pad_id, left=True)
+    output = model.lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                               do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
+    results = []
+    for row in output[:, ids.shape[1]:].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[:row.index(tokenizer.eos_token_id) + 1]
+        text = tokenizer.decode([t for t in row if t not in (tokenizer.eos_token_id, pad_id)], skip_special_tokens=True)
+        results.append(Generation(text.strip(), torch.zeros(0), row))
+    return results
+
+
+def timed(function, *args, **kwargs):
+    """(result, seconds), synchronising the GPU so the time covers the work."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - started

@@ -1,0 +1,106 @@
+"""Inference and evaluation on a tiny backbone: budget, dynamic stop, batch = single, cache = no cache, table, viz."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone
+from rot_train.export import export, load_export
+from rot_train.generate import generate_rot, generate_text
+from rot_train.model import RoTModel
+from rot_train.shard_stream import ShardSet
+from rot_train.train import TrainConfig
+
+QUESTIONS = ["What is 3 + 4?", "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many?",
+             "Tom has 5 apples.", "How many legs do 3 cats have?"]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_qwen3_vl, tiny_shards, tmp_path_factory):
+    """An export of a tiny RoT model (random head, scaled so latents are not negligible)."""
+    torch.manual_seed(0)
+    lm, tokenizer = load_backbone(str(tiny_qwen3_vl), dtype=torch.float32)
+    ids = add_latent_tokens(lm, tokenizer)
+    model = RoTModel(lm, 64, ids[IMG_BEGIN], ids[IMG_END], head_width=32)
+    with torch.no_grad():
+        model.head.fc_out.weight.mul_(20)
+    folder = tmp_path_factory.mktemp("export") / "export"
+    config = TrainConfig(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out="x", head_width=32)
+    export(model, tokenizer, folder, config, ShardSet.open(tiny_shards), ids)
+    return folder
+
+
+def test_export_round_trip_gives_the_same_model(exported):
+    a, tokenizer, config = load_export(exported)
+    b, _, _ = load_export(exported)
+    assert config["latent_dim"] == 64 and config["tokens"][IMG_END] == tokenizer.convert_tokens_to_ids(IMG_END)
+    first, second = generate_rot(a, tokenizer, QUESTIONS[:1], latents=4), generate_rot(b, tokenizer, QUESTIONS[:1], latents=4)
+    torch.testing.assert_close(first[0].latents, second[0].latents)
+
+
+def test_fixed_budget_and_dynamic_termination(exported):
+    model, tokenizer, _ = load_export(exported)
+    fixed = generate_rot(model, tokenizer, QUESTIONS, latents=6, max_answer_tokens=3)
+    assert [len(g.latents) for g in fixed] == [6] * 4 and all(g.answer_tokens == 3 for g in fixed)
+    assert [len(g.latents) for g in generate_rot(model, tokenizer, QUESTIONS, latents=6, dynamic_threshold=1e9)] == [0] * 4
+    assert [len(g.latents) for g in generate_rot(model, tokenizer, QUESTIONS, latents=6, dynamic_threshold=0.0)] == [6] * 4
+    # a threshold just above the smallest distance of row 1 stops that row exactly there
+    end = model.embed(torch.tensor([model.img_end_id]))
+    distances = (model.latent_inputs(fixed[1].latents) - end).pow(2).mean(-1)
+    stop = int(distances.argmin())
+    dynamic = generate_rot(model, tokenizer, QUESTIONS[1:2], latents=6, dynamic_threshold=float(distances[stop]) + 1e-6)
+    assert len(dynamic[0].latents) == stop
+
+
+def test_left_padded_batch_equals_batch_of_one_and_cache_equals_no_cache(exported):
+    model, tokenizer, _ = load_export(exported)
+    batched = generate_rot(model, tokenizer, QUESTIONS, latents=5, max_answer_tokens=6)
+    for question, together in zip(QUESTIONS, batched):
+        (alone,) = generate_rot(model, tokenizer, [question], latents=5, max_answer_tokens=6)
+        assert alone.token_ids == together.token_ids and alone.text == together.text
+        torch.testing.assert_close(alone.latents, together.latents, atol=1e-4, rtol=1e-4)
+    uncached = generate_rot(model, tokenizer, QUESTIONS, latents=5, max_answer_tokens=6, use_cache=False)
+    assert [g.token_ids for g in uncached] == [g.token_ids for g in batched]
+    for a, b in zip(uncached, batched):
+        torch.testing.assert_close(a.latents, b.latents, atol=1e-4, rtol=1e-4)
+    assert all(len(g.token_ids) == 6 for g in batched)  # a random model never says end-of-turn
+    assert not torch.allclose(batched[0].latents, batched[1].latents)  # different questions, different latents
+
+
+def test_text_baseline_generation_stops_and_decodes(exported):
+    model, tokenizer, _ = load_export(exported)
+    results = generate_text(model, tokenizer, QUESTIONS[:2], max_new_tokens=5)
+    assert all(g.answer_tokens <= 5 for g in results)
+
+
+def test_eval_run_writes_predictions_summary_and_the_table(exported, shared_data, tmp_path):
+    runs = []
+    for dataset in ("svamp", "multiarith"):
+        out = tmp_path / dataset
+        result = subprocess.run(["rot-eval", "run", "--checkpoint", str(exported), "--dataset", dataset, "--data-dir",
+                                 str(shared_data), "--out", str(out), "--limit", "6", "--latents", "4",
+                                 "--max-answer-tokens", "3", "--batch-size", "4"], capture_output=True, text=True, check=True)
+        assert f"RoT on {dataset} [test]: accuracy" in result.stdout
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        assert len(rows) == 6 and all(r["latents"] == 4 and isinstance(r["correct"], bool) for r in rows)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["examples"] == 6 and summary["mean_reasoning_tokens"] == 4.0
+        runs.append(out)
+    table = subprocess.run(["rot-eval", "table", *map(str, runs)], capture_output=True, text=True, check=True).stdout
+    lines = table.strip().splitlines()
+    assert lines[0] == "| method | svamp | multiarith | Avg | Avg #L | s/sample |"
+    assert lines[2].startswith("| RoT (") and "| 4.0 |" in lines[2]
+
+
+def test_viz_writes_the_three_pictures_and_nearest_text(exported, tiny_shards, tmp_path):
+    result = subprocess.run(["rot-eval", "viz", "--checkpoint", str(exported), "--question", QUESTIONS[1], "--out",
+                             str(tmp_path), "--latents", "8", "--shards", str(tiny_shards)], capture_output=True, text=True, check=True)
+    assert "after 8 latents" in result.stdout
+    from PIL import Image
+
+    for name in ("heatmap.png", "similarity.png", "stats.png"):
+        assert Image.open(tmp_path / name).size[0] > 300
+    nearest = (tmp_path / "nearest.md").read_text().splitlines()
+    assert len([line for line in nearest if line.startswith("| ") and line[2].isdigit()]) == 8
