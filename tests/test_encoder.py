@@ -74,3 +74,15 @@ def test_tiny_preset_is_seeded_and_marked_untrained():
     a, b = read_encoder_source("tiny"), read_encoder_source("tiny")
     assert a.untrained and a.weights_sha256 == b.weights_sha256
     assert a.describe("sdpa", "float32")["untrained"] is True
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_packed_attention_equals_per_image_sdpa(family):
+    from rot_render.encoder import PACKED
+
+    sdpa = _tiny_encoder(family)
+    packed = VisionEncoder(sdpa.source, attn_implementation=PACKED)
+    assert packed.tower.config._attn_implementation == PACKED
+    images = [render_line(text, RenderSettings(), sdpa.token_px) for text in LINES]
+    for a, b in zip(sdpa.encode(images), packed.encode(images)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

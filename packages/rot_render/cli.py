@@ -74,7 +74,8 @@ def build(
         f"{manifest['embedding']['dtype']}), {len(manifest['shards'])} shards, "
         f"{_human_bytes(sum(s['bytes'] for s in manifest['shards']))} in {out}\n"
         f"      encoded {run['encoded_rows']} rows this run ({run['resumed_shards']} shards kept from before) at "
-        f"{rate:.1f} images/s on {run['encoders']} encoder(s), {run['gpus']} GPU(s); "
+        f"{rate:.1f} images/s ({run['steady_images_per_s']:.1f} images/s once the encoders were up) on "
+        f"{run['encoders']} encoder(s), {run['gpus']} GPU(s); "
         f"skipped rows: {manifest['skipped_rows']}; total {run['seconds']:.1f} s"
     )
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rot_render.packed_attention import NAME as PACKED, register as register_packed_attention
+
 TINY = "tiny"
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -163,10 +165,12 @@ class VisionEncoder:
         self.device = torch.device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         config = source.vision_config
-        config._attn_implementation = attn_implementation
         tower_class = _tower_class(source.model_type)
         with torch.device(self.device):
-            tower = tower_class._from_config(config)
+            tower = tower_class._from_config(config, attn_implementation="sdpa" if attn_implementation == PACKED else attn_implementation)
+        if attn_implementation == PACKED:  # set after construction: transformers would look for a flash-attn kernel
+            register_packed_attention()
+            tower.config._attn_implementation_internal = PACKED
         tower.load_state_dict(source.state_dict, strict=True)
         self.tower = tower.to(self.dtype).eval().requires_grad_(False)
         self.patch_size = config.patch_size

@@ -138,10 +138,10 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
     todo = [dict(record.to_dict(), shard=i, position=j)
             for i in range(n_shards) if i not in done for j, record in enumerate(plan[i])]
 
-    encode_seconds = 0.0
+    encode_seconds, steady_rate = 0.0, 0.0
     if todo:
         encode_started = time.perf_counter()
-        _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpus, todo, plan, build_fingerprint,
+        steady_rate = _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpus, todo, plan, build_fingerprint,
                  encoder_info["dim"], progress)
         encode_seconds = time.perf_counter() - encode_started
 
@@ -160,6 +160,7 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
     shards.write_manifest(config.out, manifest)
     manifest["run"] = {  # printed in the summary, not stored: it differs between a build and its resume
         "encoded_rows": len(todo), "resumed_shards": len(done), "encode_seconds": encode_seconds,
+        "steady_images_per_s": steady_rate,
         "seconds": time.perf_counter() - started, "encoders": num_encoders, "gpus": n_gpus,
     }
     return manifest
@@ -181,6 +182,7 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
         num_gpus=1 if n_gpus else 0, num_cpus=0 if n_gpus else 1,
     )
     pending: dict[int, list[dict]] = {}
+    first_arrival, first_rows, rows_seen = None, 0, 0
     with tqdm(total=len(todo), unit="row", desc="render+encode", disable=not progress) as bar:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             for row in batch.to_pylist():
@@ -193,5 +195,10 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
                                        build_fingerprint, dim, config.dtype)
                     del pending[row["shard"]]
             bar.update(batch.num_rows)
+            rows_seen += batch.num_rows
+            if first_arrival is None:  # steady-state rate: from the first encoded batch on (actor start-up excluded)
+                first_arrival, first_rows = time.perf_counter(), batch.num_rows
+    steady_seconds = time.perf_counter() - first_arrival if first_arrival else 0.0
     if pending:
         raise BuildError(f"shards {sorted(pending)} did not receive all their rows; re-run the build to finish them")
+    return (rows_seen - first_rows) / steady_seconds if steady_seconds > 0 else 0.0

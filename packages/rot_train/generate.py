@@ -34,7 +34,7 @@ class Generation:
 
 @torch.no_grad()
 def generate_rot(model, tokenizer, questions: list[str], latents: int = 32, dynamic_threshold: float | None = None,
-                 max_answer_tokens: int = 32, use_cache: bool = True) -> list[Generation]:
+                 max_answer_tokens: int = 32, use_cache: bool = True, stop_at_eos: bool = True) -> list[Generation]:
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -67,7 +67,8 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = 32, dyna
             latent_log[i].append(predicted[i].float().cpu())
         for i in answering.nonzero().flatten().tolist():
             answer_ids[i].append(int(token[i]))
-        finished |= answering & (token == tokenizer.eos_token_id)
+        if stop_at_eos:
+            finished |= answering & (token == tokenizer.eos_token_id)
         finished |= answering & torch.tensor([len(a) >= max_answer_tokens for a in answer_ids], device=device)
         latent_count += emit_latent.long()
         in_latent &= ~end_now

@@ -21,12 +21,31 @@ CHAT_TEMPLATE = (
 def byte_tokenizer():
     """A byte-level tokenizer (256 byte tokens + Qwen-style chat specials) that needs no training data."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     backend = Tokenizer(models.BPE(vocab={char: i for i, char in enumerate(alphabet)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
+    return _chat_tokenizer(backend)
+
+
+def bpe_tokenizer(texts, vocab_size: int = 8000):
+    """A byte-level BPE tokenizer trained here on ``texts`` (seconds), with the same specials and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(texts, trainer)
+    return _chat_tokenizer(backend)
+
+
+def _chat_tokenizer(backend):
+    """Wrap a tokenizers backend as a transformers tokenizer with Qwen-style specials and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         additional_special_tokens=SPECIAL_TOKENS[1:2])
     tokenizer.chat_template = CHAT_TEMPLATE

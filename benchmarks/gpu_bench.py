@@ -1,0 +1,363 @@
+"""GPU benchmark at the paper's model size: encode, train and infer, each against the official approach.
+
+    python benchmarks/gpu_bench.py --size 4b --out bench.json      # on one GPU
+    python benchmarks/gpu_bench.py --size tiny                      # a quick CPU check of the script
+
+Speed does not depend on weight values, so the models have the published Qwen3-VL-4B-Instruct
+configuration (text: hidden 2560, 36 layers, 32 heads, 8 KV heads; vision: 24 blocks, hidden 1024,
+2560-dim merger output, patch 16, 2x2 merge) with random weights. Every figure is measured in the same
+run as its comparison: warm-up first, CUDA-synchronised timing, median of repeats. The table prints last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "packages")]
+
+from rot_data.records import load_records  # noqa: E402
+from rot_render.encoder import PACKED, VisionEncoder, read_encoder_source  # noqa: E402
+from rot_render.render import RenderSettings, render_line  # noqa: E402
+from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, text_config_of  # noqa: E402
+from rot_train.batches import RoTCollator, pad, question_ids  # noqa: E402
+from rot_train.generate import generate_rot  # noqa: E402
+from rot_train.model import RoTModel  # noqa: E402
+from rot_train.tiny import bpe_tokenizer, tiny_vlm_config  # noqa: E402
+
+
+def qwen3_vl_4b_config():
+    from transformers import Qwen3VLConfig
+
+    text = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[5, 11, 17], hidden_act="gelu_pytorch_tanh")
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(function, repeats: int = 3, warmup: int = 1) -> float:
+    """Median seconds of ``function()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        function()
+        sync()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def peak_memory(function) -> float:
+    """Peak GPU memory (GiB) allocated while ``function`` runs, on top of nothing freed before it."""
+    if not torch.cuda.is_available():
+        return 0.0
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    function()
+    sync()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def save_vision_checkpoint(config, folder: Path) -> Path:
+    """A checkpoint folder with the VLM config and only the tower's tensors (random, seeded)."""
+    from safetensors.torch import save_file
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    torch.manual_seed(0)
+    tower = Qwen3VLVisionModel._from_config(config.vision_config).to(torch.bfloat16)
+    save_file({f"model.visual.{k}": v.contiguous() for k, v in tower.state_dict().items()}, folder / "model.safetensors")
+    config.save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------- 1. encode
+def bench_encode(checkpoint: Path, records, device, results, single_images: int, ray_job: bool):
+    settings = RenderSettings()
+    started = time.perf_counter()
+    images = [render_line(r.cot, settings, 32) for r in records]
+    results["render_images_per_s_one_cpu_core"] = len(images) / (time.perf_counter() - started)
+    tokens = sum(i.shape[1] // 32 for i in images)
+    for attention in ("sdpa", PACKED):
+        encoder = VisionEncoder.from_pretrained(str(checkpoint), device=device, attn_implementation=attention)
+        def packed_run():
+            for start in range(0, len(images), 256):
+                encoder.encode(images[start:start + 256])
+        seconds = timed(packed_run, repeats=3)
+        results[f"encode_packed_{attention}"] = {"images_per_s": len(images) / seconds, "tokens_per_s": tokens / seconds,
+                                                 "seconds": seconds, "images": len(images)}
+        if attention == "sdpa":
+            subset = images[:single_images]
+            def single_run():
+                for image in subset:
+                    encoder.encode([image])
+            seconds = timed(single_run, repeats=1)
+            sub_tokens = sum(i.shape[1] // 32 for i in subset)
+            results["encode_one_per_call"] = {"images_per_s": len(subset) / seconds, "tokens_per_s": sub_tokens / seconds,
+                                              "seconds": seconds, "images": len(subset)}
+        del encoder
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    best = max(("sdpa", PACKED), key=lambda a: results[f"encode_packed_{a}"]["images_per_s"])
+    results["encode_best_attention"] = best
+    if ray_job:
+        with tempfile.TemporaryDirectory() as out:
+            command = [sys.executable, "-m", "rot_render.cli", "build", "--dataset", "gsm8k", "--out", out,
+                       "--encoder", str(checkpoint), "--batch-size", "256", "--limit", str(len(records))]
+            started = time.perf_counter()
+            job = subprocess.run(command, capture_output=True, text=True, cwd=ROOT / "packages")
+            wall = time.perf_counter() - started
+            line = [l for l in job.stdout.splitlines() if "images/s" in l]
+            if job.returncode or not line:
+                results["ray_job"] = {"error": (job.stderr or job.stdout)[-1500:]}
+            else:
+                rate = float(line[0].split(" at ")[1].split(" images/s")[0])
+                steady = float(line[0].split(" images/s (")[1].split(" images/s")[0])
+                results["ray_job"] = {"images_per_s_pipeline": rate, "images_per_s_steady": steady, "wall_seconds_with_startup": wall,
+                                      "images_per_s_with_startup": len(records) / wall, "attention": "sdpa"}
+
+
+# ---------------------------------------------------------------- 2. training
+def build_rot_model(config, tokenizer, device):
+    from transformers import AutoModelForCausalLM
+
+    text_config = text_config_of(config)
+    text_config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    with torch.device(device):
+        lm = AutoModelForCausalLM.from_config(text_config, dtype=torch.bfloat16)
+    ids = add_latent_tokens(lm, tokenizer)
+    latent_dim = config.vision_config.out_hidden_size
+    model = RoTModel(lm, latent_dim, ids[IMG_BEGIN], ids[IMG_END], head_width=2048).to(device, torch.bfloat16)
+    return model, ids
+
+
+def make_batch(rows, embeddings, collate, device):
+    batch = collate(rows, embeddings)
+    batch["weights"] = torch.ones(len(rows))
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def bench_training(model, ids, tokenizer, records, encoder_checkpoint, device, results, micro_batch: int, stage: int):
+    """Ours (batched rollout + one teacher-forced pass, no vision tower) vs the official loop
+    (vision tower resident, render + encode inside the step, rollout and loss one sample at a time)."""
+    collate = RoTCollator(tokenizer, ids[IMG_BEGIN], ids[IMG_END], max_latents=32)
+    rows = [{"id": r.id, "question": r.question, "answer": r.answer} for r in records[:micro_batch]]
+    weights = dict(stage=stage, vision_weight=10.0 if stage == 1 else 0.0, lm_weight=1.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=torch.cuda.is_available())
+    encoder = VisionEncoder.from_pretrained(str(encoder_checkpoint), device=device)
+    embeddings = encoder.encode([render_line(r.cot, RenderSettings(), 32) for r in records[:micro_batch]])
+    embeddings = [e.float().cpu() for e in embeddings]
+    del encoder
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    batch = make_batch(rows, embeddings, collate, device)
+
+    def ours():
+        model(batch, **weights)["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = timed(ours, repeats=3)
+    memory = peak_memory(ours)
+    results[f"stage{stage}_ours"] = {"samples_per_s": micro_batch / seconds, "seconds_per_step": seconds,
+                                     "peak_gib": memory, "micro_batch": micro_batch}
+
+    encoder = VisionEncoder.from_pretrained(str(encoder_checkpoint), device=device)  # resident, as in the official code
+
+    def official():
+        for record, row in zip(records[:micro_batch], rows):
+            (embedding,) = encoder.encode([render_line(record.cot, RenderSettings(), 32)])
+            single = make_batch([row], [embedding.float().cpu()], collate, device)
+            (model(single, **weights)["loss"] / micro_batch).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = timed(official, repeats=1)
+    memory = peak_memory(official)
+    tower_gib = sum(p.numel() * p.element_size() for p in encoder.tower.parameters()) / 2**30
+    results[f"stage{stage}_official"] = {"samples_per_s": micro_batch / seconds, "seconds_per_step": seconds,
+                                         "peak_gib": memory, "vision_tower_gib": tower_gib}
+    del encoder
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+# ---------------------------------------------------------------- 3. inference
+@torch.no_grad()
+def official_decode(model, tokenizer, questions, latents: int, answer_tokens: int):
+    """Latents with a KV cache, then every answer token by re-running the whole sequence (the official loop)."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    ids, mask = pad([question_ids(tokenizer, q) + [model.img_begin_id] for q in questions], pad_id, left=True)
+    ids, mask = ids.to(device), mask.to(device)
+    hidden = model.rollout_hidden(ids, mask, latents + 1)  # h_0 .. h_latents
+    inputs = torch.cat([model.embed(ids), model.latent_inputs(model.head(hidden[:, :-1])),
+                        model.embed(torch.full_like(ids[:, :1], model.img_end_id))], dim=1)
+    mask = torch.cat([mask, mask.new_ones(len(questions), latents + 1)], dim=1)
+    for _ in range(answer_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        last = model.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
+        token = model.output_layer(last).argmax(-1)
+        inputs = torch.cat([inputs, model.embed(token)[:, None]], dim=1)
+        mask = torch.cat([mask, mask.new_ones(len(questions), 1)], dim=1)
+
+
+@torch.no_grad()
+def explicit_cot(model, tokenizer, questions, new_tokens: int):
+    device = next(model.parameters()).device
+    ids, mask = pad([question_ids(tokenizer, q) for q in questions], tokenizer.pad_token_id, left=True)
+    model.lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+
+def bench_inference(model, tokenizer, records, results, batch_sizes, latents=32, answer_tokens=6, cot_tokens=108):
+    model.eval()
+    for batch_size in batch_sizes:
+        questions = [r.question for r in records[:batch_size]]
+        rot = timed(lambda: generate_rot(model, tokenizer, questions, latents=latents, max_answer_tokens=answer_tokens,
+                                         stop_at_eos=False), repeats=3)
+        cot = timed(lambda: explicit_cot(model, tokenizer, questions, cot_tokens + answer_tokens), repeats=3)
+        official = timed(lambda: official_decode(model, tokenizer, questions, latents, answer_tokens), repeats=3)
+        results[f"infer_batch{batch_size}"] = {
+            "rot_s_per_question": rot / batch_size, "explicit_cot_s_per_question": cot / batch_size,
+            "official_rot_decoding_s_per_question": official / batch_size,
+            "speedup_vs_cot": cot / rot, "speedup_vs_official_decoding": official / rot,
+        }
+
+
+def bench_limit(model, tokenizer, records, results, device):
+    """Batch-1 decode step time against the floor: weight bytes / measured copy bandwidth, plus a profile."""
+    if not torch.cuda.is_available():
+        return
+    source = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    seconds = timed(lambda: target.copy_(source), repeats=5)
+    bandwidth = 2 * source.numel() / seconds  # read + write
+    del source, target
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.lm.parameters())
+    questions = [records[0].question]
+    short = timed(lambda: explicit_cot(model, tokenizer, questions, 2), repeats=3)
+    long = timed(lambda: explicit_cot(model, tokenizer, questions, 66), repeats=3)
+    step = (long - short) / 64
+    floor = weight_bytes / bandwidth
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        explicit_cot(model, tokenizer, questions, 34)
+        sync()
+    kernel_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
+    wall = timed(lambda: explicit_cot(model, tokenizer, questions, 34), repeats=1, warmup=0)
+    launches = sum(e.count for e in prof.key_averages() if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+    results["decode_limit"] = {
+        "copy_bandwidth_gb_s": bandwidth / 1e9, "weight_gb": weight_bytes / 1e9, "floor_ms_per_step": floor * 1e3,
+        "measured_ms_per_step": step * 1e3, "ratio_to_floor": step / floor,
+        "profile_gpu_busy_fraction": kernel_us / 1e6 / wall, "kernel_launches_per_step": launches / 34,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", choices=["4b", "tiny"], default="4b")
+    parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--parts", default="encode,train,infer,limit")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parts = set(args.parts.split(","))
+    tiny = args.size == "tiny"
+    config = tiny_vlm_config("qwen3_vl", hidden_size=64, vocab_size=8192) if tiny else qwen3_vl_4b_config()
+    records, _ = load_records("gsm8k", "train")
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "size": args.size,
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    import transformers
+
+    results["transformers"] = transformers.__version__
+    work = Path(tempfile.mkdtemp())
+    checkpoint = save_vision_checkpoint(config, work)
+    if "encode" in parts:
+        bench_encode(checkpoint, records[:64] if tiny else records, device, results, 16 if tiny else 1000, ray_job=True)
+        print(json.dumps(results, indent=1), flush=True)
+    tokenizer = bpe_tokenizer([r.question + " " + r.cot for r in records], vocab_size=8000)
+    model, ids = build_rot_model(config, tokenizer, device)
+    micro_batch = 4 if tiny else 16
+    if "train" in parts:
+        model.lm.requires_grad_(False)
+        bench_training(model, ids, tokenizer, records, checkpoint, device, results, micro_batch, stage=1)
+        from peft import LoraConfig, get_peft_model
+
+        model.head.requires_grad_(False)
+        model.lm = get_peft_model(model.lm, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        model.lm.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.to(device, torch.bfloat16).train()
+        bench_training(model, ids, tokenizer, records, checkpoint, device, results, micro_batch, stage=2)
+        print(json.dumps(results, indent=1), flush=True)
+    if "infer" in parts:
+        bench_inference(model, tokenizer, records, results, [1, 4] if tiny else [1, 64])
+    if "limit" in parts:
+        bench_limit(model, tokenizer, records, results, device)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+
+
+def table(r: dict) -> str:
+    rows = [f"device: {r['device']}, torch {r['torch']}, transformers {r['transformers']}, {r['date']}", "",
+            "| measurement | ours | comparison | ratio | goal |", "|---|---|---|---|---|"]
+    if "encode_one_per_call" in r:
+        best = r[f"encode_packed_{r['encode_best_attention']}"]
+        one = r["encode_one_per_call"]
+        rows.append(f"| encode, images/s (packed, {r['encode_best_attention']}) vs one image per call | {best['images_per_s']:.0f} | "
+                    f"{one['images_per_s']:.1f} | {best['images_per_s'] / one['images_per_s']:.1f}x | >= 20x |")
+        sdpa = r["encode_packed_sdpa"]
+        rows.append(f"| encode, visual tokens/s (packed, best) vs packed sdpa | {best['tokens_per_s']:.0f} | {sdpa['tokens_per_s']:.0f} | "
+                    f"{best['tokens_per_s'] / sdpa['tokens_per_s']:.2f}x | - |")
+        job = r.get("ray_job", {})
+        if "images_per_s_pipeline" in job:
+            rows.append(f"| rot-render build job (Ray, sdpa) steady vs encoder alone (sdpa), images/s | {job['images_per_s_steady']:.0f} | "
+                        f"{sdpa['images_per_s']:.0f} | {job['images_per_s_steady'] / sdpa['images_per_s']:.2f}x | >= 0.75x |")
+            rows.append(f"| rot-render build job incl. Ray + actor start-up, images/s | {job['images_per_s_with_startup']:.0f} | "
+                        f"{sdpa['images_per_s']:.0f} | {job['images_per_s_with_startup'] / sdpa['images_per_s']:.2f}x | - |")
+    for stage, goal in ((1, 10), (2, 5)):
+        if f"stage{stage}_ours" in r:
+            ours, official = r[f"stage{stage}_ours"], r[f"stage{stage}_official"]
+            rows.append(f"| Stage {'I' * stage} samples/s (batch {ours['micro_batch']}) vs official loop | {ours['samples_per_s']:.2f} | "
+                        f"{official['samples_per_s']:.2f} | {ours['samples_per_s'] / official['samples_per_s']:.1f}x | >= {goal}x |")
+            rows.append(f"| Stage {'I' * stage} peak GiB vs official (tower {official['vision_tower_gib']:.2f} GiB) | {ours['peak_gib']:.2f} | "
+                        f"{official['peak_gib']:.2f} | {official['peak_gib'] - ours['peak_gib']:.2f} GiB less | >= tower |")
+    for key in sorted(k for k in r if k.startswith("infer_batch")):
+        x = r[key]
+        b = key.removeprefix("infer_batch")
+        rows.append(f"| s/question batch {b}: RoT vs explicit CoT | {x['rot_s_per_question']:.4f} | {x['explicit_cot_s_per_question']:.4f} | "
+                    f"{x['speedup_vs_cot']:.2f}x | >= 3.7x (batch 1) |")
+        rows.append(f"| s/question batch {b}: RoT vs official decoding | {x['rot_s_per_question']:.4f} | "
+                    f"{x['official_rot_decoding_s_per_question']:.4f} | {x['speedup_vs_official_decoding']:.2f}x | - |")
+    if "decode_limit" in r:
+        d = r["decode_limit"]
+        rows.append(f"| batch-1 decode ms/step vs floor (weights {d['weight_gb']:.1f} GB / {d['copy_bandwidth_gb_s']:.0f} GB/s) | "
+                    f"{d['measured_ms_per_step']:.2f} | {d['floor_ms_per_step']:.2f} | {d['ratio_to_floor']:.2f}x | <= 1.5x |")
+        rows.append(f"| profile: GPU busy fraction during decode; kernel launches per step | {d['profile_gpu_busy_fraction']:.2f} | "
+                    f"{d['kernel_launches_per_step']:.0f} | | |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
