@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from rot_render import shards
-from rot_render.encoder import VisionEncoder, read_encoder_source
+from rot_render.encoder import PACKED, VisionEncoder, read_encoder_source
 from rot_data.records import load_records
 from rot_render.render import RenderSettings, render_line
 
@@ -46,7 +46,7 @@ class BuildConfig:
     num_encoders: int | None = None
     address: str | None = None
     overwrite: bool = False
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = PACKED  # one varlen attention call per layer for the whole pack
 
 
 def render_batch(batch: pa.Table, settings: RenderSettings, token_px: int) -> pa.Table:
@@ -171,9 +171,9 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
     from tqdm import tqdm
 
     batch_size = min(config.batch_size, max(1, math.ceil(len(todo) / num_encoders)))
-    dataset = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / batch_size)))
+    dataset = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / 32)))
     dataset = dataset.map_batches(render_batch, fn_kwargs={"settings": render, "token_px": token_px},
-                                  batch_format="pyarrow", batch_size=batch_size)
+                                  batch_format="pyarrow", batch_size=min(32, batch_size))  # small: many CPU tasks in parallel
     dataset = dataset.map_batches(
         EncodeBatch,
         fn_constructor_kwargs={"encoder": config.encoder, "expected_sha256": expected_sha256, "dtype": config.dtype,

@@ -52,17 +52,19 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = 32, dyna
     latent_count = torch.zeros(rows, dtype=torch.long, device=device)
     latent_log, answer_ids = [[] for _ in range(rows)], [[] for _ in range(rows)]
     for _ in range(latents + 1 + max_answer_tokens):
-        predicted = model.head(hidden)
-        latent_input = model.latent_inputs(predicted)
+        # only compute what some row needs: the head in the latent phase, the vocabulary logits after it
+        predicted = model.head(hidden) if in_latent.any() else None
+        latent_input = model.latent_inputs(predicted) if predicted is not None else None
         close = torch.zeros_like(in_latent)
-        if dynamic_threshold is not None:
+        if dynamic_threshold is not None and latent_input is not None:
             close = (latent_input.float() - embed_end.float()).pow(2).mean(-1) < dynamic_threshold
         end_now = in_latent & ((latent_count >= latents) | close)
         emit_latent = in_latent & ~end_now
         answering = ~in_latent & ~finished
-        token = model.output_layer(hidden).argmax(-1)
+        token = model.output_layer(hidden).argmax(-1) if answering.any() else torch.zeros_like(latent_count)
         step_inputs = model.embed(torch.where(answering, token, torch.full_like(token, model.img_end_id)))
-        step_inputs = torch.where(emit_latent[:, None], latent_input, step_inputs)
+        if latent_input is not None:
+            step_inputs = torch.where(emit_latent[:, None], latent_input, step_inputs)
         for i in emit_latent.nonzero().flatten().tolist():
             latent_log[i].append(predicted[i].float().cpu())
         for i in answering.nonzero().flatten().tolist():

@@ -147,13 +147,15 @@ class RoTModel(nn.Module):
         weights = target_mask * batch["weights"][:, None]
         return (per_slot * weights).sum() / weights.sum().clamp(min=1e-8)
 
-    def forward(self, batch, stage: int, vision_weight: float, lm_weight: float):
+    def forward(self, batch, stage: int, vision_weight: float, lm_weight: float, hidden_roll=None):
+        """Losses of one micro-batch; ``hidden_roll`` lets a caller supply the rollout (the benchmark's official loop)."""
         n_slots = batch["targets"].shape[1]
         if n_slots == 0:  # the SFT baselines: question -> text, no latents
             hidden, mask = self.teacher_forced(batch, batch["targets"].to(self.embed_dtype))
             loss = self.lm_loss(batch, hidden, mask)
             return {"loss": loss, "lm": loss.detach()}
-        hidden_roll = self.rollout_hidden(batch["prefix_ids"], batch["prefix_mask"], n_slots)
+        if hidden_roll is None:
+            hidden_roll = self.rollout_hidden(batch["prefix_ids"], batch["prefix_mask"], n_slots)
         latents = self.head(hidden_roll)  # Stage I: grad flows into the head; Stage II: the head is frozen
         losses = {"latent_norm": latents.detach().float().norm(dim=-1).mean()}
         total = latents.new_zeros((), dtype=torch.float32)

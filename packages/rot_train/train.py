@@ -116,7 +116,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, shar
             model.lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                      target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
             model.lm.to(device, dtype)
-    if cfg.gradient_checkpointing and cfg.stage == 2:
+    if cfg.gradient_checkpointing:  # Stage I too: the teacher-forced pass keeps activations for the input gradients
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer, token_ids
 
