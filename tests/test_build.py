@@ -35,15 +35,18 @@ def test_build_writes_verified_shards_and_resumes_without_rewriting(tmp_path):
     records, _ = load_records("gsm8k")
     assert _ids(out) == [r.id for r in records[:40]]  # source order inside and across shards
 
-    # stored embeddings are exactly what the encoder gives (bf16 round trip is bit exact)
+    # stored embeddings are what the encoder gives for that row, to bf16 rounding (the job packs 8 images a call)
     table = pq.read_table(out / "shard-00000.parquet")
     row = table.slice(3, 1).to_pylist()[0]
     encoder = VisionEncoder.from_pretrained("tiny")
     image = render_line(records[3].cot, RenderSettings(), 32)
-    expected = encoder.encode([image])[0].to(torch.bfloat16)
+    expected = encoder.encode([image])[0]
     stored = torch.frombuffer(bytearray(row["embedding"]), dtype=torch.bfloat16).view(row["n_tokens"], 64)
     assert row["image_width"] == image.shape[1] and row["n_tokens"] == image.shape[1] // 32
-    torch.testing.assert_close(stored, expected, atol=0, rtol=0)
+    torch.testing.assert_close(stored.float(), expected, atol=1e-3, rtol=8e-3)
+    # and the bytes round-trip bit for bit
+    assert torch.equal(torch.frombuffer(bytearray(shards.embedding_bytes(expected, "bf16")), dtype=torch.bfloat16).view_as(expected),
+                       expected.to(torch.bfloat16))
     assert pq.ParquetFile(out / "shard-00000.parquet").metadata.row_group(0).column(6).compression == "ZSTD"
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
