@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from rot_data.checksums import file_sha256
+
 FORMAT_NAME = "rot-visual-embeddings"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -44,14 +46,6 @@ def embedding_bytes(embedding: torch.Tensor, dtype: str) -> bytes:
 
 def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -10,7 +10,6 @@ number of steps; those copies add nothing to the loss.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import OrderedDict
@@ -22,20 +21,14 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from rot_data.checksums import file_sha256
+
 FORMAT = "rot-visual-embeddings/1"
 STORED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class ShardError(RuntimeError):
     """A shard set that cannot be trained on; the message names the file and the fix."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -85,7 +78,7 @@ class ShardSet:
                 path = folder / shard["name"]
                 if not path.exists():
                     raise ShardError(f"{path} is missing; re-run rot-render build with --out {folder} to remake it")
-                if _sha256(path) != shard["sha256"]:
+                if file_sha256(path) != shard["sha256"]:
                     raise ShardError(f"{path} does not match its checksum in {manifest_path} (corrupt or changed); delete it and re-run rot-render build to remake it")
         return shard_set
 

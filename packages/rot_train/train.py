@@ -170,13 +170,16 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     if total_steps < 1:
         raise ValueError(f"{shard_set.rows} rows give no optimizer step with micro batch {cfg.micro_batch} x accumulation "
                          f"{cfg.grad_accum} x {world_size} ranks; lower --micro-batch or --grad-accum")
+    # pitfall of latent methods: latents whose norm is far from the token embeddings' destabilise training
+    embedding_norm = float(model.lm.get_input_embeddings().weight.float().norm(dim=-1).mean())
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, world_size, total_steps, device))
     run_info = {"config": asdict(cfg), "world_size": world_size,
                 "global_batch": cfg.micro_batch * cfg.grad_accum * world_size, "shards_fingerprint": shard_set.fingerprint,
-                "trainable_parameters": sum(p.numel() for p in trainable), "total_steps": total_steps, "device": str(device)}
+                "trainable_parameters": sum(p.numel() for p in trainable), "total_steps": total_steps, "device": str(device),
+                "embedding_row_norm": embedding_norm}
     step, epoch, start_batch = 0, 0, 0
     checkpoints = out / "checkpoints"
     if cfg.resume and (checkpoints / "latest").exists():
@@ -223,7 +226,7 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
                 continue
             step += 1
             values = {k: v / cfg.grad_accum for k, v in sums.items()}
-            values.update(lr=engine.get_lr()[0], epoch=epoch, samples_per_s=samples / (time.perf_counter() - started))
+            values.update(lr=engine.get_lr()[0], epoch=epoch, embedding_norm=embedding_norm, samples_per_s=samples / (time.perf_counter() - started))
             metrics.write(step, values)
             progress.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "mse", "lm") if k in values})
             progress.update()
