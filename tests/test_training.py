@@ -22,10 +22,15 @@ def _clean_env(**extra):
     return dict(env, DS_ACCELERATOR="cpu", **extra)
 
 
-def _launch(script, *args):
-    """`deepspeed rot_train/<script>` exactly as a user runs it, one process."""
+def _launch(script, *args, ranks=1):
+    """`deepspeed rot_train/<script>` exactly as a user runs it, ``ranks`` processes."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     env = _clean_env()
-    command = ["deepspeed", "--num_gpus", "1", "--master_port", str(29600 + os.getpid() % 300), f"rot_train/{script}", *args]
+    command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), f"rot_train/{script}", *args]
     result = subprocess.run(command, cwd=ROOT / "packages", env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

@@ -122,7 +122,8 @@ class RoTModel(nn.Module):
         return hidden, mask
 
     def lm_loss(self, batch, hidden, mask):
-        """Cross-entropy on <img_end> + answer: each real position predicts the next real position's token."""
+        """Cross-entropy on <img_end> + answer: each real position predicts the next real position's token.
+        Averaged per sample, then over samples (so a 2-GPU run logs the same loss as a 1-GPU run)."""
         prefix_len, n_slots = batch["prefix_ids"].shape[1], hidden.shape[1] - batch["prefix_ids"].shape[1] - batch["suffix_ids"].shape[1]
         suffix_start = prefix_len + n_slots
         rows, sources, labels = [], [], []
@@ -136,16 +137,18 @@ class RoTModel(nn.Module):
         rows, sources, labels = torch.cat(rows), torch.cat(sources), torch.cat(labels)
         logits = self.output_layer(hidden[rows, sources]).float()
         per_token = F.cross_entropy(logits, labels, reduction="none")
-        weights = batch["weights"][rows]
-        return (per_token * weights).sum() / weights.sum().clamp(min=1e-8)
+        # mean per sample, then over samples: every sample counts once however the batch is split over ranks
+        per_sample = per_token.new_zeros(hidden.shape[0]).index_add_(0, rows, per_token)
+        per_sample = per_sample / torch.bincount(rows, minlength=hidden.shape[0]).clamp(min=1)
+        return (per_sample * batch["weights"]).sum() / batch["weights"].sum().clamp(min=1e-8)
 
     @staticmethod
     def vision_loss(batch, predicted):
-        """Mean squared error to the target embeddings over every row's own latent positions."""
+        """Mean squared error to the target embeddings over each row's own latent positions, then over rows."""
         targets, target_mask = batch["targets"], batch["target_mask"]
         per_slot = (predicted.float() - targets).pow(2).mean(-1)
-        weights = target_mask * batch["weights"][:, None]
-        return (per_slot * weights).sum() / weights.sum().clamp(min=1e-8)
+        per_sample = (per_slot * target_mask).sum(1) / target_mask.sum(1).clamp(min=1)
+        return (per_sample * batch["weights"]).sum() / batch["weights"].sum().clamp(min=1e-8)
 
     def forward(self, batch, stage: int, vision_weight: float, lm_weight: float, hidden_roll=None):
         """Losses of one micro-batch; ``hidden_roll`` lets a caller supply the rollout (the benchmark's official loop)."""

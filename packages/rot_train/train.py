@@ -147,6 +147,42 @@ class MetricsLog:
             self.writer.close()
 
 
+def _resume_tag(checkpoints: Path, world_size: int, rank: int, ds_config: dict) -> str:
+    """The checkpoint tag to load. Saved with another number of GPUs: convert it once to DeepSpeed's
+    universal format (optimizer state un-partitioned) and load that, so 2-GPU runs resume on 1 and back."""
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    tag = (checkpoints / "latest").read_text().strip()
+    saved = torch.load(checkpoints / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    if saved["dp_world_size"] == world_size:
+        return tag
+    universal = f"{tag}_universal"
+    if rank == 0 and not (checkpoints / universal).exists():
+        print(f"checkpoint {tag} was saved on {saved['dp_world_size']} ranks, resuming on {world_size}: converting to {universal}")
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoints / tag),
+                        "--output_folder", str(checkpoints / universal), "--inject_missing_state"], check=True,
+                       stdout=subprocess.DEVNULL)
+    if dist.is_initialized():
+        dist.barrier()
+    ds_config["checkpoint"] = {"load_universal": True}
+    return universal
+
+
+def _mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
+    """Logged losses are the mean over data-parallel ranks, so a 2-GPU log compares with a 1-GPU log."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, tensor.tolist())}
+
+
 def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     import deepspeed
     from tqdm import tqdm
@@ -173,17 +209,18 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     # pitfall of latent methods: latents whose norm is far from the token embeddings' destabilise training
     embedding_norm = float(model.lm.get_input_embeddings().weight.float().norm(dim=-1).mean())
     trainable = [p for p in model.parameters() if p.requires_grad]
+    checkpoints = out / "checkpoints"
+    ds_config = deepspeed_config(cfg, world_size, total_steps, device)
+    resume_tag = _resume_tag(checkpoints, world_size, rank, ds_config) if cfg.resume and (checkpoints / "latest").exists() else None
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, world_size, total_steps, device))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     run_info = {"config": asdict(cfg), "world_size": world_size,
                 "global_batch": cfg.micro_batch * cfg.grad_accum * world_size, "shards_fingerprint": shard_set.fingerprint,
                 "trainable_parameters": sum(p.numel() for p in trainable), "total_steps": total_steps, "device": str(device),
                 "embedding_row_norm": embedding_norm}
     step, epoch, start_batch = 0, 0, 0
-    checkpoints = out / "checkpoints"
-    if cfg.resume and (checkpoints / "latest").exists():
-        _, state = engine.load_checkpoint(str(checkpoints), load_module_strict=False)
+    if resume_tag:
+        _, state = engine.load_checkpoint(str(checkpoints), tag=resume_tag, load_module_strict=False)
         if state["shards_fingerprint"] != shard_set.fingerprint:
             raise ValueError(f"{checkpoints} was trained on shards {state['shards_fingerprint']}, {cfg.shards} are "
                              f"{shard_set.fingerprint}; resume with the same --shards or start a new --out")
@@ -198,7 +235,8 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
 
     def save():
         state = {"step": step, "epoch": epoch, "next_batch": next_batch, "shards_fingerprint": shard_set.fingerprint,
-                 "token_rows": token_rows(model.lm, list(token_ids.values())), "torch_rng": torch.get_rng_state()}
+                 "token_rows": token_rows(model.lm, list(token_ids.values())), "torch_rng": torch.get_rng_state(),
+                 "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}  # lets ds_to_universal convert it
         engine.save_checkpoint(str(checkpoints), tag=f"step{step}", client_state=state, exclude_frozen_parameters=True)
 
     engine.train()
@@ -225,7 +263,7 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
             if micro_steps % cfg.grad_accum:
                 continue
             step += 1
-            values = {k: v / cfg.grad_accum for k, v in sums.items()}
+            values = {k: v / cfg.grad_accum for k, v in _mean_over_ranks(sums, device).items()}
             values.update(lr=engine.get_lr()[0], epoch=epoch, embedding_norm=embedding_norm, samples_per_s=samples / (time.perf_counter() - started))
             metrics.write(step, values)
             progress.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "mse", "lm") if k in values})
