@@ -4,7 +4,7 @@ In transformers, the Qwen-VL towers' SDPA path splits a pack by ``cu_seqlens`` a
 attention call per image per layer; only "flash" implementations take the whole pack at once, and
 flash-attn is often not installed. This registers ``flash_packed_sdpa``: on CUDA it calls PyTorch's
 variable-length kernel (``torch.nn.attention.varlen.varlen_attn``, flash-attention inside PyTorch),
-elsewhere SDPA with a block-diagonal mask. Same numbers as per-image attention (a test checks it).
+elsewhere one SDPA call per image. Same numbers as per-image attention (a test checks it).
 """
 
 from __future__ import annotations
@@ -28,12 +28,11 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
         longest = int(max_length_q) if max_length_q is not None else int((cu[1:] - cu[:-1]).max())
         output = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling)
         return output.unsqueeze(0), None
-    image = torch.zeros(seq, dtype=torch.long, device=query.device)
-    image[cu[1:-1].long()] = 1
-    image = image.cumsum(0)
-    block_diagonal = image[:, None] == image[None, :]
-    output = F.scaled_dot_product_attention(query, key, value, attn_mask=block_diagonal, scale=scaling)
-    return output.transpose(1, 2), None
+    # no varlen kernel here: one SDPA call per image (a pack-wide block mask would grow with the square of the pack)
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    outputs = [F.scaled_dot_product_attention(q, k, v, scale=scaling)
+               for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)))]
+    return torch.cat(outputs, dim=2).transpose(1, 2), None
 
 
 def register() -> str:
