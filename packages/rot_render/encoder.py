@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ class EncoderSource:
     def untrained(self) -> bool:
         return self.name == TINY
 
-    @property
+    @cached_property
     def weights_sha256(self) -> str:
         return weights_sha256(self.state_dict)
 

@@ -50,7 +50,9 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = 32, dyna
     in_latent = torch.ones(rows, dtype=torch.bool, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     latent_count = torch.zeros(rows, dtype=torch.long, device=device)
-    latent_log, answer_ids = [[] for _ in range(rows)], [[] for _ in range(rows)]
+    answer_count = torch.zeros(rows, dtype=torch.long, device=device)
+    # per step, kept on the device and read once at the end (no host sync per row per step)
+    step_latents, step_emitted, step_tokens, step_answered = [], [], [], []
     for _ in range(latents + 1 + max_answer_tokens):
         # only compute what some row needs: the head in the latent phase, the vocabulary logits after it
         predicted = model.head(hidden) if in_latent.any() else None
@@ -65,13 +67,15 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = 32, dyna
         step_inputs = model.embed(torch.where(answering, token, torch.full_like(token, model.img_end_id)))
         if latent_input is not None:
             step_inputs = torch.where(emit_latent[:, None], latent_input, step_inputs)
-        for i in emit_latent.nonzero().flatten().tolist():
-            latent_log[i].append(predicted[i].float().cpu())
-        for i in answering.nonzero().flatten().tolist():
-            answer_ids[i].append(int(token[i]))
+        if predicted is not None:
+            step_latents.append(predicted)
+            step_emitted.append(emit_latent)
+        step_tokens.append(token)
+        step_answered.append(answering)
+        answer_count += answering.long()
         if stop_at_eos:
             finished |= answering & (token == tokenizer.eos_token_id)
-        finished |= answering & torch.tensor([len(a) >= max_answer_tokens for a in answer_ids], device=device)
+        finished |= answering & (answer_count >= max_answer_tokens)
         latent_count += emit_latent.long()
         in_latent &= ~end_now
         if finished.all():
@@ -87,11 +91,15 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = 32, dyna
             positions = torch.cat([positions, position[:, None]], dim=1)
             output = model.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False)
         hidden = output.last_hidden_state[:, -1]
+    latent_dim = model.head.fc_out.out_features
+    latents_by_step = torch.stack(step_latents).float().cpu() if step_latents else torch.zeros(0, rows, latent_dim)
+    emitted = torch.stack(step_emitted).cpu() if step_emitted else torch.zeros(0, rows, dtype=torch.bool)
+    tokens, answered = torch.stack(step_tokens).cpu(), torch.stack(step_answered).cpu()
     results = []
     for i in range(rows):
-        ids = [t for t in answer_ids[i] if t != tokenizer.eos_token_id]
-        stacked = torch.stack(latent_log[i]) if latent_log[i] else torch.zeros(0, model.head.fc_out.out_features)
-        results.append(Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), stacked, answer_ids[i]))
+        answer_ids = tokens[answered[:, i], i].tolist()
+        text = tokenizer.decode([t for t in answer_ids if t != tokenizer.eos_token_id], skip_special_tokens=True).strip()
+        results.append(Generation(text, latents_by_step[emitted[:, i], i], answer_ids))
     return results
 
 

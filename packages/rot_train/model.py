@@ -124,17 +124,14 @@ class RoTModel(nn.Module):
     def lm_loss(self, batch, hidden, mask):
         """Cross-entropy on <img_end> + answer: each real position predicts the next real position's token.
         Averaged per sample, then over samples (so a 2-GPU run logs the same loss as a 1-GPU run)."""
-        prefix_len, n_slots = batch["prefix_ids"].shape[1], hidden.shape[1] - batch["prefix_ids"].shape[1] - batch["suffix_ids"].shape[1]
-        suffix_start = prefix_len + n_slots
-        rows, sources, labels = [], [], []
-        for i in range(hidden.shape[0]):
-            real = mask[i].nonzero().squeeze(1)
-            current, following = real[:-1], real[1:]
-            keep = following >= suffix_start
-            rows.append(torch.full((int(keep.sum()),), i, device=hidden.device))
-            sources.append(current[keep])
-            labels.append(batch["suffix_ids"][i, following[keep] - suffix_start])
-        rows, sources, labels = torch.cat(rows), torch.cat(sources), torch.cat(labels)
+        length = hidden.shape[1]
+        suffix_start = length - batch["suffix_ids"].shape[1]
+        index = torch.arange(length, device=hidden.device).expand_as(mask)
+        real_index = torch.where(mask.bool(), index, torch.full_like(index, length))
+        # the next real position after each position: a reversed running minimum, shifted by one
+        following = torch.cat([real_index[:, 1:].flip(1).cummin(1).values.flip(1), torch.full_like(real_index[:, :1], length)], 1)
+        rows, sources = (mask.bool() & (following < length) & (following >= suffix_start)).nonzero(as_tuple=True)
+        labels = batch["suffix_ids"][rows, following[rows, sources] - suffix_start]
         logits = self.output_layer(hidden[rows, sources]).float()
         per_token = F.cross_entropy(logits, labels, reduction="none")
         # mean per sample, then over samples: every sample counts once however the batch is split over ranks
