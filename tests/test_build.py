@@ -85,7 +85,9 @@ def test_killed_build_resumes_and_every_id_appears_once(tmp_path):
     assert not (out / shards.MANIFEST).exists()
 
     result = _cli(*args)
-    assert f"({len(finished_before)} shards kept from before)" in result.stdout
+    kept = int(result.stdout.split(" shards kept from before")[0].rsplit("(", 1)[1])
+    assert kept >= len(finished_before)  # a writer task may finish its shard after the driver died
+    assert (out / "build-stats.txt").read_text().count("Operator") >= 2
     ids = _ids(out)
     records, _ = load_records("gsm8k")
     assert sorted(ids) == sorted(r.id for r in records[:120]) and len(ids) == len(set(ids)) == 120

@@ -86,3 +86,16 @@ def test_packed_attention_equals_per_image_sdpa(family):
     images = [render_line(text, RenderSettings(), sdpa.token_px) for text in LINES]
     for a, b in zip(sdpa.encode(images), packed.encode(images)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_linear_patch_embedding_equals_the_conv3d_it_replaces(family):
+    from rot_render.encoder import _tower_class
+
+    encoder = _tiny_encoder(family)
+    stock = _tower_class(family)._from_config(tiny_vision_configs()[family]).patch_embed
+    stock.load_state_dict(encoder.tower.patch_embed.state_dict())
+    assert isinstance(stock.proj, torch.nn.Conv3d) and "forward" in vars(encoder.tower.patch_embed)  # ours is replaced
+    patches, _ = encoder.patchify(render_line(LINES[1], RenderSettings(), encoder.token_px))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.tower.patch_embed(patches), stock(patches), atol=1e-5, rtol=1e-5)

@@ -5,9 +5,12 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
-from tests.test_training import _launch, _losses
+from rot_train.export import load_export
+from tests.test_training import ROOT, _launch, _losses
 
 ARGS = ["--epochs", "1", "--lr", "1e-3", "--warmup-steps", "1", "--head-width", "32", "--max-latents", "12",
         "--save-every", "3", "--log-ids"]
@@ -31,10 +34,17 @@ def _close(a, b):
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=2e-2, atol=1e-4)
 
 
-def test_two_ranks_match_one_consume_each_row_once_and_resume_across_sizes(tiny_shards, tiny_qwen3_vl, tmp_path):
-    two, one = tmp_path / "two", tmp_path / "one"
-    _stage1(tiny_shards, tiny_qwen3_vl, two, 2)
+@pytest.fixture(scope="module")
+def one_rank(tiny_shards, tiny_qwen3_vl, tmp_path_factory) -> Path:
+    """The reference: Stage I on 1 rank, ZeRO-2, global batch 8."""
+    one = tmp_path_factory.mktemp("one-rank")
     _stage1(tiny_shards, tiny_qwen3_vl, one, 1)
+    return one
+
+
+def test_two_ranks_match_one_consume_each_row_once_and_resume_across_sizes(tiny_shards, tiny_qwen3_vl, one_rank, tmp_path):
+    two, one = tmp_path / "two", one_rank
+    _stage1(tiny_shards, tiny_qwen3_vl, two, 2)
     assert len(_losses(two)) == len(_losses(one)) == 6  # 48 rows / global batch 8
     _close(_losses(two, "mse"), _losses(one, "mse"))
     _close(_losses(two, "lm"), _losses(one, "lm"))
@@ -51,3 +61,35 @@ def test_two_ranks_match_one_consume_each_row_once_and_resume_across_sizes(tiny_
         resumed = _losses(target, "mse")
         assert len(resumed) == 3  # steps 4-6
         _close(resumed, _losses(source, "mse")[3:])
+
+
+def test_zero3_partitions_matches_zero2_exports_whole_weights_and_resumes_on_one_rank(tiny_shards, tiny_qwen3_vl, one_rank,
+                                                                                    tmp_path):
+    config = json.loads((ROOT / "packages/rot_train/configs/zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the tiny model's tensors
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps(config))
+    two = tmp_path / "two-zero3"
+    _stage1(tiny_shards, tiny_qwen3_vl, two, 2, "--ds-config", str(zero3))
+    assert len(list((two / "checkpoints" / "step3").glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))) == 2
+    _close(_losses(two, "mse"), _losses(one_rank, "mse"))
+    _close(_losses(two, "lm"), _losses(one_rank, "lm"))
+    # the export holds whole tensors gathered from both ranks, equal to the 1-rank ZeRO-2 run's
+    ours, reference = (load_file(run / "export" / "head.safetensors") for run in (two, one_rank))
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in reference.items()}
+    for key in ours:
+        torch.testing.assert_close(ours[key], reference[key], atol=2e-2, rtol=2e-2)
+
+    resumed = tmp_path / "zero3-two-to-one"
+    _resume_copy(two, resumed)
+    result = _stage1(tiny_shards, tiny_qwen3_vl, resumed, 1, "--ds-config", str(zero3), "--resume")
+    assert "saved on 2 ranks, resuming on 1" in result.stdout
+    _close(_losses(resumed, "mse"), _losses(two, "mse")[3:])
+
+    stage2 = tmp_path / "stage2-zero3"
+    args = ["--shards", str(tiny_shards), "--backbone", str(tiny_qwen3_vl), "--out", str(stage2), "--init", str(two / "export"),
+            *ARGS, *TWO, "--max-steps", "3", "--ds-config", str(zero3)]  # 3: the warm-up gives the first steps lr 0
+    _launch("stage2.py", *args, ranks=2)
+    model, _, exported = load_export(stage2 / "export")
+    lora = [p for n, p in model.lm.named_parameters() if "lora_B" in n]
+    assert exported["weights"] == "lora" and lora and all(p.abs().sum() > 0 for p in lora)  # trained, not empty slices

@@ -54,7 +54,7 @@ def build(
     overwrite: bool = typer.Option(False, help="replace a shard set made with different settings"),
 ) -> None:
     """Render and encode every CoT of a dataset into Parquet shards (resumes if re-run)."""
-    from rot_render.pipeline import BuildConfig, BuildError, build as run_build
+    from rot_render.pipeline import STATS, BuildConfig, BuildError, build as run_build
 
     config = BuildConfig(dataset=dataset, out=out, split=split, encoder=encoder, dtype=dtype, shard_size=shard_size,
                          on_error=on_error, keep_calculator=keep_calculator, data_dir=data_dir, limit=limit,
@@ -76,7 +76,7 @@ def build(
         f"      encoded {run['encoded_rows']} rows this run ({run['resumed_shards']} shards kept from before) at "
         f"{rate:.1f} images/s ({run['steady_images_per_s']:.1f} images/s once the encoders were up) on "
         f"{run['encoders']} encoder(s), {run['gpus']} GPU(s); "
-        f"skipped rows: {manifest['skipped_rows']}; total {run['seconds']:.1f} s"
+        f"skipped rows: {manifest['skipped_rows']}; total {run['seconds']:.1f} s (time per stage: {out / STATS})"
     )
 
 

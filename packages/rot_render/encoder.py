@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from rot_render.packed_attention import NAME as PACKED, register as register_packed_attention
 
@@ -49,6 +50,23 @@ def tiny_vision_config():
         depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16, spatial_merge_size=2,
         temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=256, deepstack_visual_indexes=[],
     )
+
+
+def use_linear_patch_embedding(patch_embed) -> None:
+    """Run the patch embedding (a Conv3d whose kernel equals its stride) as the matrix product it is.
+
+    Each output sees exactly one flattened patch, so the convolution is ``x @ W.view(d, -1).T + b``;
+    cuDNN has no good kernel for this shape in bf16 and can be many times slower than the GEMM
+    (transformers issue #45750). Same weights, same numbers up to summation order (a test checks)."""
+    proj = patch_embed.proj
+    if tuple(proj.kernel_size) != tuple(proj.stride) or any(proj.padding) or proj.groups != 1:
+        return
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = proj.weight.view(proj.out_channels, -1)
+        return F.linear(hidden_states.to(weight.dtype).view(-1, weight.shape[1]), weight, proj.bias)
+
+    patch_embed.forward = forward
 
 
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -96,7 +114,7 @@ class EncoderSource:
             "weights_sha256": self.weights_sha256, "untrained": self.untrained,
             "attn_implementation": attn_implementation, "compute_dtype": compute_dtype,
             "patch_size": self.vision_config.patch_size, "merge_size": self.vision_config.spatial_merge_size,
-            "token_px": self.token_px, "dim": self.dim,
+            "token_px": self.token_px, "dim": self.dim, "patch_embedding": "linear",
         }
 
 
@@ -173,6 +191,7 @@ class VisionEncoder:
             register_packed_attention()
             tower.config._attn_implementation_internal = PACKED
         tower.load_state_dict(source.state_dict, strict=True)
+        use_linear_patch_embedding(tower.patch_embed)
         self.tower = tower.to(self.dtype).eval().requires_grad_(False)
         self.patch_size = config.patch_size
         self.merge_size = config.spatial_merge_size
@@ -188,29 +207,46 @@ class VisionEncoder:
                         attn_implementation: str = "sdpa") -> "VisionEncoder":
         return cls(read_encoder_source(name), device, dtype, attn_implementation)
 
-    def patchify(self, grey: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """A [H, W] uint8 grey image -> (patches [h*w, C*T*p*p], grid (1, h, w)) in the processor's order."""
+    def grey_patches(self, grey: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """A [H, W] uint8 grey image -> (uint8 patches [h*w, p*p], grid (1, h, w)) in the processor's patch order.
+
+        Kept as one byte per pixel: the 3 colour channels and the temporal repeat are added on the
+        device, so the host does a cheap uint8 reshuffle and sends 6x4 times fewer bytes."""
         height, width = grey.shape
-        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        p, m = self.patch_size, self.merge_size
         if height % (p * m) or width % (p * m):
             raise ValueError(f"image {height}x{width} is not a whole number of {p * m}px tokens; render it with this encoder's token size")
-        pixels = torch.tensor(grey, dtype=torch.float32).div_(255.0).expand(3, height, width)
-        pixels = (pixels - self._mean) / self._std
         grid_h, grid_w = height // p, width // p
-        frames = pixels.unsqueeze(0).expand(t, 3, height, width)  # a still image repeated over the temporal patch
-        patches = frames.reshape(1, t, 3, grid_h // m, m, p, grid_w // m, m, p)
-        patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(grid_h * grid_w, 3 * t * p * p)
-        return patches, (1, grid_h, grid_w)
+        blocks = grey.reshape(grid_h // m, m, p, grid_w // m, m, p).transpose(0, 3, 1, 4, 2, 5)
+        return blocks.reshape(grid_h * grid_w, p * p), (1, grid_h, grid_w)
+
+    def normalise(self, grey_patches: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, p*p] -> float32 [n, 3*t*p*p] (channel, time, y, x): the processor's pixel values."""
+        t = self.temporal_patch_size
+        pixels = grey_patches.float().div_(255.0)[:, None, None, :]
+        mean, std = (v.to(pixels.device).view(1, 3, 1, 1) for v in (self._mean, self._std))
+        return ((pixels - mean) / std).expand(-1, 3, t, -1).reshape(len(grey_patches), -1)
+
+    def patchify(self, grey: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """A [H, W] uint8 grey image -> (pixel values [h*w, C*T*p*p], grid (1, h, w)), as the HF processor gives them."""
+        patches, grid = self.grey_patches(grey)
+        return self.normalise(torch.from_numpy(np.ascontiguousarray(patches))), grid
 
     @torch.no_grad()
-    def encode(self, images: list[np.ndarray]) -> list[torch.Tensor]:
-        """Encode many images in one packed forward call; returns post-merger [n_tokens, d] per image."""
-        patches, grids = zip(*(self.patchify(image) for image in images))
-        pixel_values = torch.cat(patches).to(self.device, self.dtype, non_blocking=True)
-        grid_thw = torch.tensor(grids, device=self.device)
-        output = self.tower(pixel_values, grid_thw=grid_thw)
+    def encode_packed(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
+        """Encode many images in one forward call: (post-merger tokens of all images [sum n_i, d], n_i per image)."""
+        patches, grids = zip(*(self.grey_patches(image) for image in images))
+        grey = torch.from_numpy(np.concatenate(patches))
+        if self.device.type == "cuda":
+            grey = grey.pin_memory()
+        pixel_values = self.normalise(grey.to(self.device, non_blocking=True)).to(self.dtype)
+        output = self.tower(pixel_values, grid_thw=torch.tensor(grids, device=self.device))
         merged = output.pooler_output if hasattr(output, "pooler_output") else output
         if isinstance(merged, (tuple, list)):  # older transformers: (merged, deepstack features)
             merged = merged[0]
-        tokens_per_image = [t * h * w // self.merge_size**2 for t, h, w in grids]
+        return merged, [t * h * w // self.merge_size**2 for t, h, w in grids]
+
+    def encode(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """Encode many images in one packed forward call; returns post-merger [n_tokens, d] per image."""
+        merged, tokens_per_image = self.encode_packed(images)
         return list(merged.split(tokens_per_image))

@@ -25,6 +25,9 @@ from rot_data.records import load_records
 from rot_render.render import RenderSettings, render_line
 
 
+STATS = "build-stats.txt"
+
+
 class BuildError(RuntimeError):
     """A build that must not go on (settings clash, bad worker state); the message says the fix."""
 
@@ -73,10 +76,10 @@ class EncodeBatch:
         widths = batch.column("image_width").to_pylist()
         images = [np.frombuffer(pixels, np.uint8).reshape(self.height, width)
                   for pixels, width in zip(batch.column("pixels").to_pylist(), widths)]
-        embeddings = self.encoder.encode(images)
+        packed, tokens_per_image = self.encoder.encode_packed(images)
         return batch.drop_columns(["pixels"]) \
-                    .append_column("n_tokens", pa.array([len(e) for e in embeddings], pa.int32())) \
-                    .append_column("embedding", pa.array([shards.embedding_bytes(e, self.dtype) for e in embeddings], pa.large_binary()))
+                    .append_column("n_tokens", pa.array(tokens_per_image, pa.int32())) \
+                    .append_column("embedding", shards.embedding_column(packed, tokens_per_image, self.dtype))
 
 
 def _start_ray(address: str | None):
@@ -102,7 +105,7 @@ def _existing_shards(config: BuildConfig, build_fingerprint: str, n_shards: int)
     if stale and not config.overwrite:
         raise BuildError(f"{stale[0]} was made with different settings (encoder, render, dataset, dtype or shard size); "
                          f"pass --overwrite to replace the shard set in {out}, or choose another --out")
-    for path in stale:
+    for path in stale + list(out.glob(".shard-*.tmp-*")):  # and what a killed writer left half-written
         path.unlink()
     names = {shards.shard_name(i): i for i in range(n_shards)}
     return {names[p.name] for p in found if p not in stale and p.name in names}
@@ -138,14 +141,14 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
     todo = [dict(record.to_dict(), shard=i, position=j)
             for i in range(n_shards) if i not in done for j, record in enumerate(plan[i])]
 
-    encode_seconds, steady_rate = 0.0, 0.0
+    encode_seconds, steady_rate, written = 0.0, 0.0, {}
     if todo:
         encode_started = time.perf_counter()
-        steady_rate = _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpus, todo, plan, build_fingerprint,
-                 encoder_info["dim"], progress)
+        steady_rate, written = _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpus, todo, plan,
+                                        build_fingerprint, encoder_info["dim"], progress)
         encode_seconds = time.perf_counter() - encode_started
 
-    summaries = [shards.shard_summary(config.out / shards.shard_name(i)) for i in range(n_shards)]
+    summaries = [written[i] if i in written else shards.shard_summary(config.out / shards.shard_name(i)) for i in range(n_shards)]
     manifest = dict(
         settings,
         fingerprint=build_fingerprint,
@@ -181,24 +184,32 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
         batch_format="pyarrow", batch_size=batch_size, concurrency=num_encoders,
         num_gpus=1 if n_gpus else 0, num_cpus=0 if n_gpus else 1,
     )
-    pending: dict[int, list[dict]] = {}
+    # shard files are written by Ray tasks on this node, so compressing and hashing them overlaps with encoding
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    write_shard = ray.remote(num_cpus=1, scheduling_strategy=here)(shards.write_shard)
+    pending: dict[int, list[pa.Table]] = {}
+    writes: dict[int, object] = {}
+    arrived = np.zeros(len(plan), dtype=np.int64)
     first_arrival, first_rows, rows_seen = None, 0, 0
     with tqdm(total=len(todo), unit="row", desc="render+encode", disable=not progress) as bar:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
-                rows = pending.setdefault(row["shard"], [])
-                rows.append(row)
-                if len(rows) == len(plan[row["shard"]]):
-                    rows.sort(key=lambda r: r["position"])
-                    shards.write_shard(config.out / shards.shard_name(row["shard"]),
-                                       [{k: r[k] for k in shards.SCHEMA.names} for r in rows],
-                                       build_fingerprint, dim, config.dtype)
-                    del pending[row["shard"]]
+            shard_of_row = batch.column("shard").to_numpy()
+            for index in np.unique(shard_of_row).tolist():
+                pending.setdefault(index, []).append(batch.filter(pa.array(shard_of_row == index)))
+                arrived[index] += int((shard_of_row == index).sum())
+                if arrived[index] == len(plan[index]):  # complete: source order, then off to a writer task
+                    table = pa.concat_tables(pending.pop(index)).sort_by("position")
+                    writes[index] = write_shard.remote(config.out / shards.shard_name(index), table, build_fingerprint,
+                                                       dim, config.dtype)
             bar.update(batch.num_rows)
             rows_seen += batch.num_rows
             if first_arrival is None:  # steady-state rate: from the first encoded batch on (actor start-up excluded)
                 first_arrival, first_rows = time.perf_counter(), batch.num_rows
+    written = dict(zip(writes, ray.get(list(writes.values()))))
     steady_seconds = time.perf_counter() - first_arrival if first_arrival else 0.0
+    (config.out / STATS).write_text(dataset.stats() + "\n")  # where the time went: per operator, and in this driver loop
     if pending:
         raise BuildError(f"shards {sorted(pending)} did not receive all their rows; re-run the build to finish them")
-    return (rows_seen - first_rows) / steady_seconds if steady_seconds > 0 else 0.0
+    return ((rows_seen - first_rows) / steady_seconds if steady_seconds > 0 else 0.0), written

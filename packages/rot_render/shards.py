@@ -44,6 +44,18 @@ def embedding_bytes(embedding: torch.Tensor, dtype: str) -> bytes:
     return tensor.view(torch.uint8).numpy().tobytes()
 
 
+def embedding_column(packed: torch.Tensor, tokens_per_row: list[int], dtype: str) -> pa.Array:
+    """The ``embedding`` column for a pack of rows: [sum n_i, d] (any device) -> one binary value per row.
+
+    One device-to-host copy for the whole pack, and the Arrow array is built on that buffer with
+    offsets (no per-row Python bytes objects)."""
+    data = packed.detach().to("cpu", STORED_DTYPES[dtype]).contiguous().view(torch.uint8).numpy()
+    row_bytes = packed.shape[1] * STORED_DTYPES[dtype].itemsize
+    offsets = np.concatenate([[0], np.cumsum(tokens_per_row, dtype=np.int64) * row_bytes])
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(tokens_per_row),
+                                            [None, pa.py_buffer(offsets), pa.py_buffer(data.reshape(-1))])
+
+
 def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -54,13 +66,14 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(temporary, path)
 
 
-def write_shard(path: Path, rows: list[dict], build_fingerprint: str, dim: int, dtype: str) -> None:
-    """Rows hold id, question, cot, answer, n_tokens, image_width and embedding (bytes)."""
-    table = pa.Table.from_pylist(rows, schema=SCHEMA).replace_schema_metadata({
+def write_shard(path: Path, table: pa.Table, build_fingerprint: str, dim: int, dtype: str) -> dict:
+    """Write a table with the columns of SCHEMA (others are dropped) and return its manifest entry."""
+    table = table.select(SCHEMA.names).cast(SCHEMA).replace_schema_metadata({
         "rot.fingerprint": build_fingerprint, "rot.dim": str(dim), "rot.dtype": dtype,
         "rot.format": f"{FORMAT_NAME}/{FORMAT_VERSION}",
     })
     _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    return shard_summary(path)
 
 
 def shard_fingerprint(path: Path) -> str | None:

@@ -9,6 +9,7 @@ peft, DeepSpeed and ``generate`` all know. Any other causal-LM checkpoint loads 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -102,18 +103,37 @@ def add_latent_tokens(model, tokenizer, seed: int = 0) -> dict[str, int]:
     return ids
 
 
+def gathered(params, modifier_rank: int | None = None):
+    """Whole tensors inside the block, also under ZeRO-3 (where each rank holds a slice of every parameter).
+
+    Under ZeRO-3 this is a collective: every rank must enter it. ``modifier_rank`` = the rank whose
+    in-place changes are kept and sent to the others. Outside ZeRO-3 it does nothing."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def _embedding_weights(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    embeddings, output = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return embeddings, (None if output is embeddings or output.data_ptr() == embeddings.data_ptr() else output)
+
+
 def token_rows(model, token_ids: list[int]) -> dict[str, torch.Tensor]:
     """The added tokens' input (and untied output) rows: they are not in the backbone checkpoint, so exports carry them."""
-    embeddings = model.get_input_embeddings().weight
-    output = model.get_output_embeddings().weight
-    rows = {"input": embeddings[token_ids].detach().float().cpu().clone()}
-    if output.data_ptr() != embeddings.data_ptr():
-        rows["output"] = output[token_ids].detach().float().cpu().clone()
+    embeddings, output = _embedding_weights(model)
+    with gathered([w for w in (embeddings, output) if w is not None]):
+        rows = {"input": embeddings[token_ids].detach().float().cpu().clone()}
+        if output is not None:
+            rows["output"] = output[token_ids].detach().float().cpu().clone()
     return rows
 
 
 def set_token_rows(model, token_ids: list[int], rows: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        model.get_input_embeddings().weight[token_ids] = rows["input"].to(model.get_input_embeddings().weight)
+    embeddings, output = _embedding_weights(model)
+    with gathered([w for w in (embeddings, output) if w is not None], modifier_rank=0), torch.no_grad():
+        embeddings[token_ids] = rows["input"].to(embeddings)
         if "output" in rows:
-            model.get_output_embeddings().weight[token_ids] = rows["output"].to(model.get_output_embeddings().weight)
+            output[token_ids] = rows["output"].to(output)

@@ -11,7 +11,6 @@ An export folder holds:
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -19,43 +18,36 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rot_train.backbone import IMG_BEGIN, IMG_END, load_backbone, set_token_rows, token_rows
+from rot_train.backbone import IMG_BEGIN, IMG_END, gathered, load_backbone, set_token_rows, token_rows
 from rot_train.model import RoTModel
 
 
-def _gathered(module):
-    """Full parameters of a module, also under ZeRO-3 (where each rank holds a slice)."""
-    params = list(module.parameters())
-    if params and hasattr(params[0], "ds_id"):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
-
-
 def _cpu_state(module) -> dict[str, torch.Tensor]:
-    with _gathered(module):
+    with gathered(module.parameters()):
         return {k: v.detach().float().cpu().contiguous().clone() for k, v in module.state_dict().items()}
 
 
-def export(model: RoTModel, tokenizer, folder: Path, cfg, shard_set, token_ids: dict[str, int]) -> Path:
+def export(model: RoTModel, tokenizer, folder: Path, cfg, shard_set, token_ids: dict[str, int], write: bool = True) -> Path:
+    """Every rank calls this (under ZeRO-3 the weights are gathered from all of them); ``write`` ranks write files."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     head_state = {f"head.{k}": v for k, v in _cpu_state(model.head).items()}
     head_state.update({f"adapter.{k}": v for k, v in _cpu_state(model.adapter).items()})
-    save_file(head_state, folder / "head.safetensors")
-    with _gathered(model.lm):
-        save_file(token_rows(model.lm, list(token_ids.values())), folder / "token_rows.safetensors")
-    tokenizer.save_pretrained(folder / "tokenizer")
-    weights = None
-    if cfg.stage == 2:
-        with _gathered(model.lm):
-            if cfg.full_finetune:
+    rows = token_rows(model.lm, list(token_ids.values()))
+    weights = None if cfg.stage != 2 else "model" if cfg.full_finetune else "lora"
+    # LoRA: only the adapter weights are saved (the new tokens' rows travel in token_rows.safetensors)
+    lm_params = [p for n, p in model.lm.named_parameters() if weights == "model" or "lora_" in n] if weights else []
+    with gathered(lm_params):
+        if write:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file(head_state, folder / "head.safetensors")
+            save_file(rows, folder / "token_rows.safetensors")
+            tokenizer.save_pretrained(folder / "tokenizer")
+            if weights == "model":
                 model.lm.save_pretrained(folder / "model", safe_serialization=True)
-                weights = "model"
-            else:
-                model.lm.save_pretrained(folder / "lora")
-                weights = "lora"
+            elif weights == "lora":
+                model.lm.save_pretrained(folder / "lora", save_embedding_layers=False)
+    if not write:
+        return folder
     config = {
         "format": "rot-export/1", "stage": cfg.stage, "mode": cfg.mode, "backbone": cfg.backbone, "weights": weights,
         "llm_dim": model.lm.config.hidden_size, "latent_dim": shard_set.dim, "head_width": cfg.head_width,

@@ -156,7 +156,8 @@ def _resume_tag(checkpoints: Path, world_size: int, rank: int, ds_config: dict) 
     import torch.distributed as dist
 
     tag = (checkpoints / "latest").read_text().strip()
-    saved = torch.load(checkpoints / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = sorted((checkpoints / tag).glob("*mp_rank_00_model_states.pt"))  # ZeRO-3 prefixes it with zero_pp_rank_<r>_
+    saved = torch.load(states[0], map_location="cpu", weights_only=False)
     if saved["dp_world_size"] == world_size:
         return tag
     universal = f"{tag}_universal"
@@ -282,8 +283,8 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     save()
     summary = {"steps": step, "samples": samples, "seconds": elapsed, "samples_per_s": samples / max(elapsed, 1e-9),
                "global_batch": run_info["global_batch"]}
+    exporting.export(model, tokenizer, out / "export", cfg, shard_set, token_ids, write=rank == 0)  # collective under ZeRO-3
     if rank == 0:
-        exporting.export(model, tokenizer, out / "export", cfg, shard_set, token_ids)
         exporting.plot_losses(out / "metrics.jsonl", out / "loss.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"{cfg.mode if cfg.mode != 'rot' else f'stage {cfg.stage}'} done: {step} steps, {samples} samples in {elapsed:.1f} s "
