@@ -3,13 +3,8 @@
 # Stage II under the deepspeed launcher with ZeRO-2 + bf16 on a tiny Qwen3-VL-architecture backbone.
 # On the device machine: bash pipelines/gpu_smoke.sh   (expects .whl/ carried; see README "GPU machine")
 set -euo pipefail
-export TORCH_CUDA_ARCH_LIST=9.0 RAY_ENABLE_UV_RUN_RUNTIME_ENV=0
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD/packages
-fi
-OUT=${OUT:-/tmp/out}; WORK=/tmp/rot-smoke; mkdir -p "$OUT" "$WORK"
-python3 -c "import torch, transformers, deepspeed, ray; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'ray', ray.__version__, torch.cuda.get_device_name())"
+source pipelines/device_env.sh
+WORK=/tmp/rot-smoke; mkdir -p "$WORK"
 python3 -m rot_render.cli build --dataset gsm8k --split train --out "$WORK/shards" --encoder tiny 2>&1 | tail -2
 python3 -m rot_render.cli inspect "$WORK/shards"
 python3 -c "from rot_train.tiny import save_tiny_vlm; save_tiny_vlm('$WORK/backbone', 'qwen3_vl', hidden_size=256, layers=4)" 2>/dev/null

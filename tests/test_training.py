@@ -31,7 +31,7 @@ def _launch(script, *args, ranks=1):
         port = probe.getsockname()[1]
     env = _clean_env()
     command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), f"rot_train/{script}", *args]
-    result = subprocess.run(command, cwd=ROOT / "packages", env=env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=ROOT / "packages", env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -83,16 +83,23 @@ def tiny_vlm_config(family: str = "qwen3_vl", hidden_size: int = 64, layers: int
 
 
 def save_tiny_vlm(folder: Path, family: str = "qwen3_vl", hidden_size: int = 64, seed: int = 0, **kwargs) -> Path:
-    """Build a random tiny VLM with ``seed`` and save it (safetensors + tokenizer) to ``folder``."""
+    """Build a random tiny VLM with ``seed`` and save it (safetensors + byte tokenizer) to ``folder``."""
+    return save_random_vlm(folder, tiny_vlm_config(family, hidden_size, **kwargs), byte_tokenizer(), seed)
+
+
+def save_random_vlm(folder: Path, config, tokenizer, seed: int = 0, device: str = "cpu") -> Path:
+    """Save a VLM of ``config`` with random (seeded) weights and ``tokenizer`` as a Hugging Face checkpoint folder.
+
+    Build it on a GPU (``device="cuda"``) for paper-sized configs: the speed of a model does not
+    depend on its weight values, so benchmarks use these in place of downloads."""
     from transformers import AutoModelForImageTextToText
 
     folder = Path(folder)
-    tokenizer = byte_tokenizer()
-    config = tiny_vlm_config(family, hidden_size, **kwargs)
     for sub in (config, config.text_config):
         sub.bos_token_id, sub.eos_token_id, sub.pad_token_id = None, tokenizer.eos_token_id, tokenizer.pad_token_id
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16 if device != "cpu" else None)
     model.generation_config.bos_token_id = None
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

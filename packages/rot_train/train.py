@@ -184,6 +184,21 @@ def _mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, tensor.tolist())}
 
 
+def _same_latent_slots_on_every_rank(batch: dict) -> dict:
+    """ZeRO-3 gathers each layer's weights inside every forward call, so all ranks must make the same number of
+    calls; the rollout makes one per latent slot. Pad every rank's slots to the largest count on any rank (the
+    extra slots are masked holes: they cost compute, never change a loss)."""
+    import torch.distributed as dist
+
+    slots = torch.tensor([batch["targets"].shape[1]], device=batch["targets"].device)
+    dist.all_reduce(slots, op=dist.ReduceOp.MAX)
+    extra = int(slots) - batch["targets"].shape[1]
+    if extra:
+        batch = dict(batch, targets=torch.nn.functional.pad(batch["targets"], (0, 0, 0, extra)),
+                     target_mask=torch.nn.functional.pad(batch["target_mask"], (0, extra)))
+    return batch
+
+
 def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     import deepspeed
     from tqdm import tqdm
@@ -254,6 +269,8 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
                 ids_log.write(json.dumps({"epoch": epoch, "batch": batch["batch_index"],
                                           "ids": [i for i, w in zip(batch["ids"], batch["weights"].tolist()) if w > 0]}) + "\n")
             tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            if engine.zero_optimization_stage() == 3:
+                tensors = _same_latent_slots_on_every_rank(tensors)
             losses = engine(tensors, stage=cfg.stage, vision_weight=cfg.vision_weight, lm_weight=cfg.lm_weight)
             engine.backward(losses["loss"])
             engine.step()
@@ -282,7 +299,8 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     elapsed = time.perf_counter() - started
     save()
     summary = {"steps": step, "samples": samples, "seconds": elapsed, "samples_per_s": samples / max(elapsed, 1e-9),
-               "global_batch": run_info["global_batch"]}
+               "global_batch": run_info["global_batch"],
+               "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     exporting.export(model, tokenizer, out / "export", cfg, shard_set, token_ids, write=rank == 0)  # collective under ZeRO-3
     if rank == 0:
         exporting.plot_losses(out / "metrics.jsonl", out / "loss.png")

@@ -1,0 +1,241 @@
+"""Several GPUs (issue 6): the build job with 1 vs 2 encoder actors, and Stage I / Stage II with ZeRO-2 and
+ZeRO-3 on 2 GPUs against 1 GPU at the same global batch, with checkpoints moved 2 -> 1 and 1 -> 2 GPUs.
+
+    python benchmarks/multi_gpu.py --size 4b --out multi_gpu.json     # on a 2-GPU machine
+    python benchmarks/multi_gpu.py --size tiny                         # the same runs on CPU ranks (gloo)
+
+Everything goes through the user's commands (``rot-render build``, the deepspeed launcher with
+``rot_train/stage1.py`` / ``stage2.py``). The 4b size is the Qwen3-VL-4B configuration with random
+weights (see gpu_bench.py). JSON is rewritten after every part, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ROOT / "packages"
+sys.path[:0] = [str(PACKAGES)]
+
+from gpu_bench import qwen3_vl_4b_config  # noqa: E402
+from rot_data.records import load_records  # noqa: E402
+from rot_train.tiny import bpe_tokenizer, save_random_vlm, tiny_vlm_config  # noqa: E402
+
+GPU = torch.cuda.is_available()
+CONFIGS = PACKAGES / "rot_train" / "configs"
+
+
+def environment() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(PACKAGES)])),
+               NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    if not GPU:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def command(args: list[str], log: Path, timeout: int) -> dict:
+    started = time.perf_counter()
+    try:
+        result = subprocess.run(args, cwd=PACKAGES, env=environment(), capture_output=True, text=True, timeout=timeout)
+        code, output = result.returncode, result.stdout + result.stderr
+    except subprocess.TimeoutExpired as expired:
+        code, output = "timeout", (expired.stdout or b"").decode(errors="replace") + (expired.stderr or b"").decode(errors="replace")
+    log.write_text(output)
+    return {"returncode": code, "seconds": round(time.perf_counter() - started, 1), "log_tail": output[-1200:] if code else ""}
+
+
+# ---------------------------------------------------------------- the build job, 1 vs 2 actors
+def build(out: Path, encoder: str, encoders: int, limit: int | None, shard_size: int, work: Path, timeout: int) -> dict:
+    args = [sys.executable, "-m", "rot_render.cli", "build", "--dataset", "gsm8k", "--out", str(out), "--encoder", encoder,
+            "--num-encoders", str(encoders), "--shard-size", str(shard_size)] + (["--limit", str(limit)] if limit else [])
+    result = command(args, work / f"build-{out.name}.log", timeout)
+    lines = [l for l in (work / f"build-{out.name}.log").read_text().splitlines() if "images/s once the encoders" in l]
+    if lines:
+        result["images_per_s_steady"] = float(lines[0].split(" images/s once")[0].rsplit("(", 1)[1])
+        result["images_per_s_with_startup"] = float(lines[0].split(" images/s (")[0].rsplit(" at ", 1)[1])
+    return result
+
+
+def compare_shards(a: Path, b: Path) -> dict:
+    """Same ids in the same order, same token counts; embeddings bit-equal or how far apart (bf16)."""
+    names = sorted(p.name for p in a.glob("shard-*.parquet"))
+    same_ids = names == sorted(p.name for p in b.glob("shard-*.parquet"))
+    rows = bit_equal = 0
+    largest = 0.0
+    for name in names:
+        x, y = (pq.read_table(side / name, columns=["id", "n_tokens", "embedding"]) for side in (a, b))
+        same_ids &= x["id"].to_pylist() == y["id"].to_pylist() and x["n_tokens"].to_pylist() == y["n_tokens"].to_pylist()
+        for ex, ey in zip(x["embedding"].to_pylist(), y["embedding"].to_pylist()):
+            rows += 1
+            bit_equal += ex == ey
+            if ex != ey:
+                fx, fy = (torch.frombuffer(bytearray(e), dtype=torch.bfloat16).float() for e in (ex, ey))
+                largest = max(largest, float((fx - fy).abs().max() / fx.abs().max().clamp(min=1e-12)))
+    return {"same_ids_order_and_token_counts": bool(same_ids), "rows": rows, "rows_bit_equal": int(bit_equal),
+            "largest_difference_relative_to_row_max": largest}
+
+
+# ---------------------------------------------------------------- training runs
+def launch(stage: int, gpus: int, zero: int, out: Path, common: list[str], work: Path, timeout: int, device: int | None = None,
+           extra: list[str] = ()) -> dict:
+    """One `deepspeed rot_train/stage<N>.py` run; ``device`` pins a 1-GPU run to that GPU (two can run side by side)."""
+    micro = {1: 16, 2: 8} if GPU else {1: 4, 2: 2}
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port())]
+    launcher += ["--include", f"localhost:{device}"] if GPU and device is not None else ["--num_gpus", str(gpus)]
+    args = launcher + [f"rot_train/stage{stage}.py", *common, "--micro-batch", str(micro[gpus]), "--grad-accum", "2",
+                       "--ds-config", str(CONFIGS / f"zero{zero}.json"), "--out", str(out), *extra]
+    result = command(args, work / f"{out.parent.name}-{out.name}.log", timeout)
+    result.update(read_run(out))
+    return result
+
+
+def read_run(out: Path) -> dict:
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
+    run = {"losses": {k: [m[k] for m in metrics if k in m] for k in ("loss", "mse", "lm")}}
+    run["losses"] = {k: v for k, v in run["losses"].items() if v}
+    info = out / "run.json"
+    if len(metrics) >= 3 and info.exists():  # steady rate: from the end of the first logged step to the last
+        batch = json.loads(info.read_text())["global_batch"]
+        start = metrics[0]["step"] - 1  # a resumed run counts its samples from its first step
+        # each line holds the mean rate since the loop started: recover the time at every step from it
+        times = [(m["step"] - start) * batch / m["samples_per_s"] for m in metrics]
+        run["steady_samples_per_s"] = (len(metrics) - 1) * batch / (times[-1] - times[0])
+    if (out / "summary.json").exists():
+        run["summary"] = json.loads((out / "summary.json").read_text())
+    ids = [i for f in sorted(out.glob("ids-rank*.jsonl")) for l in f.read_text().splitlines() for i in json.loads(l)["ids"]]
+    run["ids_consumed"], run["ids_distinct"] = len(ids), len(set(ids))
+    return run
+
+
+def close(a: list[float], b: list[float]) -> float | None:
+    """Largest relative difference between two loss sequences (None if their lengths differ)."""
+    if not a or len(a) != len(b):
+        return None
+    return float(max(abs(x - y) / max(abs(y), 1e-8) for x, y in zip(a, b)))
+
+
+def resume_from(source: Path, target: Path, tag: str) -> None:
+    (target / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source / "checkpoints" / tag, target / "checkpoints" / tag)
+    (target / "checkpoints" / "latest").write_text(tag)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", choices=["4b", "tiny"], default="4b")
+    parser.add_argument("--out", default="multi_gpu.json")
+    parser.add_argument("--work", default="/tmp/rot-multi-gpu")
+    parser.add_argument("--train-rows", type=int, default=192)
+    parser.add_argument("--build-rows", type=int, default=None, help="rows of the 1 vs 2 actor builds (default: all 7473)")
+    parser.add_argument("--parts", default="build,train")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    parts = set(args.parts.split(","))
+    results = {"device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if GPU else "cpu (gloo ranks)",
+               "size": args.size, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+
+    def save():
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+    checkpoint = work / "vlm"
+    if not (checkpoint / "config.json").exists():
+        records, _ = load_records("gsm8k", "train")
+        tokenizer = bpe_tokenizer([r.question + " " + r.cot for r in records], vocab_size=8000)
+        config = qwen3_vl_4b_config() if args.size == "4b" else tiny_vlm_config("qwen3_vl", hidden_size=64, vocab_size=8192)
+        started = time.perf_counter()
+        save_random_vlm(checkpoint, config, tokenizer, seed=0, device="cuda" if GPU else "cpu")
+        results["checkpoint_seconds"] = round(time.perf_counter() - started, 1)
+    timeout = 300 if args.size == "4b" else 600
+
+    if "build" in parts:  # whole GSM8k train split, one encoder actor, then two
+        full = {n: build(work / f"shards-{n}", str(checkpoint), n, args.build_rows, 1024, work, timeout) for n in (1, 2)}
+        results["build"] = {"one_actor": full[1], "two_actors": full[2],
+                            "same_contents": compare_shards(work / "shards-1", work / "shards-2")}
+        if "images_per_s_steady" in full[1] and "images_per_s_steady" in full[2]:
+            results["build"]["speedup_steady"] = full[2]["images_per_s_steady"] / full[1]["images_per_s_steady"]
+            results["build"]["speedup_with_startup"] = full[2]["images_per_s_with_startup"] / full[1]["images_per_s_with_startup"]
+        save()
+
+    if "train" in parts:
+        shards = work / "shards-train"
+        results["train_shards"] = build(shards, str(checkpoint), 1, args.train_rows, args.train_rows // 2, work, timeout)
+        steps = args.train_rows // 32 if GPU else args.train_rows // 8  # one epoch at global batch 32 (GPU) / 8 (CPU)
+        half = f"step{steps // 2}"
+        common = ["--shards", str(shards), "--backbone", str(checkpoint), "--epochs", "1", "--lr", "1e-3", "--warmup-steps", "1",
+                  "--save-every", str(steps // 2), "--log-ids", "--max-latents", "32"]
+        if not GPU:
+            common += ["--head-width", "32"]
+        train = results.setdefault("train", {})
+        pool = ThreadPoolExecutor(2)
+
+        def side_by_side(*jobs):  # two 1-GPU runs at once, one on each GPU
+            return [f.result() for f in [pool.submit(*job) for job in jobs]]
+
+        def record(name, result):
+            train[name] = result
+            save()
+
+        s1 = {z: work / f"s1-z{z}" for z in (2, 3)}
+        for (z, r) in zip((2, 3), side_by_side(*[(launch, 1, 1, z, s1[z] / "one", common, work, timeout, z - 2) for z in (2, 3)])):
+            record(f"stage1_zero{z}_1gpu", r)
+        for z in (2, 3):
+            record(f"stage1_zero{z}_2gpu", launch(1, 2, z, s1[z] / "two", common, work, timeout))
+        init = ["--init", str(s1[2] / "one" / "export")]  # every Stage II run starts from the same head
+        s2 = {z: work / f"s2-z{z}" for z in (2, 3)}
+        for (z, r) in zip((2, 3), side_by_side(*[(launch, 2, 1, z, s2[z] / "one", common + init, work, timeout, z - 2) for z in (2, 3)])):
+            record(f"stage2_zero{z}_1gpu", r)
+        for z in (2, 3):
+            record(f"stage2_zero{z}_2gpu", launch(2, 2, z, s2[z] / "two", common + init, work, timeout))
+        # checkpoints saved on 2 GPUs continue on 1, and the other way round (Stage II, from the middle of the epoch)
+        for z in (2, 3):
+            resume_from(s2[z] / "two", s2[z] / "two-to-one", half)
+        for (z, r) in zip((2, 3), side_by_side(*[(launch, 2, 1, z, s2[z] / "two-to-one", common + init, work, timeout, z - 2,
+                                                   ["--resume"]) for z in (2, 3)])):
+            record(f"stage2_zero{z}_resume_2to1", r)
+        for z in (2, 3):
+            resume_from(s2[z] / "one", s2[z] / "one-to-two", half)
+            record(f"stage2_zero{z}_resume_1to2", launch(2, 2, z, s2[z] / "one-to-two", common + init, work, timeout,
+                                                        extra=["--resume"]))
+        checks = {}
+        for stage in (1, 2):
+            for z in (2, 3):
+                one, two = train.get(f"stage{stage}_zero{z}_1gpu", {}), train.get(f"stage{stage}_zero{z}_2gpu", {})
+                checks[f"stage{stage}_zero{z}_2gpu_vs_1gpu_loss"] = close(two.get("losses", {}).get("loss"), one.get("losses", {}).get("loss"))
+                checks[f"stage{stage}_zero{z}_2gpu_ids_once"] = two.get("ids_consumed") == two.get("ids_distinct") == args.train_rows
+                if one.get("steady_samples_per_s") and two.get("steady_samples_per_s"):
+                    checks[f"stage{stage}_zero{z}_2gpu_speedup"] = two["steady_samples_per_s"] / one["steady_samples_per_s"]
+        for z in (2, 3):
+            for direction, source in (("2to1", "2gpu"), ("1to2", "1gpu")):
+                resumed = train.get(f"stage2_zero{z}_resume_{direction}", {}).get("losses", {}).get("loss", [])
+                reference = train.get(f"stage2_zero{z}_{source}", {}).get("losses", {}).get("loss", [])[steps // 2:]
+                checks[f"stage2_zero{z}_resume_{direction}_vs_uninterrupted"] = close(resumed, reference)
+        results["checks"] = checks
+        save()
+    print(json.dumps(results.get("checks", {}), indent=2))
+    print(json.dumps({k: {x: y for x, y in v.items() if "images_per_s" in x or x == "returncode"} if isinstance(v, dict) else v
+                      for k, v in results.get("build", {}).items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
