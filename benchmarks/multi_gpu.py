@@ -53,8 +53,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+STARTED = time.perf_counter()
+BUDGET = [float("inf")]  # seconds this script may run; set by --budget
+
+
 def command(args: list[str], log: Path, timeout: int) -> dict:
     started = time.perf_counter()
+    left = BUDGET[0] - (started - STARTED)
+    if left < 30:
+        return {"returncode": "skipped: --budget spent"}
+    timeout = int(min(timeout, left))
     try:
         result = subprocess.run(args, cwd=PACKAGES, env=environment(), capture_output=True, text=True, timeout=timeout)
         code, output = result.returncode, result.stdout + result.stderr
@@ -148,7 +156,9 @@ def main():
     parser.add_argument("--train-rows", type=int, default=192)
     parser.add_argument("--build-rows", type=int, default=None, help="rows of the 1 vs 2 actor builds (default: all 7473)")
     parser.add_argument("--parts", default="build,train")
+    parser.add_argument("--budget", type=float, default=float("inf"), help="seconds for the whole script: a run is stopped when they are spent, later runs skipped")
     args = parser.parse_args()
+    BUDGET[0] = args.budget
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     parts = set(args.parts.split(","))

@@ -5,6 +5,6 @@
 set -euo pipefail
 source pipelines/device_env.sh
 nvidia-smi topo -m | head -4 || true
-python3 benchmarks/multi_gpu.py --size 4b --work /tmp/rot-multi-gpu --out "$OUT/multi_gpu.json" "$@"
+python3 benchmarks/multi_gpu.py --size 4b --work /tmp/rot-multi-gpu --out "$OUT/multi_gpu.json" --budget 540 "$@"
 for f in /tmp/rot-multi-gpu/s1-z2/two/loss.png; do [ -f "$f" ] && cp "$f" "$OUT/stage1_zero2_2gpu_loss.png"; done
 tail -c 20000 /tmp/rot-multi-gpu/shards-2/build-stats.txt > "$OUT/build-stats-2-actors.txt" 2>/dev/null || true
