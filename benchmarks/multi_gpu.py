@@ -73,8 +73,9 @@ def command(args: list[str], log: Path, timeout: int) -> dict:
 
 
 # ---------------------------------------------------------------- the build job, 1 vs 2 actors
-def build(out: Path, encoder: str, encoders: int, limit: int | None, shard_size: int, work: Path, timeout: int) -> dict:
-    args = [sys.executable, "-m", "rot_render.cli", "build", "--dataset", "gsm8k", "--out", str(out), "--encoder", encoder,
+def build(out: Path, encoder: str, encoders: int, limit: int | None, shard_size: int, work: Path, timeout: int,
+          dataset: str = "gsm8k") -> dict:
+    args = [sys.executable, "-m", "rot_render.cli", "build", "--dataset", dataset, "--out", str(out), "--encoder", encoder,
             "--num-encoders", str(encoders), "--shard-size", str(shard_size)] + (["--limit", str(limit)] if limit else [])
     result = command(args, work / f"build-{out.name}.log", timeout)
     lines = [l for l in (work / f"build-{out.name}.log").read_text().splitlines() if "images/s once the encoders" in l]
@@ -87,14 +88,17 @@ def build(out: Path, encoder: str, encoders: int, limit: int | None, shard_size:
 def compare_shards(a: Path, b: Path) -> dict:
     """Same ids in the same order, same token counts; embeddings bit-equal or how far apart (bf16)."""
     names = sorted(p.name for p in a.glob("shard-*.parquet"))
-    same_ids = names == sorted(p.name for p in b.glob("shard-*.parquet"))
+    same_ids = bool(names) and names == sorted(p.name for p in b.glob("shard-*.parquet"))
     rows = bit_equal = 0
     largest = 0.0
     for name in names:
         x, y = (pq.read_table(side / name, columns=["id", "n_tokens", "embedding"]) for side in (a, b))
-        same_ids &= x["id"].to_pylist() == y["id"].to_pylist() and x["n_tokens"].to_pylist() == y["n_tokens"].to_pylist()
+        same_ids &= x["id"].equals(y["id"]) and x["n_tokens"].equals(y["n_tokens"])
+        rows += x.num_rows
+        if x["embedding"].equals(y["embedding"]):  # whole shard bit-equal (a C++ comparison of the buffers)
+            bit_equal += x.num_rows
+            continue
         for ex, ey in zip(x["embedding"].to_pylist(), y["embedding"].to_pylist()):
-            rows += 1
             bit_equal += ex == ey
             if ex != ey:
                 fx, fy = (torch.frombuffer(bytearray(e), dtype=torch.bfloat16).float() for e in (ex, ey))
@@ -148,22 +152,35 @@ def resume_from(source: Path, target: Path, tag: str) -> None:
     (target / "checkpoints" / "latest").write_text(tag)
 
 
+def repeated_gsm8k(path: Path, repeat: int) -> Path:
+    """GSM8k train ``repeat`` times as a .jsonl: enough work that both actors' steady state dominates the timing."""
+    records, _ = load_records("gsm8k", "train")
+    with open(path, "w") as file:
+        for _ in range(repeat):
+            for r in records:
+                file.write(json.dumps({"question": r.question, "cot": r.cot, "answer": r.answer}) + "\n")
+    return path
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=["4b", "tiny"], default="4b")
     parser.add_argument("--out", default="multi_gpu.json")
     parser.add_argument("--work", default="/tmp/rot-multi-gpu")
-    parser.add_argument("--train-rows", type=int, default=192)
-    parser.add_argument("--build-rows", type=int, default=None, help="rows of the 1 vs 2 actor builds (default: all 7473)")
-    parser.add_argument("--parts", default="build,train")
-    parser.add_argument("--budget", type=float, default=float("inf"), help="seconds for the whole script: a run is stopped when they are spent, later runs skipped")
+    parser.add_argument("--parts", default="build,stage1,stage2,resume,scaling")
+    parser.add_argument("--build-repeat", type=int, default=1, help="the 1 vs 2 actor builds encode GSM8k train this many times")
+    parser.add_argument("--build-rows", type=int, default=None, help="only the first N rows in the 1 vs 2 actor builds")
+    parser.add_argument("--train-rows", type=int, default=192, help="rows of the training shard set (one epoch)")
+    parser.add_argument("--latents", type=int, default=32, help="--max-latents of the training runs")
+    parser.add_argument("--budget", type=float, default=float("inf"),
+                        help="seconds for the whole script: a run is stopped when they are spent, later runs skipped")
     args = parser.parse_args()
     BUDGET[0] = args.budget
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    parts = set(args.parts.split(","))
+    parts = args.parts.split(",")
     results = {"device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if GPU else "cpu (gloo ranks)",
-               "size": args.size, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+               "size": args.size, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "args": vars(args)}
 
     def save():
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
@@ -177,74 +194,102 @@ def main():
         save_random_vlm(checkpoint, config, tokenizer, seed=0, device="cuda" if GPU else "cpu")
         results["checkpoint_seconds"] = round(time.perf_counter() - started, 1)
     timeout = 300 if args.size == "4b" else 600
+    pool = ThreadPoolExecutor(2)
 
-    if "build" in parts:  # whole GSM8k train split, one encoder actor, then two
-        full = {n: build(work / f"shards-{n}", str(checkpoint), n, args.build_rows, 1024, work, timeout) for n in (1, 2)}
-        results["build"] = {"one_actor": full[1], "two_actors": full[2],
-                            "same_contents": compare_shards(work / "shards-1", work / "shards-2")}
-        if "images_per_s_steady" in full[1] and "images_per_s_steady" in full[2]:
-            results["build"]["speedup_steady"] = full[2]["images_per_s_steady"] / full[1]["images_per_s_steady"]
-            results["build"]["speedup_with_startup"] = full[2]["images_per_s_with_startup"] / full[1]["images_per_s_with_startup"]
+    def side_by_side(*jobs):  # two 1-GPU runs at once, one on each GPU
+        return [f.result() for f in [pool.submit(*job) for job in jobs]]
+
+    train = results.setdefault("train", {})
+
+    def record(name, result):
+        train[name] = result
         save()
 
-    if "train" in parts:
-        shards = work / "shards-train"
+    shards = work / "shards-train"
+    steps = args.train_rows // 32 if GPU else args.train_rows // 8  # one epoch at global batch 32 (GPU) / 8 (CPU)
+    half = f"step{steps // 2}"
+    common = ["--shards", str(shards), "--backbone", str(checkpoint), "--epochs", "1", "--lr", "1e-3", "--warmup-steps", "1",
+              "--save-every", str(steps // 2), "--log-ids", "--max-latents", str(args.latents)]
+    common += [] if GPU else ["--head-width", "32"]
+    s1 = {z: work / f"s1-z{z}" for z in (2, 3)}
+    s2 = {z: work / f"s2-z{z}" for z in (2, 3)}
+    init = ["--init", str(s1[2] / "one" / "export")]  # every Stage II run starts from the same head
+    if any(part in parts for part in ("stage1", "stage2", "scaling")) and not (shards / "manifest.json").exists():
         results["train_shards"] = build(shards, str(checkpoint), 1, args.train_rows, args.train_rows // 2, work, timeout)
-        steps = args.train_rows // 32 if GPU else args.train_rows // 8  # one epoch at global batch 32 (GPU) / 8 (CPU)
-        half = f"step{steps // 2}"
-        common = ["--shards", str(shards), "--backbone", str(checkpoint), "--epochs", "1", "--lr", "1e-3", "--warmup-steps", "1",
-                  "--save-every", str(steps // 2), "--log-ids", "--max-latents", "32"]
-        if not GPU:
-            common += ["--head-width", "32"]
-        train = results.setdefault("train", {})
-        pool = ThreadPoolExecutor(2)
 
-        def side_by_side(*jobs):  # two 1-GPU runs at once, one on each GPU
-            return [f.result() for f in [pool.submit(*job) for job in jobs]]
-
-        def record(name, result):
-            train[name] = result
+    for part in parts:
+        if part == "build":  # GSM8k train (x --build-repeat), one encoder actor, then two
+            source = str(repeated_gsm8k(work / "gsm8k-repeated.jsonl", args.build_repeat)) if args.build_repeat > 1 else "gsm8k"
+            full = {n: build(work / f"shards-{n}", str(checkpoint), n, args.build_rows, 1024, work, timeout, source) for n in (1, 2)}
+            results["build"] = {"one_actor": full[1], "two_actors": full[2], "dataset": source,
+                                "same_contents": compare_shards(work / "shards-1", work / "shards-2")}
+            if full[1].get("images_per_s_steady") and full[2].get("images_per_s_steady"):
+                results["build"]["speedup_steady"] = full[2]["images_per_s_steady"] / full[1]["images_per_s_steady"]
+                results["build"]["speedup_with_startup"] = full[2]["images_per_s_with_startup"] / full[1]["images_per_s_with_startup"]
             save()
-
-        s1 = {z: work / f"s1-z{z}" for z in (2, 3)}
-        for (z, r) in zip((2, 3), side_by_side(*[(launch, 1, 1, z, s1[z] / "one", common, work, timeout, z - 2) for z in (2, 3)])):
-            record(f"stage1_zero{z}_1gpu", r)
-        for z in (2, 3):
-            record(f"stage1_zero{z}_2gpu", launch(1, 2, z, s1[z] / "two", common, work, timeout))
-        init = ["--init", str(s1[2] / "one" / "export")]  # every Stage II run starts from the same head
-        s2 = {z: work / f"s2-z{z}" for z in (2, 3)}
-        for (z, r) in zip((2, 3), side_by_side(*[(launch, 2, 1, z, s2[z] / "one", common + init, work, timeout, z - 2) for z in (2, 3)])):
-            record(f"stage2_zero{z}_1gpu", r)
-        for z in (2, 3):
-            record(f"stage2_zero{z}_2gpu", launch(2, 2, z, s2[z] / "two", common + init, work, timeout))
-        # checkpoints saved on 2 GPUs continue on 1, and the other way round (Stage II, from the middle of the epoch)
-        for z in (2, 3):
-            resume_from(s2[z] / "two", s2[z] / "two-to-one", half)
-        for (z, r) in zip((2, 3), side_by_side(*[(launch, 2, 1, z, s2[z] / "two-to-one", common + init, work, timeout, z - 2,
-                                                   ["--resume"]) for z in (2, 3)])):
-            record(f"stage2_zero{z}_resume_2to1", r)
-        for z in (2, 3):
-            resume_from(s2[z] / "one", s2[z] / "one-to-two", half)
-            record(f"stage2_zero{z}_resume_1to2", launch(2, 2, z, s2[z] / "one-to-two", common + init, work, timeout,
-                                                        extra=["--resume"]))
-        checks = {}
-        for stage in (1, 2):
+        elif part == "stage1":  # 1 GPU (ZeRO-2 and ZeRO-3 side by side), then 2 GPUs, same global batch
+            for z, r in zip((2, 3), side_by_side(*[(launch, 1, 1, z, s1[z] / "one", common, work, timeout, z - 2) for z in (2, 3)])):
+                record(f"stage1_zero{z}_1gpu", r)
             for z in (2, 3):
-                one, two = train.get(f"stage{stage}_zero{z}_1gpu", {}), train.get(f"stage{stage}_zero{z}_2gpu", {})
-                checks[f"stage{stage}_zero{z}_2gpu_vs_1gpu_loss"] = close(two.get("losses", {}).get("loss"), one.get("losses", {}).get("loss"))
-                checks[f"stage{stage}_zero{z}_2gpu_ids_once"] = two.get("ids_consumed") == two.get("ids_distinct") == args.train_rows
-                if one.get("steady_samples_per_s") and two.get("steady_samples_per_s"):
-                    checks[f"stage{stage}_zero{z}_2gpu_speedup"] = two["steady_samples_per_s"] / one["steady_samples_per_s"]
-        for z in (2, 3):
-            for direction, source in (("2to1", "2gpu"), ("1to2", "1gpu")):
-                resumed = train.get(f"stage2_zero{z}_resume_{direction}", {}).get("losses", {}).get("loss", [])
-                reference = train.get(f"stage2_zero{z}_{source}", {}).get("losses", {}).get("loss", [])[steps // 2:]
-                checks[f"stage2_zero{z}_resume_{direction}_vs_uninterrupted"] = close(resumed, reference)
-        results["checks"] = checks
-        save()
-    print(json.dumps(results.get("checks", {}), indent=2))
+                record(f"stage1_zero{z}_2gpu", launch(1, 2, z, s1[z] / "two", common, work, timeout))
+        elif part == "stage2":
+            if not (s1[2] / "one" / "export" / "rot_config.json").exists():  # a head to start from
+                record("stage1_for_init", launch(1, 1, 2, s1[2] / "one", common + ["--max-steps", "1"], work, timeout))
+            for z, r in zip((2, 3), side_by_side(*[(launch, 2, 1, z, s2[z] / "one", common + init, work, timeout, z - 2) for z in (2, 3)])):
+                record(f"stage2_zero{z}_1gpu", r)
+            for z in (2, 3):
+                record(f"stage2_zero{z}_2gpu", launch(2, 2, z, s2[z] / "two", common + init, work, timeout))
+        elif part == "resume":  # Stage II checkpoints from the middle of the epoch: 2 -> 1 GPU, then 1 -> 2
+            ready = [z for z in (2, 3) if (s2[z] / "two" / "checkpoints" / half).exists()]
+            for z in ready:
+                resume_from(s2[z] / "two", s2[z] / "two-to-one", half)
+            for z, r in zip(ready, side_by_side(*[(launch, 2, 1, z, s2[z] / "two-to-one", common + init, work, timeout, z - 2,
+                                                    ["--resume"]) for z in ready])):
+                record(f"stage2_zero{z}_resume_2to1", r)
+            for z in (2, 3):
+                if (s2[z] / "one" / "checkpoints" / half).exists():
+                    resume_from(s2[z] / "one", s2[z] / "one-to-two", half)
+                    record(f"stage2_zero{z}_resume_1to2", launch(2, 2, z, s2[z] / "one-to-two", common + init, work, timeout,
+                                                                extra=["--resume"]))
+        elif part == "scaling":  # the same micro-batch per GPU on 2 GPUs: twice the global batch (ZeRO-2, Stage I)
+            micro = "16" if GPU else "4"
+            record("stage1_zero2_2gpu_same_micro_batch", launch(1, 2, 2, s1[2] / "two-same-micro", common, work, timeout,
+                                                                extra=["--micro-batch", micro]))
+    results["checks"] = checks(train, args.train_rows, steps)
+    save()
+    print(json.dumps(results["checks"], indent=2))
     print(json.dumps({k: {x: y for x, y in v.items() if "images_per_s" in x or x == "returncode"} if isinstance(v, dict) else v
                       for k, v in results.get("build", {}).items()}, indent=2))
+
+
+def checks(train: dict, rows: int, steps: int) -> dict:
+    """2 GPUs vs 1 (losses, ids, speed), resumed vs uninterrupted, and the noise between two 1-GPU runs."""
+    found = {}
+
+    def losses(name):
+        return train.get(name, {}).get("losses", {}).get("loss", [])
+
+    for stage in (1, 2):
+        for z in (2, 3):
+            one, two = train.get(f"stage{stage}_zero{z}_1gpu", {}), train.get(f"stage{stage}_zero{z}_2gpu", {})
+            if not two:
+                continue
+            found[f"stage{stage}_zero{z}_2gpu_vs_1gpu_loss"] = close(losses(f"stage{stage}_zero{z}_2gpu"), losses(f"stage{stage}_zero{z}_1gpu"))
+            found[f"stage{stage}_zero{z}_2gpu_ids_once"] = two.get("ids_consumed") == two.get("ids_distinct") == rows
+            if one.get("steady_samples_per_s") and two.get("steady_samples_per_s"):
+                found[f"stage{stage}_zero{z}_2gpu_vs_1gpu_samples_per_s"] = two["steady_samples_per_s"] / one["steady_samples_per_s"]
+        # bf16 noise floor: two 1-GPU runs on the same batches that differ only in how DeepSpeed reduces (ZeRO-2 vs 3)
+        if losses(f"stage{stage}_zero2_1gpu") and losses(f"stage{stage}_zero3_1gpu"):
+            found[f"stage{stage}_noise_zero3_vs_zero2_1gpu_loss"] = close(losses(f"stage{stage}_zero3_1gpu"), losses(f"stage{stage}_zero2_1gpu"))
+    for z in (2, 3):
+        for direction, source in (("2to1", "2gpu"), ("1to2", "1gpu")):
+            if f"stage2_zero{z}_resume_{direction}" in train:
+                found[f"stage2_zero{z}_resume_{direction}_vs_uninterrupted"] = close(
+                    losses(f"stage2_zero{z}_resume_{direction}"), losses(f"stage2_zero{z}_{source}")[steps // 2:])
+    same_micro, one = train.get("stage1_zero2_2gpu_same_micro_batch", {}), train.get("stage1_zero2_1gpu", {})
+    if same_micro.get("steady_samples_per_s") and one.get("steady_samples_per_s"):
+        found["stage1_zero2_2gpu_same_micro_batch_speedup"] = same_micro["steady_samples_per_s"] / one["steady_samples_per_s"]
+    return found
 
 
 if __name__ == "__main__":

@@ -121,3 +121,13 @@ def test_two_encoder_actors_write_the_same_shards_as_one(tmp_path):
             assert x["n_tokens"] == y["n_tokens"]
             ex, ey = (torch.frombuffer(bytearray(r["embedding"]), dtype=torch.bfloat16).float() for r in (x, y))
             torch.testing.assert_close(ex, ey, atol=1e-3, rtol=8e-3)  # packs differ, so float order may too
+
+
+def test_steady_rate_leaves_out_start_up_and_stragglers():
+    from rot_render.pipeline import steady_rate
+
+    # 10 rows a second once the actors are up (first batch at t=5), then a slow last batch
+    arrivals = [(5.0 + i, 10 * (i + 1)) for i in range(9)] + [(30.0, 100), (30.5, 100)]
+    assert steady_rate(arrivals) == 10.0
+    assert steady_rate([(2.0, 50), (4.0, 150)]) == 50.0  # two batches: first to last
+    assert steady_rate([(1.0, 5)]) == 0.0

@@ -192,7 +192,7 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
     pending: dict[int, list[pa.Table]] = {}
     writes: dict[int, object] = {}
     arrived = np.zeros(len(plan), dtype=np.int64)
-    first_arrival, first_rows, rows_seen = None, 0, 0
+    arrivals = []  # (seconds, rows so far) per encoded batch
     with tqdm(total=len(todo), unit="row", desc="render+encode", disable=not progress) as bar:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             shard_of_row = batch.column("shard").to_numpy()
@@ -204,12 +204,21 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
                     writes[index] = write_shard.remote(config.out / shards.shard_name(index), table, build_fingerprint,
                                                        dim, config.dtype)
             bar.update(batch.num_rows)
-            rows_seen += batch.num_rows
-            if first_arrival is None:  # steady-state rate: from the first encoded batch on (actor start-up excluded)
-                first_arrival, first_rows = time.perf_counter(), batch.num_rows
+            arrivals.append((time.perf_counter(), batch.num_rows + (arrivals[-1][1] if arrivals else 0)))
     written = dict(zip(writes, ray.get(list(writes.values()))))
-    steady_seconds = time.perf_counter() - first_arrival if first_arrival else 0.0
+    arrivals.append((time.perf_counter(), arrivals[-1][1] if arrivals else 0))  # the last shard written
     (config.out / STATS).write_text(dataset.stats() + "\n")  # where the time went: per operator, and in this driver loop
     if pending:
         raise BuildError(f"shards {sorted(pending)} did not receive all their rows; re-run the build to finish them")
-    return ((rows_seen - first_rows) / steady_seconds if steady_seconds > 0 else 0.0), written
+    return steady_rate(arrivals), written
+
+
+def steady_rate(arrivals: list[tuple[float, int]]) -> float:
+    """Rows/s once every encoder is up: over the middle 80% of the rows (start-up and the last stragglers
+    left out), or from the first batch to the end when there are too few batches for that."""
+    if len(arrivals) < 2:
+        return 0.0
+    total = arrivals[-1][1]
+    inside = [(t, n) for t, n in arrivals if 0.1 * total <= n <= 0.9 * total]
+    (t0, n0), (t1, n1) = (inside[0], inside[-1]) if len(inside) >= 3 else (arrivals[0], arrivals[-1])
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
