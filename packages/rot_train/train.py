@@ -172,6 +172,18 @@ def _resume_tag(checkpoints: Path, world_size: int, rank: int, ds_config: dict) 
     return universal
 
 
+def _optimizer_state_beside_weights(optimizer) -> None:
+    """A universal checkpoint restores Adam's step counters on the CPU; the fused CUDA AdamW wants every
+    state tensor on its parameter's device (found moving a 2-GPU checkpoint to 1 GPU)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO wrapper holds the torch optimizer
+    for group in inner.param_groups:
+        for param in group["params"]:
+            state = inner.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.device != param.device:
+                    state[key] = value.to(param.device)
+
+
 def _mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
     """Logged losses are the mean over data-parallel ranks, so a 2-GPU log compares with a 1-GPU log."""
     import torch.distributed as dist
@@ -240,6 +252,7 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
         if state["shards_fingerprint"] != shard_set.fingerprint:
             raise ValueError(f"{checkpoints} was trained on shards {state['shards_fingerprint']}, {cfg.shards} are "
                              f"{shard_set.fingerprint}; resume with the same --shards or start a new --out")
+        _optimizer_state_beside_weights(engine.optimizer)
         step, epoch, start_batch = state["step"], state["epoch"], state["next_batch"]
         set_token_rows(model.lm, list(token_ids.values()), state["token_rows"])
         torch.set_rng_state(state["torch_rng"])
