@@ -104,6 +104,13 @@ def encode_one_per_call(encoder: VisionEncoder, image) -> torch.Tensor:
     return encoder.tower(patches.to(encoder.device, encoder.dtype), grid_thw=torch.tensor([grid], device=encoder.device))
 
 
+def device_kernels(events):
+    """The GPU kernels of a profile (not the aten ops that launched them, which carry the same device time again)."""
+    from torch.autograd import DeviceType
+
+    return [e for e in events if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+
+
 def profile_encode(encoder: VisionEncoder, images) -> dict:
     """One packed call under torch.profiler: how busy the GPU is, and where its time goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -116,7 +123,7 @@ def profile_encode(encoder: VisionEncoder, images) -> dict:
         sync()
     wall = time.perf_counter() - started
     events = prof.key_averages()
-    kernels = sorted((e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    kernels = sorted(device_kernels(events), key=lambda e: -e.self_device_time_total)
     busy_us = sum(e.self_device_time_total for e in kernels)
     return {"wall_ms_under_profiler": wall * 1e3, "gpu_busy_fraction": busy_us / 1e6 / wall,
             "top_kernels": [{"name": e.key[:90], "ms": e.self_device_time_total / 1e3, "calls": e.count} for e in kernels[:8]],
@@ -324,7 +331,7 @@ def bench_limit(model, tokenizer, records, results, device, out):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         explicit_cot(model, tokenizer, questions, 34)
         sync()
-    kernel_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
+    kernel_us = sum(e.self_device_time_total for e in device_kernels(prof.key_averages()))
     wall = timed(lambda: explicit_cot(model, tokenizer, questions, 34), repeats=1, warmup=0)
     launches = sum(e.count for e in prof.key_averages() if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
     results["decode_limit"] = {

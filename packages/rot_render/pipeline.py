@@ -207,7 +207,7 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
             arrivals.append((time.perf_counter(), batch.num_rows + (arrivals[-1][1] if arrivals else 0)))
     written = dict(zip(writes, ray.get(list(writes.values()))))
     arrivals.append((time.perf_counter(), arrivals[-1][1] if arrivals else 0))  # the last shard written
-    (config.out / STATS).write_text(dataset.stats() + "\n")  # where the time went: per operator, and in this driver loop
+    (config.out / STATS).write_text(dataset.stats() + "\n")  # where the time went, operator by operator
     if pending:
         raise BuildError(f"shards {sorted(pending)} did not receive all their rows; re-run the build to finish them")
     return steady_rate(arrivals), written
