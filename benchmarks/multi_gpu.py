@@ -61,6 +61,7 @@ def command(args: list[str], log: Path, timeout: int) -> dict:
     started = time.perf_counter()
     left = BUDGET[0] - (started - STARTED)
     if left < 30:
+        log.write_text("skipped: --budget spent\n")
         return {"returncode": "skipped: --budget spent"}
     timeout = int(min(timeout, left))
     try:
