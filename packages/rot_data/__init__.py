@@ -1,1 +1,2 @@
-"""Records shared by both sides: the render job reads CoTs from them, evaluation reads questions and gold answers."""
+"""Shared by both sides: records (the render job reads CoTs, evaluation reads questions and gold answers),
+file checksums and the shard format's constants."""

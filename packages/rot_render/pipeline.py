@@ -128,7 +128,7 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
     num_encoders = config.num_encoders or max(1, n_gpus)
     encoder_info = source.describe(config.attn_implementation, "bfloat16" if n_gpus else "float32")
     settings = {
-        "format": f"{shards.FORMAT_NAME}/{shards.FORMAT_VERSION}",
+        "format": shards.FORMAT,
         "dataset": {"source": config.dataset, "split": config.split, "keep_calculator": config.keep_calculator,
                     "limit": config.limit},
         "encoder": encoder_info, "render": render.to_dict(), "dtype": config.dtype, "shard_size": config.shard_size,
@@ -197,8 +197,9 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             shard_of_row = batch.column("shard").to_numpy()
             for index in np.unique(shard_of_row).tolist():
-                pending.setdefault(index, []).append(batch.filter(pa.array(shard_of_row == index)))
-                arrived[index] += int((shard_of_row == index).sum())
+                rows_of_shard = shard_of_row == index
+                pending.setdefault(index, []).append(batch.filter(pa.array(rows_of_shard)))
+                arrived[index] += int(rows_of_shard.sum())
                 if arrived[index] == len(plan[index]):  # complete: source order, then off to a writer task
                     table = pa.concat_tables(pending.pop(index)).sort_by("position")
                     writes[index] = write_shard.remote(config.out / shards.shard_name(index), table, build_fingerprint,

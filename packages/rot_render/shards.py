@@ -18,11 +18,9 @@ import pyarrow.parquet as pq
 import torch
 
 from rot_data.checksums import file_sha256
+from rot_data.shard_format import FORMAT, STORED_DTYPES
 
-FORMAT_NAME = "rot-visual-embeddings"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-STORED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SCHEMA = pa.schema([
     ("id", pa.string()),
     ("question", pa.string()),
@@ -40,8 +38,7 @@ def shard_name(index: int) -> str:
 
 def embedding_bytes(embedding: torch.Tensor, dtype: str) -> bytes:
     """[n_tokens, d] -> little-endian row-major bytes of the stored dtype (bf16 kept bit-exact)."""
-    tensor = embedding.detach().to("cpu", STORED_DTYPES[dtype]).contiguous()
-    return tensor.view(torch.uint8).numpy().tobytes()
+    return embedding_column(embedding, [len(embedding)], dtype)[0].as_py()
 
 
 def embedding_column(packed: torch.Tensor, tokens_per_row: list[int], dtype: str) -> pa.Array:
@@ -70,7 +67,7 @@ def write_shard(path: Path, table: pa.Table, build_fingerprint: str, dim: int, d
     """Write a table with the columns of SCHEMA (others are dropped) and return its manifest entry."""
     table = table.select(SCHEMA.names).cast(SCHEMA).replace_schema_metadata({
         "rot.fingerprint": build_fingerprint, "rot.dim": str(dim), "rot.dtype": dtype,
-        "rot.format": f"{FORMAT_NAME}/{FORMAT_VERSION}",
+        "rot.format": FORMAT,
     })
     _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     return shard_summary(path)

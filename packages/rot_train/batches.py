@@ -10,6 +10,11 @@ from __future__ import annotations
 import torch
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's padding id, or its end-of-turn id when it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def question_ids(tokenizer, question: str) -> list[int]:
     """The chat-templated user turn and the assistant prompt, as token ids."""
     text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
@@ -36,7 +41,7 @@ class RoTCollator:
         self.tokenizer, self.img_begin_id, self.img_end_id, self.max_latents = tokenizer, img_begin_id, img_end_id, max_latents
 
     def __call__(self, rows: list[dict], embeddings: list[torch.Tensor]) -> dict:
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad_id = pad_token_id(self.tokenizer)
         prefix_ids, prefix_mask = pad([question_ids(self.tokenizer, r["question"]) + [self.img_begin_id] for r in rows], pad_id, left=True)
         suffix_ids, suffix_mask = pad([[self.img_end_id] + answer_ids(self.tokenizer, r["answer"]) for r in rows], pad_id, left=False)
         n_latents = torch.tensor([min(len(e), self.max_latents) for e in embeddings])
@@ -57,7 +62,7 @@ class SFTCollator:
         self.tokenizer, self.with_cot, self.latent_dim = tokenizer, with_cot, latent_dim
 
     def __call__(self, rows: list[dict], embeddings: list[torch.Tensor]) -> dict:
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad_id = pad_token_id(self.tokenizer)
         prefix_ids, prefix_mask = pad([question_ids(self.tokenizer, r["question"]) for r in rows], pad_id, left=True)
         targets = [f"{' '.join(r['cot'].split())} #### {r['answer']}" if self.with_cot else r["answer"] for r in rows]
         suffix_ids, suffix_mask = pad([answer_ids(self.tokenizer, t) for t in targets], pad_id, left=False)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rot_train.batches import pad, question_ids
+from rot_train.batches import pad, pad_token_id, question_ids
 
 
 @dataclass
@@ -37,7 +37,7 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = 32, dyna
                  max_answer_tokens: int = 32, use_cache: bool = True, stop_at_eos: bool = True) -> list[Generation]:
     model.eval()
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     prefix_ids, mask = pad([question_ids(tokenizer, q) + [model.img_begin_id] for q in questions], pad_id, left=True)
     prefix_ids, mask = prefix_ids.to(device), mask.to(device)
     rows = len(questions)
@@ -53,9 +53,13 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = 32, dyna
     answer_count = torch.zeros(rows, dtype=torch.long, device=device)
     # per step, kept on the device and read once at the end (no host sync per row per step)
     step_latents, step_emitted, step_tokens, step_answered = [], [], [], []
-    for _ in range(latents + 1 + max_answer_tokens):
+    # with a fixed budget every row reasons for exactly `latents` steps, so the host knows each step's phase
+    # without asking the GPU (a sync per step would stop the host from queueing the next step's kernels)
+    phases_known, last_step = dynamic_threshold is None, latents + max_answer_tokens
+    for step in range(last_step + 1):
         # only compute what some row needs: the head in the latent phase, the vocabulary logits after it
-        predicted = model.head(hidden) if in_latent.any() else None
+        some_latent = step <= latents if phases_known else bool(in_latent.any())
+        predicted = model.head(hidden) if some_latent else None
         latent_input = model.latent_inputs(predicted) if predicted is not None else None
         close = torch.zeros_like(in_latent)
         if dynamic_threshold is not None and latent_input is not None:
@@ -63,7 +67,8 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = 32, dyna
         end_now = in_latent & ((latent_count >= latents) | close)
         emit_latent = in_latent & ~end_now
         answering = ~in_latent & ~finished
-        token = model.output_layer(hidden).argmax(-1) if answering.any() else torch.zeros_like(latent_count)
+        some_answering = step > latents if phases_known else bool(answering.any())
+        token = model.output_layer(hidden).argmax(-1) if some_answering else torch.zeros_like(latent_count)
         step_inputs = model.embed(torch.where(answering, token, torch.full_like(token, model.img_end_id)))
         if latent_input is not None:
             step_inputs = torch.where(emit_latent[:, None], latent_input, step_inputs)
@@ -78,7 +83,9 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = 32, dyna
         finished |= answering & (answer_count >= max_answer_tokens)
         latent_count += emit_latent.long()
         in_latent &= ~end_now
-        if finished.all():
+        # without early stops (fixed budget, no end-of-turn stop) every row finishes at the last step
+        done = bool(finished.all()) if stop_at_eos or not phases_known else step == last_step
+        if done:
             break
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         position = position + 1
@@ -108,7 +115,7 @@ def generate_text(model, tokenizer, questions: list[str], max_new_tokens: int = 
     """Greedy text decoding for the SFT baselines (CoT or no CoT), with the LM's own KV cache."""
     model.eval()
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     ids, mask = pad([question_ids(tokenizer, q) for q in questions], pad_id, left=True)
     output = model.lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)

@@ -22,9 +22,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from rot_data.checksums import file_sha256
-
-FORMAT = "rot-visual-embeddings/1"
-STORED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from rot_data.shard_format import FORMAT, STORED_DTYPES
 
 
 class ShardError(RuntimeError):

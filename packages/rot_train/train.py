@@ -184,16 +184,17 @@ def _optimizer_state_beside_weights(optimizer) -> None:
                     state[key] = value.to(param.device)
 
 
-def _mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
-    """Logged losses are the mean over data-parallel ranks, so a 2-GPU log compares with a 1-GPU log."""
+def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Logged losses are the mean over data-parallel ranks, so a 2-GPU log compares with a 1-GPU log.
+    The values stay on the device until here: one host sync per optimizer step, not one per loss per micro-step."""
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
     keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, tensor.tolist())}
+    tensor = torch.stack([values[k] for k in keys])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor = tensor / dist.get_world_size()
+    return dict(zip(keys, tensor.tolist()))
 
 
 def _same_latent_slots_on_every_rank(batch: dict) -> dict:
@@ -289,12 +290,12 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
             engine.step()
             samples += int(batch["weights"].sum()) * world_size
             for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
+                sums[key] = sums.get(key, 0.0) + value.detach().double()
             micro_steps += 1
             if micro_steps % cfg.grad_accum:
                 continue
             step += 1
-            values = {k: v / cfg.grad_accum for k, v in _mean_over_ranks(sums, device).items()}
+            values = {k: v / cfg.grad_accum for k, v in _mean_over_ranks(sums).items()}
             values.update(lr=engine.get_lr()[0], epoch=epoch, embedding_norm=embedding_norm, samples_per_s=samples / (time.perf_counter() - started))
             metrics.write(step, values)
             progress.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "mse", "lm") if k in values})
