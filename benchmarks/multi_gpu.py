@@ -254,6 +254,8 @@ def main():
                                                                 extra=["--resume"]))
         elif part == "scaling":  # the same micro-batch per GPU on 2 GPUs: twice the global batch (ZeRO-2, Stage I)
             micro = "16" if GPU else "4"
+            if "stage1_zero2_1gpu" not in train:  # the 1-GPU rate it is compared with, from this run
+                record("stage1_zero2_1gpu", launch(1, 1, 2, s1[2] / "one", common, work, timeout))
             record("stage1_zero2_2gpu_same_micro_batch", launch(1, 2, 2, s1[2] / "two-same-micro", common, work, timeout,
                                                                 extra=["--micro-batch", micro]))
     results["checks"] = checks(train, args.train_rows, steps)

@@ -188,3 +188,18 @@ def test_sft_baselines_train_with_the_same_trainer_and_evaluate(tiny_shards, tin
     assert config["mode"] == mode and config["weights"] == "lora"
     result = evaluate(str(out / "export"), "gsm8k", tmp_path / "eval", limit=3, batch_size=3, max_cot_tokens=4, device="cpu")
     assert result["method"] == {"sft-cot": "SFT with CoT", "sft-nocot": "SFT without CoT"}[mode] and result["examples"] == 3
+
+
+def test_restored_optimizer_state_moves_beside_its_weights_even_when_zero3_empties_the_groups():
+    """Fused CUDA AdamW refuses CPU step counters; ZeRO-3 lists no params in its groups between steps.
+    The meta device stands in for the GPU: any device other than the CPU shows the move."""
+    from types import SimpleNamespace
+
+    from rot_train.train import _optimizer_state_beside_weights
+
+    weight = torch.nn.Parameter(torch.zeros(4, device="meta"))
+    adam = torch.optim.AdamW([weight])
+    adam.state[weight] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4), "exp_avg_sq": torch.zeros(4, device="meta")}
+    adam.param_groups[0]["params"] = []  # what DeepSpeed's stage 3 leaves there outside optimizer.step()
+    _optimizer_state_beside_weights(SimpleNamespace(optimizer=adam))
+    assert {key: value.device.type for key, value in adam.state[weight].items()} == {"step": "meta", "exp_avg": "meta", "exp_avg_sq": "meta"}

@@ -174,14 +174,13 @@ def _resume_tag(checkpoints: Path, world_size: int, rank: int, ds_config: dict) 
 
 def _optimizer_state_beside_weights(optimizer) -> None:
     """A universal checkpoint restores Adam's step counters on the CPU; the fused CUDA AdamW wants every
-    state tensor on its parameter's device (found moving a 2-GPU checkpoint to 1 GPU)."""
+    state tensor on its parameter's device (found moving a 2-GPU checkpoint to 1 GPU). Walk the state itself:
+    ZeRO-3 empties ``param_groups[i]["params"]`` between steps, so the groups do not list the parameters."""
     inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO wrapper holds the torch optimizer
-    for group in inner.param_groups:
-        for param in group["params"]:
-            state = inner.state.get(param, {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.device != param.device:
-                    state[key] = value.to(param.device)
+    for param, state in inner.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.device != param.device:
+                state[key] = value.to(param.device)
 
 
 def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
