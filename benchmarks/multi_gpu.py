@@ -140,11 +140,17 @@ def read_run(out: Path) -> dict:
     return run
 
 
-def close(a: list[float], b: list[float]) -> float | None:
-    """Largest relative difference between two loss sequences (None if their lengths differ)."""
+def differences(a: list[float], b: list[float]) -> list[float] | None:
+    """Relative difference at every step between two loss sequences (None if their lengths differ)."""
     if not a or len(a) != len(b):
         return None
-    return float(max(abs(x - y) / max(abs(y), 1e-8) for x, y in zip(a, b)))
+    return [abs(x - y) / max(abs(y), 1e-8) for x, y in zip(a, b)]
+
+
+def close(a: list[float], b: list[float]) -> float | None:
+    """Largest relative difference between two loss sequences (None if their lengths differ)."""
+    steps = differences(a, b)
+    return max(steps) if steps else None
 
 
 def resume_from(source: Path, target: Path, tag: str) -> None:
@@ -173,6 +179,8 @@ def main():
     parser.add_argument("--build-rows", type=int, default=None, help="only the first N rows in the 1 vs 2 actor builds")
     parser.add_argument("--train-rows", type=int, default=192, help="rows of the training shard set (one epoch)")
     parser.add_argument("--latents", type=int, default=32, help="--max-latents of the training runs")
+    parser.add_argument("--zero-stages", default="2,3", help="ZeRO stages of the stage1/stage2/resume parts")
+    parser.add_argument("--gpu-counts", default="1,2", help="GPU counts of the stage1/stage2 parts (resume uses what exists)")
     parser.add_argument("--budget", type=float, default=float("inf"),
                         help="seconds for the whole script: a run is stopped when they are spent, later runs skipped")
     args = parser.parse_args()
@@ -180,6 +188,8 @@ def main():
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
+    zeros = [int(z) for z in args.zero_stages.split(",")]
+    counts = [int(n) for n in args.gpu_counts.split(",")]
     results = {"device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if GPU else "cpu (gloo ranks)",
                "size": args.size, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "args": vars(args)}
 
@@ -206,6 +216,15 @@ def main():
         train[name] = result
         save()
 
+    def stage_runs(stage, runs, extra=()):  # the 1-GPU runs side by side (one per GPU), then the 2-GPU runs
+        if 1 in counts:
+            jobs = [(launch, stage, 1, z, runs[z] / "one", common + list(extra), work, timeout, i) for i, z in enumerate(zeros)]
+            for z, result in zip(zeros, side_by_side(*jobs)):
+                record(f"stage{stage}_zero{z}_1gpu", result)
+        if 2 in counts:
+            for z in zeros:
+                record(f"stage{stage}_zero{z}_2gpu", launch(stage, 2, z, runs[z] / "two", common + list(extra), work, timeout))
+
     shards = work / "shards-train"
     steps = args.train_rows // 32 if GPU else args.train_rows // 8  # one epoch at global batch 32 (GPU) / 8 (CPU)
     half = f"step{steps // 2}"
@@ -228,26 +247,26 @@ def main():
                 results["build"]["speedup_steady"] = full[2]["images_per_s_steady"] / full[1]["images_per_s_steady"]
                 results["build"]["speedup_with_startup"] = full[2]["images_per_s_with_startup"] / full[1]["images_per_s_with_startup"]
             save()
-        elif part == "stage1":  # 1 GPU (ZeRO-2 and ZeRO-3 side by side), then 2 GPUs, same global batch
-            for z, r in zip((2, 3), side_by_side(*[(launch, 1, 1, z, s1[z] / "one", common, work, timeout, z - 2) for z in (2, 3)])):
-                record(f"stage1_zero{z}_1gpu", r)
-            for z in (2, 3):
-                record(f"stage1_zero{z}_2gpu", launch(1, 2, z, s1[z] / "two", common, work, timeout))
+        elif part == "noise":  # the noise of batch shapes alone: 1 GPU, the same global batch in micro-batches of the 2-GPU size
+            halved = ["--micro-batch", "8" if GPU else "2", "--grad-accum", "4"]
+            jobs = [(launch, 1, 1, 2, s1[2] / "one", common, work, timeout, 0),
+                    (launch, 1, 1, 2, s1[2] / "one-halved", common, work, timeout, 1, halved)]
+            for name, result in zip(("stage1_zero2_1gpu", "stage1_zero2_1gpu_halved_micro_batch"), side_by_side(*jobs)):
+                record(name, result)
+        elif part == "stage1":  # 1 GPU vs 2 GPUs, same global batch
+            stage_runs(1, s1)
         elif part == "stage2":
             if not (s1[2] / "one" / "export" / "rot_config.json").exists():  # a head to start from
                 record("stage1_for_init", launch(1, 1, 2, s1[2] / "one", common + ["--max-steps", "1"], work, timeout))
-            for z, r in zip((2, 3), side_by_side(*[(launch, 2, 1, z, s2[z] / "one", common + init, work, timeout, z - 2) for z in (2, 3)])):
-                record(f"stage2_zero{z}_1gpu", r)
-            for z in (2, 3):
-                record(f"stage2_zero{z}_2gpu", launch(2, 2, z, s2[z] / "two", common + init, work, timeout))
+            stage_runs(2, s2, init)
         elif part == "resume":  # Stage II checkpoints from the middle of the epoch: 2 -> 1 GPU, then 1 -> 2
-            ready = [z for z in (2, 3) if (s2[z] / "two" / "checkpoints" / half).exists()]
+            ready = [z for z in zeros if (s2[z] / "two" / "checkpoints" / half).exists()]
             for z in ready:
                 resume_from(s2[z] / "two", s2[z] / "two-to-one", half)
-            for z, r in zip(ready, side_by_side(*[(launch, 2, 1, z, s2[z] / "two-to-one", common + init, work, timeout, z - 2,
-                                                    ["--resume"]) for z in ready])):
+            for z, r in zip(ready, side_by_side(*[(launch, 2, 1, z, s2[z] / "two-to-one", common + init, work, timeout, i,
+                                                    ["--resume"]) for i, z in enumerate(ready)])):
                 record(f"stage2_zero{z}_resume_2to1", r)
-            for z in (2, 3):
+            for z in zeros:
                 if (s2[z] / "one" / "checkpoints" / half).exists():
                     resume_from(s2[z] / "one", s2[z] / "one-to-two", half)
                     record(f"stage2_zero{z}_resume_1to2", launch(2, 2, z, s2[z] / "one-to-two", common + init, work, timeout,
@@ -278,12 +297,17 @@ def checks(train: dict, rows: int, steps: int) -> dict:
             if not two:
                 continue
             found[f"stage{stage}_zero{z}_2gpu_vs_1gpu_loss"] = close(losses(f"stage{stage}_zero{z}_2gpu"), losses(f"stage{stage}_zero{z}_1gpu"))
+            found[f"stage{stage}_zero{z}_2gpu_vs_1gpu_loss_per_step"] = differences(losses(f"stage{stage}_zero{z}_2gpu"), losses(f"stage{stage}_zero{z}_1gpu"))
             found[f"stage{stage}_zero{z}_2gpu_ids_once"] = two.get("ids_consumed") == two.get("ids_distinct") == rows
             if one.get("steady_samples_per_s") and two.get("steady_samples_per_s"):
                 found[f"stage{stage}_zero{z}_2gpu_vs_1gpu_samples_per_s"] = two["steady_samples_per_s"] / one["steady_samples_per_s"]
         # bf16 noise floor: two 1-GPU runs on the same batches that differ only in how DeepSpeed reduces (ZeRO-2 vs 3)
         if losses(f"stage{stage}_zero2_1gpu") and losses(f"stage{stage}_zero3_1gpu"):
             found[f"stage{stage}_noise_zero3_vs_zero2_1gpu_loss"] = close(losses(f"stage{stage}_zero3_1gpu"), losses(f"stage{stage}_zero2_1gpu"))
+    # the same weights at step 1 and the same global batch, only split into smaller micro-batches (as on 2 GPUs)
+    if losses("stage1_zero2_1gpu_halved_micro_batch"):
+        found["stage1_noise_halved_micro_batch_vs_1gpu_loss_per_step"] = differences(
+            losses("stage1_zero2_1gpu_halved_micro_batch"), losses("stage1_zero2_1gpu"))
     for z in (2, 3):
         for direction, source in (("2to1", "2gpu"), ("1to2", "1gpu")):
             if f"stage2_zero{z}_resume_{direction}" in train:
