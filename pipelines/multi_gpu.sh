@@ -7,6 +7,7 @@ source pipelines/device_env.sh
 nvidia-smi topo -m | head -4
 python3 benchmarks/multi_gpu.py --size 4b --work /tmp/rot-multi-gpu --out "$OUT/multi_gpu.json" --budget 540 "$@"
 status=$?  # copy what exists, then report the script's own status
+cp /tmp/rot-multi-gpu/shards-1/build-stats.txt "$OUT/build-stats-1-actor.txt" 2>/dev/null
 cp /tmp/rot-multi-gpu/shards-2/build-stats.txt "$OUT/build-stats-2-actors.txt" 2>/dev/null
 cp /tmp/rot-multi-gpu/s1-z2/two/loss.png "$OUT/stage1_zero2_2gpu_loss.png" 2>/dev/null
 exit $status

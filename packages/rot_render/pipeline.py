@@ -2,9 +2,10 @@
 
 Rows are assigned to shards up front (shard i holds rows i*shard_size ... (i+1)*shard_size-1 of
 the source), so a re-run knows exactly which shards are finished and only sends the rows of the
-missing ones through Ray. The driver collects encoded rows, writes a shard as soon as all of its
-rows have arrived (in source order, whatever order the workers finished in), and writes the
-manifest last.
+missing ones through Ray. The driver only keeps the books: it puts each encoded block into the object
+store once, and as soon as all rows of a shard have arrived it hands that shard's blocks to a writer
+task, which picks the shard's rows in source order (whatever order the workers finished in). The
+manifest is written last.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rot_render import shards
 from rot_render.encoder import PACKED, VisionEncoder, read_encoder_source
@@ -59,8 +61,17 @@ def render_batch(batch: pa.Table, settings: RenderSettings, token_px: int) -> pa
                 .append_column("image_width", pa.array([image.shape[1] for image in images], pa.int32()))
 
 
+def write_shard_from_blocks(path: Path, shard_index: int, build_fingerprint: str, dim: int, dtype: str, *blocks: pa.Table) -> dict:
+    """Ray task: the rows of one shard, taken from the encoded blocks that hold them, in source order, written."""
+    table = pa.concat_tables(blocks)
+    table = table.filter(pc.equal(table["shard"], shard_index)).sort_by("position")
+    return shards.write_shard(path, table, build_fingerprint, dim, dtype)
+
+
 class EncodeBatch:
-    """Ray actor: holds the frozen tower on its GPU (or the CPU) and encodes a batch in one packed call."""
+    """Ray actor: holds the frozen tower on its GPU (or the CPU) and encodes a batch in one packed call.
+    Two calls run at once on two threads (see ``_run_ray``), so one batch's host work (unpacking pixels,
+    the device-to-host copy, building Arrow columns) overlaps the other's forward pass on the GPU."""
 
     def __init__(self, encoder: str, expected_sha256: str, dtype: str, height: int, attn_implementation: str):
         import torch
@@ -181,29 +192,30 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
         EncodeBatch,
         fn_constructor_kwargs={"encoder": config.encoder, "expected_sha256": expected_sha256, "dtype": config.dtype,
                                "height": render.height, "attn_implementation": config.attn_implementation},
-        batch_format="pyarrow", batch_size=batch_size, concurrency=num_encoders,
+        batch_format="pyarrow", batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=num_encoders, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
         num_gpus=1 if n_gpus else 0, num_cpus=0 if n_gpus else 1,
     )
     # shard files are written by Ray tasks on this node, so compressing and hashing them overlaps with encoding
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    write_shard = ray.remote(num_cpus=1, scheduling_strategy=here)(shards.write_shard)
-    pending: dict[int, list[pa.Table]] = {}
+    write_shard = ray.remote(num_cpus=1, scheduling_strategy=here)(write_shard_from_blocks)
+    pending: dict[int, list] = {}  # shard -> object refs of the encoded blocks holding its rows
     writes: dict[int, object] = {}
     arrived = np.zeros(len(plan), dtype=np.int64)
     arrivals = []  # (seconds, rows so far) per encoded batch
     with tqdm(total=len(todo), unit="row", desc="render+encode", disable=not progress) as bar:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            block = ray.put(batch)  # the one copy the driver makes; writer tasks read it without copying
             shard_of_row = batch.column("shard").to_numpy()
-            for index in np.unique(shard_of_row).tolist():
-                rows_of_shard = shard_of_row == index
-                pending.setdefault(index, []).append(batch.filter(pa.array(rows_of_shard)))
-                arrived[index] += int(rows_of_shard.sum())
-                if arrived[index] == len(plan[index]):  # complete: source order, then off to a writer task
-                    table = pa.concat_tables(pending.pop(index)).sort_by("position")
-                    writes[index] = write_shard.remote(config.out / shards.shard_name(index), table, build_fingerprint,
-                                                       dim, config.dtype)
+            indices, counts = np.unique(shard_of_row, return_counts=True)
+            for index, count in zip(indices.tolist(), counts.tolist()):
+                pending.setdefault(index, []).append(block)
+                arrived[index] += count
+                if arrived[index] == len(plan[index]):  # complete: off to a writer task
+                    writes[index] = write_shard.remote(config.out / shards.shard_name(index), index, build_fingerprint,
+                                                       dim, config.dtype, *pending.pop(index))
             bar.update(batch.num_rows)
             arrivals.append((time.perf_counter(), batch.num_rows + (arrivals[-1][1] if arrivals else 0)))
     written = dict(zip(writes, ray.get(list(writes.values()))))
