@@ -69,9 +69,7 @@ def write_shard_from_blocks(path: Path, shard_index: int, build_fingerprint: str
 
 
 class EncodeBatch:
-    """Ray actor: holds the frozen tower on its GPU (or the CPU) and encodes a batch in one packed call.
-    Two calls run at once on two threads (see ``_run_ray``), so one batch's host work (unpacking pixels,
-    the device-to-host copy, building Arrow columns) overlaps the other's forward pass on the GPU."""
+    """Ray actor: holds the frozen tower on its GPU (or the CPU) and encodes a batch in one packed call."""
 
     def __init__(self, encoder: str, expected_sha256: str, dtype: str, height: int, attn_implementation: str):
         import torch
@@ -192,8 +190,7 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
         EncodeBatch,
         fn_constructor_kwargs={"encoder": config.encoder, "expected_sha256": expected_sha256, "dtype": config.dtype,
                                "height": render.height, "attn_implementation": config.attn_implementation},
-        batch_format="pyarrow", batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=num_encoders, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
+        batch_format="pyarrow", batch_size=batch_size, concurrency=num_encoders,
         num_gpus=1 if n_gpus else 0, num_cpus=0 if n_gpus else 1,
     )
     # shard files are written by Ray tasks on this node, so compressing and hashing them overlaps with encoding
