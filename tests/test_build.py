@@ -72,7 +72,8 @@ def test_build_writes_verified_shards_and_resumes_without_rewriting(tmp_path):
 
 def test_killed_build_resumes_and_every_id_appears_once(tmp_path):
     out = tmp_path / "shards"
-    args = ["build", "--dataset", "gsm8k", "--out", str(out), "--limit", "120", "--shard-size", "10", "--batch-size", "5"]
+    # 40 small shards: writer tasks may finish many at once (20 seen here), the kill must still land part way
+    args = ["build", "--dataset", "gsm8k", "--out", str(out), "--limit", "400", "--shard-size", "10", "--batch-size", "5"]
     process = subprocess.Popen(["rot-render", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.time() + 240
@@ -81,16 +82,16 @@ def test_killed_build_resumes_and_every_id_appears_once(tmp_path):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     finished_before = sorted(p.name for p in out.glob("shard-*.parquet"))
-    assert 1 <= len(finished_before) < 12, "the kill should land part way through"
+    assert 1 <= len(finished_before) < 40, "the kill should land part way through"
     assert not (out / shards.MANIFEST).exists()
 
     result = _cli(*args)
     kept = int(result.stdout.split(" shards kept from before")[0].rsplit("(", 1)[1])
-    assert kept >= len(finished_before)  # a writer task may finish its shard after the driver died
+    assert len(finished_before) <= kept < 40  # a writer task may finish its shard after the driver died
     assert (out / "build-stats.txt").read_text().count("Operator") >= 2
     ids = _ids(out)
     records, _ = load_records("gsm8k")
-    assert sorted(ids) == sorted(r.id for r in records[:120]) and len(ids) == len(set(ids)) == 120
+    assert sorted(ids) == sorted(r.id for r in records[:400]) and len(ids) == len(set(ids)) == 400
     assert not list(out.glob(".*tmp*"))
     assert shards.verify(out) == []
 
@@ -131,3 +132,24 @@ def test_steady_rate_leaves_out_start_up_and_stragglers():
     assert steady_rate(arrivals) == 10.0
     assert steady_rate([(2.0, 50), (4.0, 150)]) == 50.0  # two batches: first to last
     assert steady_rate([(1.0, 5)]) == 0.0
+
+
+def test_shard_writer_takes_its_rows_from_mixed_blocks_in_source_order(tmp_path):
+    """Encoded blocks arrive in any order and straddle shards: the writer keeps only its shard, sorted."""
+    import pyarrow as pa
+
+    from rot_render.pipeline import write_shard_from_blocks
+
+    def block(rows):  # rows: (shard, position)
+        return pa.table({"id": [f"s{s}-p{p}" for s, p in rows], "question": ["q"] * len(rows), "cot": ["c"] * len(rows),
+                         "answer": ["a"] * len(rows), "n_tokens": pa.array([1] * len(rows), pa.int32()),
+                         "image_width": pa.array([8] * len(rows), pa.int32()),
+                         "embedding": pa.array([bytes([p, s]) for s, p in rows], pa.large_binary()),
+                         "shard": [s for s, _ in rows], "position": [p for _, p in rows]})
+
+    late, early = block([(1, 2), (2, 0), (1, 0)]), block([(0, 3), (1, 1), (2, 1)])
+    summary = write_shard_from_blocks(tmp_path / "shard-00001.parquet", 1, "fp", 1, "bf16", late, early)
+    table = pq.read_table(tmp_path / "shard-00001.parquet")
+    assert table["id"].to_pylist() == ["s1-p0", "s1-p1", "s1-p2"] and summary["rows"] == 3
+    assert table["embedding"].to_pylist() == [bytes([0, 1]), bytes([1, 1]), bytes([2, 1])]
+    assert table.column_names == shards.SCHEMA.names  # bookkeeping columns are not stored
