@@ -60,3 +60,29 @@ def test_bad_shard_sets_are_refused_with_the_file_and_the_fix(tiny_shards, tmp_p
         ShardSet.open(tmp_path / "nowhere")
     with pytest.raises(ShardError, match="embedding dim 64 but the head in X was trained on dim 32"):
         ShardSet.open(tiny_shards).check_dim(32, "the head in X")
+
+
+def test_sft_stream_reads_no_embeddings_and_rot_stream_the_stored_ones(tiny_shards, tiny_qwen3_vl):
+    from transformers import AutoTokenizer
+
+    from rot_train.batches import RoTCollator, SFTCollator
+
+    seen = {}
+
+    def keep(name, collator):
+        def collate(rows, embeddings):
+            seen[name] = (rows, embeddings)
+            return collator(rows, embeddings)
+        collate.reads_embeddings = collator.reads_embeddings
+        return collate
+
+    shard_set = ShardSet.open(tiny_shards)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3_vl)
+    for name, collator in (("sft", SFTCollator(tokenizer, with_cot=True, latent_dim=shard_set.dim)),
+                           ("rot", RoTCollator(tokenizer, 1, 2, max_latents=8))):
+        next(iter(ShardStream(shard_set, keep(name, collator), micro_batch=3, shuffle_buffer=1)))
+    sft_rows, sft_embeddings = seen["sft"]
+    rot_rows, rot_embeddings = seen["rot"]
+    assert sft_embeddings == [] and all("embedding" not in r for r in sft_rows)
+    assert [r["id"] for r in sft_rows] == [r["id"] for r in rot_rows]  # same rows, only the column left out
+    assert [tuple(e.shape) for e in rot_embeddings] == [(r["n_tokens"], shard_set.dim) for r in rot_rows]

@@ -37,6 +37,8 @@ def pad(sequences: list[list[int]], value: int, left: bool) -> tuple[torch.Tenso
 
 
 class RoTCollator:
+    reads_embeddings = True  # the stored visual latents are Stage I/II targets
+
     def __init__(self, tokenizer, img_begin_id: int, img_end_id: int, max_latents: int):
         self.tokenizer, self.img_begin_id, self.img_end_id, self.max_latents = tokenizer, img_begin_id, img_end_id, max_latents
 
@@ -57,6 +59,8 @@ class RoTCollator:
 
 class SFTCollator:
     """The baselines: question -> ``cot #### answer`` (SFT with CoT) or question -> answer (SFT without CoT)."""
+
+    reads_embeddings = False  # the stream then skips the embedding column (the bulk of every shard)
 
     def __init__(self, tokenizer, with_cot: bool, latent_dim: int):
         self.tokenizer, self.with_cot, self.latent_dim = tokenizer, with_cot, latent_dim

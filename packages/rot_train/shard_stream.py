@@ -86,10 +86,12 @@ class ShardSet:
             raise ShardError(f"{self.folder / 'manifest.json'} has embedding dim {self.dim} but {where} was trained on dim "
                              f"{expected_dim}; use the shard set that {where} was trained on, or start again from Stage I")
 
-    def read_rows(self, index: int) -> list[dict]:
+    def read_rows(self, index: int, with_embeddings: bool = True) -> list[dict]:
+        """The rows of one shard; without the embedding column when the caller never looks at it (SFT)."""
         path = self.folder / self.manifest["shards"][index]["name"]
         try:
-            return pq.read_table(path).to_pylist()
+            columns = None if with_embeddings else [name for name in pq.read_schema(path).names if name != "embedding"]
+            return pq.read_table(path, columns=columns).to_pylist()
         except Exception as error:  # pyarrow raises several types for a damaged file
             raise ShardError(f"{path} cannot be read ({error}); delete it and re-run rot-render build to remake it") from None
 
@@ -124,6 +126,7 @@ class ShardStream(IterableDataset):
     def __init__(self, shard_set: ShardSet, collate, micro_batch: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle_buffer: int = 1024, cached_shards: int = 4):
         self.shard_set, self.collate = shard_set, collate
+        self.reads_embeddings = getattr(collate, "reads_embeddings", True)  # SFT's collator sets it False
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
         self.seed, self.shuffle_buffer, self.cached_shards = seed, shuffle_buffer, cached_shards
         self.epoch, self.start_batch = 0, 0
@@ -153,7 +156,7 @@ class ShardStream(IterableDataset):
 
         def row(shard: int, index: int) -> dict:
             if shard not in cache:
-                cache[shard] = self.shard_set.read_rows(shard)
+                cache[shard] = self.shard_set.read_rows(shard, self.reads_embeddings)
                 while len(cache) > self.cached_shards:
                     cache.popitem(last=False)
             cache.move_to_end(shard)
@@ -163,7 +166,8 @@ class ShardStream(IterableDataset):
             if b < self.start_batch or (b - self.start_batch) % workers != worker_id:
                 continue
             rows = [row(s, r) for s, r, _ in triples]
-            batch = self.collate(rows, [self.shard_set.embedding(r) for r in rows])
+            embeddings = [self.shard_set.embedding(r) for r in rows] if self.reads_embeddings else []
+            batch = self.collate(rows, embeddings)
             batch["weights"] = torch.tensor([w for _, _, w in triples])
             batch["batch_index"] = b
             yield batch
