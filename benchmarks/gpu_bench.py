@@ -111,6 +111,15 @@ def device_kernels(events):
     return [e for e in events if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
 
 
+def build_rates(stdout: str) -> tuple[float, float] | None:
+    """(images/s of the whole encode, steady images/s) from `rot-render build`'s summary line."""
+    lines = [l for l in stdout.splitlines() if "images/s once the encoders" in l]
+    if not lines:
+        return None
+    return (float(lines[0].split(" images/s (")[0].rsplit(" at ", 1)[1]),
+            float(lines[0].split(" images/s once")[0].rsplit("(", 1)[1]))
+
+
 def profile_encode(encoder: VisionEncoder, images) -> dict:
     """One packed call under torch.profiler: how busy the GPU is, and where its time goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -173,12 +182,11 @@ def bench_encode(checkpoint: Path, records, device, results, single_images: int,
             started = time.perf_counter()
             job = subprocess.run(command, capture_output=True, text=True, cwd=ROOT / "packages")
             wall = time.perf_counter() - started
-            line = [l for l in job.stdout.splitlines() if "images/s" in l]
-            if job.returncode or not line:
+            rates = build_rates(job.stdout)
+            if job.returncode or not rates:
                 results["ray_job"] = {"error": (job.stderr or job.stdout)[-1500:]}
             else:
-                rate = float(line[0].split(" at ")[1].split(" images/s")[0])
-                steady = float(line[0].split(" images/s (")[1].split(" images/s")[0])
+                rate, steady = rates
                 results["ray_job"] = {"images_per_s_pipeline": rate, "images_per_s_steady": steady, "wall_seconds_with_startup": wall,
                                       "images_per_s_with_startup": len(records) / wall, "attention": PACKED,
                                       "images_per_call": pack, "ray_data_stats": (Path(out) / "build-stats.txt").read_text()}

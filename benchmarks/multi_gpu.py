@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ROOT / "packages"
 sys.path[:0] = [str(PACKAGES)]
 
-from gpu_bench import qwen3_vl_4b_config  # noqa: E402
+from gpu_bench import build_rates, qwen3_vl_4b_config  # noqa: E402
 from rot_data.records import load_records  # noqa: E402
 from rot_train.tiny import bpe_tokenizer, save_random_vlm, tiny_vlm_config  # noqa: E402
 
@@ -79,10 +79,9 @@ def build(out: Path, encoder: str, encoders: int, limit: int | None, shard_size:
     args = [sys.executable, "-m", "rot_render.cli", "build", "--dataset", dataset, "--out", str(out), "--encoder", encoder,
             "--num-encoders", str(encoders), "--shard-size", str(shard_size)] + (["--limit", str(limit)] if limit else [])
     result = command(args, work / f"build-{out.name}.log", timeout)
-    lines = [l for l in (work / f"build-{out.name}.log").read_text().splitlines() if "images/s once the encoders" in l]
-    if lines:
-        result["images_per_s_steady"] = float(lines[0].split(" images/s once")[0].rsplit("(", 1)[1])
-        result["images_per_s_with_startup"] = float(lines[0].split(" images/s (")[0].rsplit(" at ", 1)[1])
+    rates = build_rates((work / f"build-{out.name}.log").read_text())
+    if rates:
+        result["images_per_s_with_startup"], result["images_per_s_steady"] = rates
     return result
 
 
@@ -217,9 +216,10 @@ def main():
         save()
 
     def stage_runs(stage, runs, extra=()):  # the 1-GPU runs side by side (one per GPU), then the 2-GPU runs
-        if 1 in counts:
-            jobs = [(launch, stage, 1, z, runs[z] / "one", common + list(extra), work, timeout, i) for i, z in enumerate(zeros)]
-            for z, result in zip(zeros, side_by_side(*jobs)):
+        if 1 in counts:  # a 1-GPU run an earlier part made (noise) is not run again into the same folder
+            todo = [z for z in zeros if f"stage{stage}_zero{z}_1gpu" not in train]
+            jobs = [(launch, stage, 1, z, runs[z] / "one", common + list(extra), work, timeout, i) for i, z in enumerate(todo)]
+            for z, result in zip(todo, side_by_side(*jobs)):
                 record(f"stage{stage}_zero{z}_1gpu", result)
         if 2 in counts:
             for z in zeros:
