@@ -33,10 +33,16 @@ def _close(a, b):
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=2e-2, atol=1e-4)
 
 
+def _shared_memory_files() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def test_two_ranks_match_one_consume_each_row_once_and_resume_across_sizes(tiny_shards, tiny_qwen3_vl, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
+    shared_before = _shared_memory_files()
     _stage1(tiny_shards, tiny_qwen3_vl, two, 2)
     _stage1(tiny_shards, tiny_qwen3_vl, one, 1)
+    assert _shared_memory_files() - shared_before == set()  # DeepSpeed's CPU all-reduce buffers do not outlive a run
     assert len(_losses(two)) == len(_losses(one)) == 6  # 48 rows / global batch 8
     _close(_losses(two, "mse"), _losses(one, "mse"))
     _close(_losses(two, "lm"), _losses(one, "lm"))

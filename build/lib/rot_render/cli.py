@@ -1,0 +1,140 @@
+"""``rot-render``: build visual-embedding shards, look at one rendered line, inspect a shard set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from rot_render import shards
+from rot_data.records import RecordError
+from rot_render.render import RenderSettings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Render chains of thought as one-line images and encode them with a frozen VLM vision tower.")
+
+
+def _render_settings(height, font_size, padding, font, thought_tags) -> RenderSettings:
+    return RenderSettings(height=height, font_size=font_size, padding=padding, font_path=font, thought_tags=thought_tags)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(1)
+
+
+def _human_bytes(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
+        count /= 1024
+
+
+@app.command()
+def build(
+    dataset: str = typer.Option(..., help="gsm8k (shipped), gsm_hard, svamp, multiarith, icot_* (need --data-dir), a .jsonl/.json/.parquet/.txt file, or hf:<id>[:<config>]"),
+    out: Path = typer.Option(..., help="output folder for shards and manifest.json"),
+    split: str = typer.Option("train"),
+    encoder: str = typer.Option("tiny", help="hub id or local path of a Qwen2-VL/Qwen2.5-VL/Qwen3-VL checkpoint; 'tiny' = untrained smoke-test tower"),
+    dtype: str = typer.Option("bf16", help="stored embedding dtype: bf16, fp16 or fp32"),
+    shard_size: int = typer.Option(1024, help="rows per Parquet shard"),
+    on_error: str = typer.Option("fail", help="malformed rows: 'fail' stops at the first, 'skip' skips and counts them in the manifest"),
+    keep_calculator: bool = typer.Option(False, help="keep GSM8k's <<a*b=c>> calculator notes in the CoT"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder holding the non-shipped datasets (e.g. ../shared/data)"),
+    limit: Optional[int] = typer.Option(None, help="only the first N rows (smoke runs)"),
+    height: Optional[int] = typer.Option(None, help="line height in px (default: one token row of the encoder, 32 for Qwen3-VL)"),
+    font_size: int = typer.Option(20),
+    padding: int = typer.Option(4),
+    font: Optional[str] = typer.Option(None, help="a .ttf file (default: DejaVu Sans shipped with matplotlib)"),
+    thought_tags: bool = typer.Option(False, help="wrap the CoT in <|begin_of_thought|> ... <|end_of_thought|>"),
+    batch_size: int = typer.Option(256, help="images per packed encoder call"),
+    num_encoders: Optional[int] = typer.Option(None, help="encoder actors (default: one per GPU, one on a CPU-only cluster)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)"),
+    overwrite: bool = typer.Option(False, help="replace a shard set made with different settings"),
+) -> None:
+    """Render and encode every CoT of a dataset into Parquet shards (resumes if re-run)."""
+    from rot_render.pipeline import STATS, BuildConfig, BuildError, build as run_build
+
+    config = BuildConfig(dataset=dataset, out=out, split=split, encoder=encoder, dtype=dtype, shard_size=shard_size,
+                         on_error=on_error, keep_calculator=keep_calculator, data_dir=data_dir, limit=limit,
+                         render=_render_settings(height, font_size, padding, font, thought_tags),
+                         batch_size=batch_size, num_encoders=num_encoders, address=address, overwrite=overwrite)
+    if encoder == "tiny":
+        typer.secho("note: --encoder tiny is an UNTRAINED random tower, for smoke runs only; its embeddings carry no meaning.",
+                    fg="yellow", err=True)
+    try:
+        manifest = run_build(config)
+    except (RecordError, BuildError, ValueError) as error:
+        _fail(str(error))
+    run = manifest["run"]
+    rate = run["encoded_rows"] / run["encode_seconds"] if run["encode_seconds"] else 0.0
+    typer.echo(
+        f"done: {manifest['rows']} rows, {manifest['tokens']} visual tokens (dim {manifest['embedding']['dim']}, "
+        f"{manifest['embedding']['dtype']}), {len(manifest['shards'])} shards, "
+        f"{_human_bytes(sum(s['bytes'] for s in manifest['shards']))} in {out}\n"
+        f"      encoded {run['encoded_rows']} rows this run ({run['resumed_shards']} shards kept from before) at "
+        f"{rate:.1f} images/s ({run['steady_images_per_s']:.1f} images/s once the encoders were up) on "
+        f"{run['encoders']} encoder(s), {run['gpus']} GPU(s); "
+        f"skipped rows: {manifest['skipped_rows']}; total {run['seconds']:.1f} s (time per stage: {out / STATS})"
+    )
+
+
+@app.command()
+def show(
+    text: str = typer.Argument(..., help="the text to render"),
+    output: Path = typer.Option(Path("line.png"), "-o", "--output"),
+    token_px: int = typer.Option(32, help="encoder token size in px (32 for Qwen3-VL, 28 for Qwen2/2.5-VL)"),
+    height: Optional[int] = typer.Option(None),
+    font_size: int = typer.Option(20),
+    padding: int = typer.Option(4),
+    font: Optional[str] = typer.Option(None),
+    thought_tags: bool = typer.Option(False),
+    grid: bool = typer.Option(False, help="draw the token boundaries in red"),
+) -> None:
+    """Write one rendered line as a PNG, for a person to look at."""
+    import numpy as np
+    from PIL import Image
+
+    from rot_render.render import render_line
+
+    try:
+        pixels = render_line(text, _render_settings(height, font_size, padding, font, thought_tags), token_px)
+    except ValueError as error:
+        _fail(str(error))
+    image = Image.fromarray(pixels).convert("RGB")
+    if grid:
+        rgb = np.array(image)
+        rgb[:, ::token_px] = (255, 0, 0)
+        image = Image.fromarray(rgb)
+    image.save(output)
+    typer.echo(f"wrote {output}: {pixels.shape[1]}x{pixels.shape[0]} px = {pixels.shape[1] // token_px} tokens of {token_px} px")
+
+
+@app.command()
+def inspect(folder: Path = typer.Argument(..., help="a shard folder written by rot-render build")) -> None:
+    """Verify every shard's checksum against the manifest and print the summary."""
+    problems = shards.verify(folder)
+    if problems:
+        for problem in problems:
+            typer.secho(f"error: {problem}", fg="red", err=True)
+        raise typer.Exit(1)
+    manifest = shards.read_manifest(folder)
+    encoder = manifest["encoder"]
+    lengths = [s["tokens"] / max(1, s["rows"]) for s in manifest["shards"]]
+    typer.echo(
+        f"{folder}: OK, {len(manifest['shards'])} shards verified\n"
+        f"  dataset   {manifest['dataset']['source']} [{manifest['dataset']['split']}]: {manifest['rows']} rows, "
+        f"{manifest['skipped_rows']} skipped\n"
+        f"  tokens    {manifest['tokens']} ({manifest['tokens'] / max(1, manifest['rows']):.1f} per row; "
+        f"per-shard mean {min(lengths):.1f}-{max(lengths):.1f})\n"
+        f"  embedding dim {manifest['embedding']['dim']}, stored {manifest['embedding']['dtype']}\n"
+        f"  encoder   {encoder['name']} ({encoder['model_type']}{', UNTRAINED' if encoder['untrained'] else ''}), "
+        f"weights {encoder['weights_sha256'][:12]}, {encoder['attn_implementation']}, {encoder['compute_dtype']}\n"
+        f"  render    {manifest['render']}\n"
+        f"  size      {_human_bytes(sum(s['bytes'] for s in manifest['shards']))}"
+    )
+
+
+if __name__ == "__main__":
+    app()

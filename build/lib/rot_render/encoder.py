@@ -1,0 +1,252 @@
+"""The frozen vision tower of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint, and nothing else.
+
+Only the tower's tensors are read from the checkpoint's safetensors files (the language model is
+never loaded). Images are patchified here, with the processor's normalisation constants, rather
+than by the Hugging Face processor, whose ``smart_resize`` would rescale a thin one-line image;
+many images are packed into one forward call (concatenated patches plus one ``grid_thw`` row per
+image) and the post-merger output is split back per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rot_render.packed_attention import NAME as PACKED, register as register_packed_attention
+
+TINY = "tiny"
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+VISION_PREFIXES = ("model.visual.", "visual.")
+
+
+def _tower_class(model_type: str):
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    classes = {
+        "qwen2_vl": Qwen2VisionTransformerPretrainedModel,
+        "qwen2_5_vl": Qwen2_5_VisionTransformerPretrainedModel,
+        "qwen3_vl": Qwen3VLVisionModel,
+    }
+    if model_type not in classes:
+        raise ValueError(f"--encoder: model type '{model_type}' is not supported; use a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint")
+    return classes[model_type]
+
+
+def tiny_vision_config():
+    """A small Qwen3-VL-architecture tower (untrained) for offline smoke runs and tests."""
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+
+    return Qwen3VLVisionConfig(
+        depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16, spatial_merge_size=2,
+        temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=256, deepstack_visual_indexes=[],
+    )
+
+
+def use_linear_patch_embedding(patch_embed) -> None:
+    """Run the patch embedding (a Conv3d whose kernel equals its stride) as the matrix product it is.
+
+    Each output sees exactly one flattened patch, so the convolution is ``x @ W.view(d, -1).T + b``;
+    cuDNN has no good kernel for this shape in bf16 and can be many times slower than the GEMM
+    (transformers issue #45750). Same weights, same numbers up to summation order (a test checks)."""
+    proj = patch_embed.proj
+    if tuple(proj.kernel_size) != tuple(proj.stride) or any(proj.padding) or proj.groups != 1:
+        return
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = proj.weight.view(proj.out_channels, -1)
+        return F.linear(hidden_states.to(weight.dtype).view(-1, weight.shape[1]), weight, proj.bias)
+
+    patch_embed.forward = forward
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """A hash of the tower's tensors (names and bytes), so a shard set names the exact weights."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class EncoderSource:
+    """What the checkpoint says about its tower, read without building it."""
+
+    name: str
+    model_type: str
+    vision_config: object
+    state_dict: dict[str, torch.Tensor]
+    revision: str | None
+    image_mean: tuple
+    image_std: tuple
+
+    @property
+    def untrained(self) -> bool:
+        return self.name == TINY
+
+    @cached_property
+    def weights_sha256(self) -> str:
+        return weights_sha256(self.state_dict)
+
+    @property
+    def token_px(self) -> int:
+        return self.vision_config.patch_size * self.vision_config.spatial_merge_size
+
+    @property
+    def dim(self) -> int:
+        return getattr(self.vision_config, "out_hidden_size", None) or self.vision_config.hidden_size
+
+    def describe(self, attn_implementation: str, compute_dtype: str) -> dict:
+        """What the shard manifest records about the encoder (never mix shards that differ here)."""
+        return {
+            "name": self.name, "model_type": self.model_type, "revision": self.revision,
+            "weights_sha256": self.weights_sha256, "untrained": self.untrained,
+            "attn_implementation": attn_implementation, "compute_dtype": compute_dtype,
+            "patch_size": self.vision_config.patch_size, "merge_size": self.vision_config.spatial_merge_size,
+            "token_px": self.token_px, "dim": self.dim, "patch_embedding": "linear",
+        }
+
+
+def _checkpoint_dir(name: str) -> Path:
+    """A local folder, or the hub snapshot holding config, processor config and safetensors index."""
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, allow_patterns=["*.json"]))
+
+
+def _vision_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """Read only the tower's tensors, opening only the safetensors files that hold them."""
+    from safetensors import safe_open
+
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.exists():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        files = sorted({f for key, f in weight_map.items() if key.startswith(VISION_PREFIXES)})
+    else:
+        files = ["model.safetensors"]
+    tensors = {}
+    for file_name in files:
+        path = folder / file_name
+        if not path.exists():
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(name, file_name))
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                for prefix in VISION_PREFIXES:
+                    if key.startswith(prefix):
+                        tensors[key[len(prefix):]] = handle.get_tensor(key)
+    if not tensors:
+        raise ValueError(f"--encoder {name}: no vision-tower tensors (prefix model.visual. or visual.) in its safetensors files")
+    return tensors
+
+
+def read_encoder_source(name: str) -> EncoderSource:
+    if name == TINY:
+        config = tiny_vision_config()
+        torch.manual_seed(0)
+        state_dict = _tower_class("qwen3_vl")._from_config(config).state_dict()
+        return EncoderSource(TINY, "qwen3_vl", config, state_dict, None, HALF_MEAN, HALF_STD)
+    from transformers import AutoConfig
+
+    folder = _checkpoint_dir(name)
+    config = AutoConfig.from_pretrained(str(folder))
+    model_type = config.model_type
+    _tower_class(model_type)
+    mean, std = (HALF_MEAN, HALF_STD) if model_type == "qwen3_vl" else (CLIP_MEAN, CLIP_STD)
+    processor_file = folder / "preprocessor_config.json"
+    if processor_file.exists():
+        processor = json.loads(processor_file.read_text())
+        mean, std = tuple(processor.get("image_mean", mean)), tuple(processor.get("image_std", std))
+    revision = folder.name if "snapshots" in folder.parts else None
+    return EncoderSource(name, model_type, config.vision_config, _vision_tensors(folder, name), revision, mean, std)
+
+
+class VisionEncoder:
+    """Frozen tower + patchify + packed forward. ``encode(images)`` -> one [n_tokens, d] per image."""
+
+    def __init__(self, source: EncoderSource, device: str = "cpu", dtype: torch.dtype | None = None,
+                 attn_implementation: str = "sdpa"):
+        self.source = source
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        config = source.vision_config
+        tower_class = _tower_class(source.model_type)
+        with torch.device(self.device):
+            tower = tower_class._from_config(config, attn_implementation="sdpa" if attn_implementation == PACKED else attn_implementation)
+        if attn_implementation == PACKED:  # set after construction: transformers would look for a flash-attn kernel
+            register_packed_attention()
+            tower.config._attn_implementation_internal = PACKED
+        tower.load_state_dict(source.state_dict, strict=True)
+        use_linear_patch_embedding(tower.patch_embed)
+        self.tower = tower.to(self.dtype).eval().requires_grad_(False)
+        self.patch_size = config.patch_size
+        self.merge_size = config.spatial_merge_size
+        self.temporal_patch_size = config.temporal_patch_size
+        self.token_px = source.token_px
+        self.dim = source.dim
+        self.attn_implementation = attn_implementation
+        self._mean = torch.tensor(source.image_mean).view(3, 1, 1)
+        self._std = torch.tensor(source.image_std).view(3, 1, 1)
+
+    @classmethod
+    def from_pretrained(cls, name: str, device: str = "cpu", dtype: torch.dtype | None = None,
+                        attn_implementation: str = "sdpa") -> "VisionEncoder":
+        return cls(read_encoder_source(name), device, dtype, attn_implementation)
+
+    def grey_patches(self, grey: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """A [H, W] uint8 grey image -> (uint8 patches [h*w, p*p], grid (1, h, w)) in the processor's patch order.
+
+        Kept as one byte per pixel: the 3 colour channels and the temporal repeat are added on the
+        device, so the host does a cheap uint8 reshuffle and sends 6x4 times fewer bytes."""
+        height, width = grey.shape
+        p, m = self.patch_size, self.merge_size
+        if height % (p * m) or width % (p * m):
+            raise ValueError(f"image {height}x{width} is not a whole number of {p * m}px tokens; render it with this encoder's token size")
+        grid_h, grid_w = height // p, width // p
+        blocks = grey.reshape(grid_h // m, m, p, grid_w // m, m, p).transpose(0, 3, 1, 4, 2, 5)
+        return blocks.reshape(grid_h * grid_w, p * p), (1, grid_h, grid_w)
+
+    def normalise(self, grey_patches: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, p*p] -> float32 [n, 3*t*p*p] (channel, time, y, x): the processor's pixel values."""
+        t = self.temporal_patch_size
+        pixels = grey_patches.float().div_(255.0)[:, None, None, :]
+        mean, std = (v.to(pixels.device).view(1, 3, 1, 1) for v in (self._mean, self._std))
+        return ((pixels - mean) / std).expand(-1, 3, t, -1).reshape(len(grey_patches), -1)
+
+    def patchify(self, grey: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """A [H, W] uint8 grey image -> (pixel values [h*w, C*T*p*p], grid (1, h, w)), as the HF processor gives them."""
+        patches, grid = self.grey_patches(grey)
+        return self.normalise(torch.from_numpy(np.ascontiguousarray(patches))), grid
+
+    @torch.no_grad()
+    def encode_packed(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
+        """Encode many images in one forward call: (post-merger tokens of all images [sum n_i, d], n_i per image)."""
+        patches, grids = zip(*(self.grey_patches(image) for image in images))
+        grey = torch.from_numpy(np.concatenate(patches))
+        if self.device.type == "cuda":
+            grey = grey.pin_memory()
+        pixel_values = self.normalise(grey.to(self.device, non_blocking=True)).to(self.dtype)
+        output = self.tower(pixel_values, grid_thw=torch.tensor(grids, device=self.device))
+        merged = output.pooler_output if hasattr(output, "pooler_output") else output
+        if isinstance(merged, (tuple, list)):  # older transformers: (merged, deepstack features)
+            merged = merged[0]
+        return merged, [t * h * w // self.merge_size**2 for t, h, w in grids]
+
+    def encode(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """Encode many images in one packed forward call; returns post-merger [n_tokens, d] per image."""
+        merged, tokens_per_image = self.encode_packed(images)
+        return list(merged.split(tokens_per_image))

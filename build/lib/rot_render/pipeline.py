@@ -1,0 +1,234 @@
+"""The offline job: records -> rendered lines (CPU tasks) -> embeddings (GPU actors) -> Parquet shards.
+
+Rows are assigned to shards up front (shard i holds rows i*shard_size ... (i+1)*shard_size-1 of
+the source), so a re-run knows exactly which shards are finished and only sends the rows of the
+missing ones through Ray. The driver only keeps the books: it puts each encoded block into the object
+store once, and as soon as all rows of a shard have arrived it hands that shard's blocks to a writer
+task, which picks the shard's rows in source order (whatever order the workers finished in). The
+manifest is written last.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rot_render import shards
+from rot_render.encoder import PACKED, VisionEncoder, read_encoder_source
+from rot_data.records import load_records
+from rot_render.render import RenderSettings, render_line
+
+
+STATS = "build-stats.txt"
+
+
+class BuildError(RuntimeError):
+    """A build that must not go on (settings clash, bad worker state); the message says the fix."""
+
+
+@dataclass
+class BuildConfig:
+    dataset: str
+    out: Path
+    split: str = "train"
+    encoder: str = "tiny"
+    dtype: str = "bf16"
+    shard_size: int = 1024
+    on_error: str = "fail"
+    keep_calculator: bool = False
+    data_dir: Path | None = None
+    limit: int | None = None
+    render: RenderSettings = field(default_factory=RenderSettings)
+    batch_size: int = 256
+    num_encoders: int | None = None
+    address: str | None = None
+    overwrite: bool = False
+    attn_implementation: str = PACKED  # one varlen attention call per layer for the whole pack
+
+
+def render_batch(batch: pa.Table, settings: RenderSettings, token_px: int) -> pa.Table:
+    """Ray task: add the rendered grey pixels (bytes) and the image width to every row."""
+    images = [render_line(cot, settings, token_px) for cot in batch.column("cot").to_pylist()]
+    return batch.append_column("pixels", pa.array([image.tobytes() for image in images], pa.large_binary())) \
+                .append_column("image_width", pa.array([image.shape[1] for image in images], pa.int32()))
+
+
+def write_shard_from_blocks(path: Path, shard_index: int, build_fingerprint: str, dim: int, dtype: str, *blocks: pa.Table) -> dict:
+    """Ray task: the rows of one shard, taken from the encoded blocks that hold them, in source order, written."""
+    table = pa.concat_tables(blocks)
+    table = table.filter(pc.equal(table["shard"], shard_index)).sort_by("position")
+    return shards.write_shard(path, table, build_fingerprint, dim, dtype)
+
+
+class EncodeBatch:
+    """Ray actor: holds the frozen tower on its GPU (or the CPU) and encodes a batch in one packed call."""
+
+    def __init__(self, encoder: str, expected_sha256: str, dtype: str, height: int, attn_implementation: str):
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.encoder = VisionEncoder.from_pretrained(encoder, device=device, attn_implementation=attn_implementation)
+        if self.encoder.source.weights_sha256 != expected_sha256:
+            raise BuildError(f"worker on {os.uname().nodename} loaded other weights for --encoder {encoder} than the driver; "
+                             "make every node see the same checkpoint")
+        self.dtype, self.height = dtype, height
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        widths = batch.column("image_width").to_pylist()
+        images = [np.frombuffer(pixels, np.uint8).reshape(self.height, width)
+                  for pixels, width in zip(batch.column("pixels").to_pylist(), widths)]
+        packed, tokens_per_image = self.encoder.encode_packed(images)
+        return batch.drop_columns(["pixels"]) \
+                    .append_column("n_tokens", pa.array(tokens_per_image, pa.int32())) \
+                    .append_column("embedding", shards.embedding_column(packed, tokens_per_image, self.dtype))
+
+
+def _start_ray(address: str | None):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING,
+                 log_to_driver=False, include_dashboard=False)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    return ray
+
+
+def _existing_shards(config: BuildConfig, build_fingerprint: str, n_shards: int) -> set[int]:
+    """Indices of finished shards made with these settings; anything made with others is refused or removed."""
+    out = config.out
+    manifest = shards.read_manifest(out)
+    found = sorted(out.glob("shard-*.parquet"))
+    stale = [p for p in found if shards.shard_fingerprint(p) != build_fingerprint]
+    if manifest is not None and manifest.get("fingerprint") != build_fingerprint:
+        stale.append(out / shards.MANIFEST)
+    if stale and not config.overwrite:
+        raise BuildError(f"{stale[0]} was made with different settings (encoder, render, dataset, dtype or shard size); "
+                         f"pass --overwrite to replace the shard set in {out}, or choose another --out")
+    for path in stale + list(out.glob(".shard-*.tmp-*")):  # and what a killed writer left half-written
+        path.unlink()
+    names = {shards.shard_name(i): i for i in range(n_shards)}
+    return {names[p.name] for p in found if p not in stale and p.name in names}
+
+
+def build(config: BuildConfig, progress: bool = True) -> dict:
+    """Run the whole job and return the manifest (which is also written to ``config.out``)."""
+    started = time.perf_counter()
+    records, skipped = load_records(config.dataset, config.split, data_dir=config.data_dir,
+                                    on_error=config.on_error, keep_calculator=config.keep_calculator)
+    if config.limit:
+        records = records[:config.limit]
+    if config.dtype not in shards.STORED_DTYPES:
+        raise BuildError(f"--dtype {config.dtype} is not one of {', '.join(shards.STORED_DTYPES)}")
+    source = read_encoder_source(config.encoder)
+    expected_sha256, token_px = source.weights_sha256, source.token_px
+    render = config.render.resolved(token_px)
+    ray = _start_ray(config.address)
+    n_gpus = int(ray.cluster_resources().get("GPU", 0))
+    num_encoders = config.num_encoders or max(1, n_gpus)
+    encoder_info = source.describe(config.attn_implementation, "bfloat16" if n_gpus else "float32")
+    settings = {
+        "format": shards.FORMAT,
+        "dataset": {"source": config.dataset, "split": config.split, "keep_calculator": config.keep_calculator,
+                    "limit": config.limit},
+        "encoder": encoder_info, "render": render.to_dict(), "dtype": config.dtype, "shard_size": config.shard_size,
+    }
+    build_fingerprint = shards.fingerprint(settings)
+    config.out.mkdir(parents=True, exist_ok=True)
+    n_shards = math.ceil(len(records) / config.shard_size)
+    plan = [records[i * config.shard_size:(i + 1) * config.shard_size] for i in range(n_shards)]
+    done = _existing_shards(config, build_fingerprint, n_shards)
+    todo = [dict(record.to_dict(), shard=i, position=j)
+            for i in range(n_shards) if i not in done for j, record in enumerate(plan[i])]
+
+    encode_seconds, steady_rate, written = 0.0, 0.0, {}
+    if todo:
+        encode_started = time.perf_counter()
+        steady_rate, written = _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpus, todo, plan,
+                                        build_fingerprint, encoder_info["dim"], progress)
+        encode_seconds = time.perf_counter() - encode_started
+
+    summaries = [written[i] if i in written else shards.shard_summary(config.out / shards.shard_name(i)) for i in range(n_shards)]
+    manifest = dict(
+        settings,
+        fingerprint=build_fingerprint,
+        embedding={"dim": encoder_info["dim"], "dtype": config.dtype, "layout": "row-major [n_tokens, dim], little-endian"},
+        rows=sum(s["rows"] for s in summaries),
+        tokens=sum(s["tokens"] for s in summaries),
+        skipped_rows=len(skipped),
+        skipped=[vars(s) for s in skipped],
+        shards=summaries,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    shards.write_manifest(config.out, manifest)
+    manifest["run"] = {  # printed in the summary, not stored: it differs between a build and its resume
+        "encoded_rows": len(todo), "resumed_shards": len(done), "encode_seconds": encode_seconds,
+        "steady_images_per_s": steady_rate,
+        "seconds": time.perf_counter() - started, "encoders": num_encoders, "gpus": n_gpus,
+    }
+    return manifest
+
+
+def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpus, todo, plan, build_fingerprint, dim,
+             progress):
+    from tqdm import tqdm
+
+    batch_size = min(config.batch_size, max(1, math.ceil(len(todo) / num_encoders)))
+    dataset = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / 32)))
+    dataset = dataset.map_batches(render_batch, fn_kwargs={"settings": render, "token_px": token_px},
+                                  batch_format="pyarrow", batch_size=min(32, batch_size))  # small: many CPU tasks in parallel
+    dataset = dataset.map_batches(
+        EncodeBatch,
+        fn_constructor_kwargs={"encoder": config.encoder, "expected_sha256": expected_sha256, "dtype": config.dtype,
+                               "height": render.height, "attn_implementation": config.attn_implementation},
+        batch_format="pyarrow", batch_size=batch_size, concurrency=num_encoders,
+        num_gpus=1 if n_gpus else 0, num_cpus=0 if n_gpus else 1,
+    )
+    # shard files are written by Ray tasks on this node, so compressing and hashing them overlaps with encoding
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    write_shard = ray.remote(num_cpus=1, scheduling_strategy=here)(write_shard_from_blocks)
+    pending: dict[int, list] = {}  # shard -> object refs of the encoded blocks holding its rows
+    writes: dict[int, object] = {}
+    arrived = np.zeros(len(plan), dtype=np.int64)
+    arrivals = []  # (seconds, rows so far) per encoded batch
+    with tqdm(total=len(todo), unit="row", desc="render+encode", disable=not progress) as bar:
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            block = ray.put(batch)  # the one copy the driver makes; writer tasks read it without copying
+            shard_of_row = batch.column("shard").to_numpy()
+            indices, counts = np.unique(shard_of_row, return_counts=True)
+            for index, count in zip(indices.tolist(), counts.tolist()):
+                pending.setdefault(index, []).append(block)
+                arrived[index] += count
+                if arrived[index] == len(plan[index]):  # complete: off to a writer task
+                    writes[index] = write_shard.remote(config.out / shards.shard_name(index), index, build_fingerprint,
+                                                       dim, config.dtype, *pending.pop(index))
+            bar.update(batch.num_rows)
+            arrivals.append((time.perf_counter(), batch.num_rows + (arrivals[-1][1] if arrivals else 0)))
+    written = dict(zip(writes, ray.get(list(writes.values()))))
+    arrivals.append((time.perf_counter(), arrivals[-1][1] if arrivals else 0))  # the last shard written
+    (config.out / STATS).write_text(dataset.stats() + "\n")  # where the time went, operator by operator
+    if pending:
+        raise BuildError(f"shards {sorted(pending)} did not receive all their rows; re-run the build to finish them")
+    return steady_rate(arrivals), written
+
+
+def steady_rate(arrivals: list[tuple[float, int]]) -> float:
+    """Rows/s once every encoder is up: over the middle 80% of the rows (start-up and the last stragglers
+    left out), or from the first batch to the end when there are too few batches for that."""
+    if len(arrivals) < 2:
+        return 0.0
+    total = arrivals[-1][1]
+    inside = [(t, n) for t, n in arrivals if 0.1 * total <= n <= 0.9 * total]
+    (t0, n0), (t1, n1) = (inside[0], inside[-1]) if len(inside) >= 3 else (arrivals[0], arrivals[-1])
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0

@@ -1,0 +1,75 @@
+"""Turn shard rows into the tensors of one micro-batch.
+
+``prefix_ids``: chat-templated question + <img_begin>, left-padded (so the rollout's last column is
+every row's newest position). ``suffix_ids``: <img_end> + answer + end-of-turn, right-padded.
+``targets``: the stored visual embeddings, capped at ``max_latents`` and zero-padded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's padding id, or its end-of-turn id when it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def question_ids(tokenizer, question: str) -> list[int]:
+    """The chat-templated user turn and the assistant prompt, as token ids."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def pad(sequences: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, sequence in enumerate(sequences):
+        span = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        ids[i, span] = torch.tensor(sequence, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+class RoTCollator:
+    reads_embeddings = True  # the stored visual latents are Stage I/II targets
+
+    def __init__(self, tokenizer, img_begin_id: int, img_end_id: int, max_latents: int):
+        self.tokenizer, self.img_begin_id, self.img_end_id, self.max_latents = tokenizer, img_begin_id, img_end_id, max_latents
+
+    def __call__(self, rows: list[dict], embeddings: list[torch.Tensor]) -> dict:
+        pad_id = pad_token_id(self.tokenizer)
+        prefix_ids, prefix_mask = pad([question_ids(self.tokenizer, r["question"]) + [self.img_begin_id] for r in rows], pad_id, left=True)
+        suffix_ids, suffix_mask = pad([[self.img_end_id] + answer_ids(self.tokenizer, r["answer"]) for r in rows], pad_id, left=False)
+        n_latents = torch.tensor([min(len(e), self.max_latents) for e in embeddings])
+        slots = max(1, int(n_latents.max()))
+        targets = torch.zeros(len(rows), slots, embeddings[0].shape[1])
+        for i, (embedding, n) in enumerate(zip(embeddings, n_latents.tolist())):
+            targets[i, :n] = embedding[:n]
+        target_mask = (torch.arange(slots)[None] < n_latents[:, None]).float()
+        return {"ids": [r["id"] for r in rows], "prefix_ids": prefix_ids, "prefix_mask": prefix_mask,
+                "suffix_ids": suffix_ids, "suffix_mask": suffix_mask, "n_latents": n_latents,
+                "targets": targets, "target_mask": target_mask}
+
+
+class SFTCollator:
+    """The baselines: question -> ``cot #### answer`` (SFT with CoT) or question -> answer (SFT without CoT)."""
+
+    reads_embeddings = False  # the stream then skips the embedding column (the bulk of every shard)
+
+    def __init__(self, tokenizer, with_cot: bool, latent_dim: int):
+        self.tokenizer, self.with_cot, self.latent_dim = tokenizer, with_cot, latent_dim
+
+    def __call__(self, rows: list[dict], embeddings: list[torch.Tensor]) -> dict:
+        pad_id = pad_token_id(self.tokenizer)
+        prefix_ids, prefix_mask = pad([question_ids(self.tokenizer, r["question"]) for r in rows], pad_id, left=True)
+        targets = [f"{' '.join(r['cot'].split())} #### {r['answer']}" if self.with_cot else r["answer"] for r in rows]
+        suffix_ids, suffix_mask = pad([answer_ids(self.tokenizer, t) for t in targets], pad_id, left=False)
+        return {"ids": [r["id"] for r in rows], "prefix_ids": prefix_ids, "prefix_mask": prefix_mask,
+                "suffix_ids": suffix_ids, "suffix_mask": suffix_mask, "n_latents": torch.zeros(len(rows), dtype=torch.long),
+                "targets": torch.zeros(len(rows), 0, self.latent_dim), "target_mask": torch.zeros(len(rows), 0)}

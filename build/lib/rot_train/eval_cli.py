@@ -1,0 +1,79 @@
+"""``rot-eval``: evaluate an export on a benchmark, print the paper-style table, look inside the latents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evaluate RoT and SFT-baseline exports.")
+
+
+@app.command("run")
+def run_eval(
+    checkpoint: str = typer.Option(..., help="an export folder (<run --out>/export)"),
+    dataset: str = typer.Option(..., help="gsm8k, gsm_hard, svamp, multiarith, icot_* or a file"),
+    out: Path = typer.Option(..., help="folder for predictions.jsonl and summary.json"),
+    split: str = typer.Option("test"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder with the non-shipped sets (e.g. ../shared/data)"),
+    latents: int = typer.Option(32, help="latent budget (the paper: 32 for GSM8k-style tasks)"),
+    dynamic_threshold: Optional[float] = typer.Option(None, help="stop latents early when within this mean squared distance of <img_end>"),
+    batch_size: int = typer.Option(64),
+    max_answer_tokens: int = typer.Option(32),
+    max_cot_tokens: int = typer.Option(256, help="SFT-CoT baseline: generation cap"),
+    limit: Optional[int] = typer.Option(None, help="only the first N examples"),
+) -> None:
+    """Generate for every question; write per-example predictions and a summary."""
+    from rot_data.records import RecordError
+    from rot_train.evaluate import evaluate
+
+    try:
+        summary = evaluate(checkpoint, dataset, out, split, data_dir, latents, dynamic_threshold, batch_size,
+                           max_answer_tokens, max_cot_tokens, limit)
+    except (RecordError, FileNotFoundError, ValueError) as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{summary['method']} on {dataset} [{split}]: accuracy {100 * summary['accuracy']:.2f}% over "
+               f"{summary['examples']} examples, mean #L {summary['mean_reasoning_tokens']:.1f}, "
+               f"{summary['seconds_per_sample']:.4f} s/sample ({summary['samples_per_s']:.1f} samples/s, "
+               f"batch {batch_size}, {summary['device']}); predictions in {out / 'predictions.jsonl'}")
+
+
+@app.command()
+def table(runs: List[Path] = typer.Argument(..., help="evaluation output folders (each with summary.json)")) -> None:
+    """Print the paper-style markdown table (Pass@1 %, Avg, Avg #L, s/sample) across runs."""
+    from rot_train.evaluate import table as make_table
+
+    missing = [r for r in runs if not (r / "summary.json").exists()]
+    if missing:
+        typer.secho(f"error: {missing[0] / 'summary.json'} is missing; run rot-eval run --out {missing[0]} first", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(make_table(runs))
+
+
+@app.command()
+def viz(
+    checkpoint: str = typer.Option(...),
+    question: str = typer.Option(..., help="the question to reason about"),
+    out: Path = typer.Option(Path("viz")),
+    latents: int = typer.Option(32),
+    shards: Optional[Path] = typer.Option(None, help="a shard set: also list the rendered CoT text nearest to each latent"),
+) -> None:
+    """Save the latent heatmap, the token-similarity matrix and per-token statistics for one question."""
+    from rot_train.export import load_export
+    from rot_train.generate import generate_rot
+    from rot_train.shard_stream import ShardSet
+    from rot_train.viz import draw, nearest_text
+
+    model, tokenizer, _ = load_export(checkpoint)
+    (result,) = generate_rot(model, tokenizer, [question], latents=latents)
+    paths = draw(result.latents, out, question[:60])
+    if shards:
+        (out / "nearest.md").write_text(nearest_text(result.latents, ShardSet.open(shards)))
+        paths.append(out / "nearest.md")
+    typer.echo(f"answer: {result.text!r} after {len(result.latents)} latents\nwrote " + ", ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    app()

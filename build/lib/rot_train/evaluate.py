@@ -1,0 +1,87 @@
+"""Evaluate an export on a benchmark: per-example predictions (JSONL) and a summary (JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rot_data.records import load_records
+from rot_train.answers import final_segment, is_correct
+from rot_train.export import load_export
+from rot_train.generate import generate_rot, generate_text, timed
+
+
+def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data_dir: Path | None = None,
+             latents: int = 32, dynamic_threshold: float | None = None, batch_size: int = 64,
+             max_answer_tokens: int = 32, max_cot_tokens: int = 256, limit: int | None = None,
+             device: str | None = None) -> dict:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model, tokenizer, config = load_export(checkpoint, device=device, dtype=dtype)
+    records, _ = load_records(dataset, split, data_dir=data_dir, require_cot=False)
+    records = records[:limit] if limit else records
+    mode = config.get("mode", "rot")
+    out.mkdir(parents=True, exist_ok=True)
+    correct, reasoning_tokens, seconds = 0, 0, 0.0
+    with open(out / "predictions.jsonl", "w") as predictions:
+        for start in tqdm(range(0, len(records), batch_size), desc=f"eval {dataset}", unit="batch"):
+            batch = records[start:start + batch_size]
+            questions = [r.question for r in batch]
+            if mode == "rot":
+                results, elapsed = timed(generate_rot, model, tokenizer, questions, latents=latents,
+                                         dynamic_threshold=dynamic_threshold, max_answer_tokens=max_answer_tokens)
+            else:
+                results, elapsed = timed(generate_text, model, tokenizer, questions, max_new_tokens=max_cot_tokens)
+            seconds += elapsed
+            for record, result in zip(batch, results):
+                ok = is_correct(result.text, record.answer)
+                n_reasoning = len(result.latents) if mode == "rot" else _cot_tokens(tokenizer, result.text, mode)
+                correct += ok
+                reasoning_tokens += n_reasoning
+                predictions.write(json.dumps({
+                    "id": record.id, "question": record.question, "gold": record.answer, "prediction": result.text,
+                    "extracted": final_segment(result.text), "correct": ok,
+                    ("latents" if mode == "rot" else "cot_tokens"): n_reasoning, "seconds": elapsed / len(batch),
+                }) + "\n")
+    summary = {
+        "checkpoint": str(checkpoint), "method": {"rot": "RoT", "sft-cot": "SFT with CoT", "sft-nocot": "SFT without CoT"}[mode],
+        "dataset": dataset, "split": split, "examples": len(records), "accuracy": correct / len(records),
+        "mean_reasoning_tokens": reasoning_tokens / len(records), "seconds_per_sample": seconds / len(records),
+        "samples_per_s": len(records) / seconds if seconds else 0.0, "batch_size": batch_size, "device": device,
+        "latents": latents if mode == "rot" else None, "dynamic_threshold": dynamic_threshold,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _cot_tokens(tokenizer, text: str, mode: str) -> int:
+    """#L of the SFT baselines: tokens generated before the final answer marker."""
+    if mode != "sft-cot":
+        return 0
+    return len(tokenizer(text.rsplit("####", 1)[0], add_special_tokens=False)["input_ids"])
+
+
+BENCHMARKS = ["gsm8k", "gsm_hard", "svamp", "multiarith"]
+
+
+def table(runs: list[Path]) -> str:
+    """The paper's table (Pass@1 %, mean #L) from the summary.json of evaluation runs."""
+    summaries = [json.loads((Path(r) / "summary.json").read_text()) for r in runs]
+    methods: dict[str, dict[str, dict]] = {}
+    for s in summaries:
+        methods.setdefault(f"{s['method']} ({Path(s['checkpoint']).parent.name or s['checkpoint']})", {})[s["dataset"]] = s
+    datasets = BENCHMARKS + sorted({s["dataset"] for s in summaries} - set(BENCHMARKS))
+    datasets = [d for d in datasets if any(d in m for m in methods.values())]
+    lines = ["| method | " + " | ".join(datasets) + " | Avg | Avg #L | s/sample |",
+             "|---" * (len(datasets) + 4) + "|"]
+    for name, by_dataset in methods.items():
+        cells = [f"{100 * by_dataset[d]['accuracy']:.1f}" if d in by_dataset else "-" for d in datasets]
+        present = list(by_dataset.values())
+        average = sum(s["accuracy"] for s in present) / len(present)
+        mean_l = sum(s["mean_reasoning_tokens"] for s in present) / len(present)
+        speed = sum(s["seconds_per_sample"] for s in present) / len(present)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * average:.1f} | {mean_l:.1f} | {speed:.4f} |")
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""Inference: batched latent reasoning then greedy answer decoding, one KV cache for both.
+
+Every row of the batch moves one position per step and feeds one input embedding:
+- latent phase: ``adapter(head(h))``, until the budget is reached (or, with dynamic termination,
+  until the predicted latent is within ``threshold`` (mean squared distance) of ``<img_end>``'s
+  embedding, at most ``latents`` of them);
+- then ``<img_end>``;
+- then the greedy token from the previous step's logits, until end-of-turn or ``max_answer_tokens``.
+Rows may switch phase at different steps (dynamic termination); left padding and position ids
+keep each row identical to decoding it alone. ``use_cache=False`` re-runs the whole sequence at
+every step, as the official code does; it is kept as the reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rot_train.batches import pad, pad_token_id, question_ids
+
+
+@dataclass
+class Generation:
+    text: str
+    latents: torch.Tensor  # [n_latents, latent_dim] as predicted (before the adapter)
+    token_ids: list[int]  # generated answer (or CoT + answer) tokens, end-of-turn included
+
+    @property
+    def answer_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@torch.no_grad()
+def generate_rot(model, tokenizer, questions: list[str], latents: int = 32, dynamic_threshold: float | None = None,
+                 max_answer_tokens: int = 32, use_cache: bool = True, stop_at_eos: bool = True) -> list[Generation]:
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer)
+    prefix_ids, mask = pad([question_ids(tokenizer, q) + [model.img_begin_id] for q in questions], pad_id, left=True)
+    prefix_ids, mask = prefix_ids.to(device), mask.to(device)
+    rows = len(questions)
+    embed_end = model.embed(torch.tensor([model.img_end_id], device=device))  # [1, d]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = model.embed(prefix_ids)
+    output = model.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=use_cache)
+    hidden, cache, position = output.last_hidden_state[:, -1], output.past_key_values, positions[:, -1]
+
+    in_latent = torch.ones(rows, dtype=torch.bool, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    latent_count = torch.zeros(rows, dtype=torch.long, device=device)
+    answer_count = torch.zeros(rows, dtype=torch.long, device=device)
+    # per step, kept on the device and read once at the end (no host sync per row per step)
+    step_latents, step_emitted, step_tokens, step_answered = [], [], [], []
+    # with a fixed budget every row reasons for exactly `latents` steps, so the host knows each step's phase
+    # without asking the GPU (a sync per step would stop the host from queueing the next step's kernels)
+    phases_known, last_step = dynamic_threshold is None, latents + max_answer_tokens
+    for step in range(last_step + 1):
+        # only compute what some row needs: the head in the latent phase, the vocabulary logits after it
+        some_latent = step <= latents if phases_known else bool(in_latent.any())
+        predicted = model.head(hidden) if some_latent else None
+        latent_input = model.latent_inputs(predicted) if predicted is not None else None
+        close = torch.zeros_like(in_latent)
+        if dynamic_threshold is not None and latent_input is not None:
+            close = (latent_input.float() - embed_end.float()).pow(2).mean(-1) < dynamic_threshold
+        end_now = in_latent & ((latent_count >= latents) | close)
+        emit_latent = in_latent & ~end_now
+        answering = ~in_latent & ~finished
+        some_answering = step > latents if phases_known else bool(answering.any())
+        token = model.output_layer(hidden).argmax(-1) if some_answering else torch.zeros_like(latent_count)
+        step_inputs = model.embed(torch.where(answering, token, torch.full_like(token, model.img_end_id)))
+        if latent_input is not None:
+            step_inputs = torch.where(emit_latent[:, None], latent_input, step_inputs)
+        if predicted is not None:
+            step_latents.append(predicted)
+            step_emitted.append(emit_latent)
+        step_tokens.append(token)
+        step_answered.append(answering)
+        answer_count += answering.long()
+        if stop_at_eos:
+            finished |= answering & (token == tokenizer.eos_token_id)
+        finished |= answering & (answer_count >= max_answer_tokens)
+        latent_count += emit_latent.long()
+        in_latent &= ~end_now
+        # without early stops (fixed budget, no end-of-turn stop) every row finishes at the last step
+        done = bool(finished.all()) if stop_at_eos or not phases_known else step == last_step
+        if done:
+            break
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        position = position + 1
+        if use_cache:
+            output = model.decoder(inputs_embeds=step_inputs[:, None], attention_mask=mask, position_ids=position[:, None],
+                                   past_key_values=cache, use_cache=True)
+            cache = output.past_key_values
+        else:
+            inputs = torch.cat([inputs, step_inputs[:, None]], dim=1)
+            positions = torch.cat([positions, position[:, None]], dim=1)
+            output = model.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False)
+        hidden = output.last_hidden_state[:, -1]
+    latent_dim = model.head.fc_out.out_features
+    latents_by_step = torch.stack(step_latents).float().cpu() if step_latents else torch.zeros(0, rows, latent_dim)
+    emitted = torch.stack(step_emitted).cpu() if step_emitted else torch.zeros(0, rows, dtype=torch.bool)
+    tokens, answered = torch.stack(step_tokens).cpu(), torch.stack(step_answered).cpu()
+    results = []
+    for i in range(rows):
+        answer_ids = tokens[answered[:, i], i].tolist()
+        text = tokenizer.decode([t for t in answer_ids if t != tokenizer.eos_token_id], skip_special_tokens=True).strip()
+        results.append(Generation(text, latents_by_step[emitted[:, i], i], answer_ids))
+    return results
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, questions: list[str], max_new_tokens: int = 256) -> list[Generation]:
+    """Greedy text decoding for the SFT baselines (CoT or no CoT), with the LM's own KV cache."""
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer)
+    ids, mask = pad([question_ids(tokenizer, q) for q in questions], pad_id, left=True)
+    output = model.lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                               do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
+    results = []
+    for row in output[:, ids.shape[1]:].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[:row.index(tokenizer.eos_token_id) + 1]
+        text = tokenizer.decode([t for t in row if t not in (tokenizer.eos_token_id, pad_id)], skip_special_tokens=True)
+        results.append(Generation(text.strip(), torch.zeros(0), row))
+    return results
+
+
+def timed(function, *args, **kwargs):
+    """(result, seconds), synchronising the GPU so the time covers the work."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - started

@@ -1,0 +1,65 @@
+"""Command line of ``stage1.py`` and ``stage2.py`` (the same options; the stage sets the defaults)."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from rot_train.shard_stream import ShardError
+from rot_train.train import CONFIGS, TrainConfig, run
+
+
+def app_for(stage: int, mode: str = "rot") -> typer.Typer:
+    app = typer.Typer(add_completion=False)
+
+    title = {1: "RoT Stage I: train the projection head, LLM frozen", 2: "RoT Stage II: LoRA on the LLM, head frozen"}[stage]
+    if mode != "rot":
+        title = "SFT baselines (question -> CoT -> answer, or question -> answer) with the Stage II settings"
+
+    @app.command(help=title + ".")
+    def main(
+        shards: str = typer.Option(..., help="shard folder written by rot-render build"),
+        backbone: str = typer.Option(..., help="hub id or local path: a Qwen-VL checkpoint (language model only is loaded) or any causal LM"),
+        out: str = typer.Option(..., help="run folder: checkpoints/, export/, metrics.jsonl, tensorboard/, loss.png"),
+        init: Optional[str] = typer.Option(None, help="Stage II: the Stage I export folder (<stage1 --out>/export)"),
+        mode: str = typer.Option(mode, help="rot, or the baselines sft-cot / sft-nocot (LoRA, same settings, no latents)"),
+        deepspeed_config: str = typer.Option(str(CONFIGS / "zero2.json"), "--deepspeed-config", "--ds-config", help="zero2.json (default) or zero3.json in rot_train/configs, or your own"),
+        micro_batch: int = typer.Option(4, help="samples per GPU per micro step"),
+        grad_accum: int = typer.Option(4, help="micro steps per optimizer step (global batch = micro x accum x GPUs)"),
+        epochs: int = typer.Option(2),
+        max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
+        lr: float = typer.Option(2e-5),
+        warmup_steps: int = typer.Option(20),
+        max_latents: int = typer.Option(32, help="latent positions trained per sample (target length cap)"),
+        vision_weight: float = typer.Option(10.0 if stage == 1 else 0.0, help="weight of the MSE to the visual embeddings"),
+        lm_weight: float = typer.Option(1.0, help="weight of the LM loss on <img_end> + answer"),
+        head_width: int = typer.Option(2048, help="projection head width (official: 2048)"),
+        lora_r: int = typer.Option(16),
+        lora_alpha: int = typer.Option(32),
+        lora_dropout: float = typer.Option(0.05),
+        lora_targets: List[str] = typer.Option(["q_proj", "k_proj", "v_proj", "o_proj"]),
+        full_finetune: bool = typer.Option(False, help="Stage II: train every LLM weight instead of LoRA"),
+        gradient_checkpointing: bool = typer.Option(True),
+        seed: int = typer.Option(0),
+        shuffle_buffer: int = typer.Option(1024),
+        num_workers: int = typer.Option(1, help="data-loader worker processes per rank"),
+        save_every: int = typer.Option(0, help="checkpoint every N optimizer steps (0: only at the end)"),
+        resume: bool = typer.Option(False, help="continue from the latest checkpoint in <out>/checkpoints"),
+        log_ids: bool = typer.Option(False, help="write the ids each rank consumed to ids-rank<N>.jsonl"),
+        local_rank: int = typer.Option(0, "--local_rank", "--local-rank", hidden=True, help="set by the deepspeed launcher"),
+    ) -> None:
+        config = TrainConfig(stage=stage, shards=shards, backbone=backbone, out=out, init=init, mode=mode, deepspeed_config=deepspeed_config,
+                             micro_batch=micro_batch, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr,
+                             warmup_steps=warmup_steps, max_latents=max_latents, vision_weight=vision_weight,
+                             lm_weight=lm_weight, head_width=head_width, lora_r=lora_r, lora_alpha=lora_alpha,
+                             lora_dropout=lora_dropout, lora_targets=list(lora_targets), full_finetune=full_finetune,
+                             gradient_checkpointing=gradient_checkpointing, seed=seed, shuffle_buffer=shuffle_buffer,
+                             num_workers=num_workers, save_every=save_every, resume=resume, log_ids=log_ids)
+        try:
+            run(config)
+        except (ShardError, FileNotFoundError, ValueError) as error:
+            typer.secho(f"error: {error}", fg="red", err=True)
+            raise typer.Exit(1)
+
+    return app

@@ -1,0 +1,175 @@
+"""The RoT model: a causal LM, a projection head that turns its hidden state into the next visual
+latent, and (when shard and LLM sizes differ) an adapter that maps latents back to the LLM's input size.
+
+Sequence: ``[question] <img_begin> v_1 ... v_N <img_end> [answer]`` with
+``v_i = head(h_{i-1})``, ``h`` the LLM's last hidden state, fed back (detached) as the next input.
+
+Training does two passes, both batched:
+1. ``rollout_hidden``: under ``no_grad``, prefill the questions and roll out the latents with a KV
+   cache, the whole batch at once. No autograd graph is built here.
+2. one teacher-forced pass over the whole sequence with the rolled-out latents in place, for the
+   LM loss on ``<img_end>`` + answer (and, in Stage II, an optional vision loss).
+In Stage I the vision loss is ``head(h)`` against the target embeddings with ``h`` from pass 1,
+and the LM loss reaches the head through the latents placed in pass 2.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SwiGLU(nn.Module):
+    """W3(silu(W1 x) * W2 x), as in the official projection head."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class ProjectionHead(nn.Module):
+    """LayerNorm(d_llm) -> Linear(d_llm, width) -> SwiGLU(width) -> Linear(width, d_latent)."""
+
+    def __init__(self, llm_dim: int, latent_dim: int, width: int = 2048):
+        super().__init__()
+        self.norm = nn.LayerNorm(llm_dim)
+        self.fc_in = nn.Linear(llm_dim, width)
+        self.swiglu = SwiGLU(width)
+        self.fc_out = nn.Linear(width, latent_dim)
+
+    def forward(self, hidden):
+        return self.fc_out(self.swiglu(self.fc_in(self.norm(hidden))))
+
+
+class RoTModel(nn.Module):
+    def __init__(self, lm, latent_dim: int, img_begin_id: int, img_end_id: int, head_width: int = 2048):
+        super().__init__()
+        llm_dim = lm.config.hidden_size
+        self.lm = lm
+        self.head = ProjectionHead(llm_dim, latent_dim, head_width)
+        # shards from another VLM family: map latents back to the LLM's input size before feeding them in
+        self.adapter = nn.Linear(latent_dim, llm_dim) if latent_dim != llm_dim else nn.Identity()
+        self.img_begin_id, self.img_end_id = img_begin_id, img_end_id
+
+    @property
+    def decoder(self):
+        """The transformer stack (returns hidden states, not logits); LoRA layers live inside it."""
+        lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        return lm.get_decoder()
+
+    @property
+    def output_layer(self):
+        lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        return lm.get_output_embeddings()
+
+    def embed(self, token_ids):
+        return self.lm.get_input_embeddings()(token_ids)
+
+    def latent_inputs(self, latents):
+        return self.adapter(latents).to(self.embed_dtype)
+
+    @property
+    def embed_dtype(self):
+        return self.lm.get_input_embeddings().weight.dtype
+
+    @torch.no_grad()
+    def rollout_hidden(self, prefix_ids, prefix_mask, n_steps: int) -> torch.Tensor:
+        """Hidden states h_0 ... h_{n-1} that predict latents v_1 ... v_n, batched, with a KV cache.
+
+        ``prefix_ids`` are left-padded (question + <img_begin>), so the last column is every row's
+        latest position. Returns [B, n_steps, d_llm]. Runs in eval mode: no dropout in the latents fed
+        back, and gradient checkpointing (train mode only) would otherwise switch the KV cache off.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            return self._rollout(prefix_ids, prefix_mask, n_steps)
+        finally:
+            self.train(was_training)
+
+    def _rollout(self, prefix_ids, prefix_mask, n_steps):
+        positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)
+        output = self.decoder(inputs_embeds=self.embed(prefix_ids), attention_mask=prefix_mask,
+                              position_ids=positions, use_cache=True)
+        hidden = output.last_hidden_state[:, -1]
+        cache, mask, position = output.past_key_values, prefix_mask, positions[:, -1]
+        states = [hidden]
+        for _ in range(n_steps - 1):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            position = position + 1
+            output = self.decoder(inputs_embeds=self.latent_inputs(self.head(hidden))[:, None], attention_mask=mask,
+                                  position_ids=position[:, None], past_key_values=cache, use_cache=True)
+            hidden, cache = output.last_hidden_state[:, -1], output.past_key_values
+            states.append(hidden)
+        return torch.stack(states, dim=1)
+
+    def teacher_forced(self, batch, latents):
+        """One pass over [prefix][latent slots][suffix]; slots past a row's own count are masked holes.
+
+        Returns (hidden states [B, L, d], attention mask [B, L]). Positions skip the holes, so each row
+        sees exactly ``prefix v_1..v_n suffix`` with consecutive positions, as at inference.
+        """
+        n_slots = latents.shape[1]
+        slot_mask = (torch.arange(n_slots, device=latents.device)[None] < batch["n_latents"][:, None]).to(batch["prefix_mask"])
+        inputs = torch.cat([self.embed(batch["prefix_ids"]), self.latent_inputs(latents), self.embed(batch["suffix_ids"])], 1)
+        mask = torch.cat([batch["prefix_mask"], slot_mask, batch["suffix_mask"]], 1)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+        return hidden, mask
+
+    def lm_loss(self, batch, hidden, mask):
+        """Cross-entropy on <img_end> + answer: each real position predicts the next real position's token.
+        Averaged per sample, then over samples (so a 2-GPU run logs the same loss as a 1-GPU run)."""
+        length = hidden.shape[1]
+        suffix_start = length - batch["suffix_ids"].shape[1]
+        index = torch.arange(length, device=hidden.device).expand_as(mask)
+        real_index = torch.where(mask.bool(), index, torch.full_like(index, length))
+        # the next real position after each position: a reversed running minimum, shifted by one
+        following = torch.cat([real_index[:, 1:].flip(1).cummin(1).values.flip(1), torch.full_like(real_index[:, :1], length)], 1)
+        rows, sources = (mask.bool() & (following < length) & (following >= suffix_start)).nonzero(as_tuple=True)
+        labels = batch["suffix_ids"][rows, following[rows, sources] - suffix_start]
+        logits = self.output_layer(hidden[rows, sources]).float()
+        per_token = F.cross_entropy(logits, labels, reduction="none")
+        # mean per sample, then over samples: every sample counts once however the batch is split over ranks
+        per_sample = per_token.new_zeros(hidden.shape[0]).index_add_(0, rows, per_token)
+        per_sample = per_sample / torch.bincount(rows, minlength=hidden.shape[0]).clamp(min=1)
+        return (per_sample * batch["weights"]).sum() / batch["weights"].sum().clamp(min=1e-8)
+
+    @staticmethod
+    def vision_loss(batch, predicted):
+        """Mean squared error to the target embeddings over each row's own latent positions, then over rows."""
+        targets, target_mask = batch["targets"], batch["target_mask"]
+        per_slot = (predicted.float() - targets).pow(2).mean(-1)
+        per_sample = (per_slot * target_mask).sum(1) / target_mask.sum(1).clamp(min=1)
+        return (per_sample * batch["weights"]).sum() / batch["weights"].sum().clamp(min=1e-8)
+
+    def forward(self, batch, stage: int, vision_weight: float, lm_weight: float, hidden_roll=None):
+        """Losses of one micro-batch; ``hidden_roll`` lets a caller supply the rollout (the benchmark's official loop)."""
+        n_slots = batch["targets"].shape[1]
+        if n_slots == 0:  # the SFT baselines: question -> text, no latents
+            hidden, mask = self.teacher_forced(batch, batch["targets"].to(self.embed_dtype))
+            loss = self.lm_loss(batch, hidden, mask)
+            return {"loss": loss, "lm": loss.detach()}
+        if hidden_roll is None:
+            hidden_roll = self.rollout_hidden(batch["prefix_ids"], batch["prefix_mask"], n_slots)
+        latents = self.head(hidden_roll)  # Stage I: grad flows into the head; Stage II: the head is frozen
+        losses = {"latent_norm": latents.detach().float().norm(dim=-1).mean()}
+        total = latents.new_zeros((), dtype=torch.float32)
+        if stage == 1:
+            losses["mse"] = self.vision_loss(batch, latents)
+            total = total + vision_weight * losses["mse"]
+        if lm_weight > 0 or stage == 2:
+            hidden, mask = self.teacher_forced(batch, latents if stage == 1 else latents.detach())
+            losses["lm"] = self.lm_loss(batch, hidden, mask)
+            total = total + lm_weight * losses["lm"]
+            if stage == 2 and vision_weight > 0:
+                prefix_len = batch["prefix_ids"].shape[1]
+                predicted = self.head(hidden[:, prefix_len - 1: prefix_len - 1 + n_slots])
+                losses["mse"] = self.vision_loss(batch, predicted)
+                total = total + vision_weight * losses["mse"]
+        losses["loss"] = total
+        return losses

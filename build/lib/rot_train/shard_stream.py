@@ -1,0 +1,173 @@
+"""Read the shards of docs/shard-format.md for training (no import of rot_render: the format is the contract).
+
+The order of an epoch is a pure function of (seed, epoch): shards in a seeded random order, rows
+passed through a seeded shuffle buffer. Every rank computes the same order from the manifest alone,
+cuts it into global micro-batches of ``micro_batch * world_size`` rows, and takes its own slice, so
+ranks never overlap and a checkpoint only has to record (epoch, micro-batch index) to resume. The
+last global micro-batch of an epoch is filled with weight-0 copies so every rank runs the same
+number of steps; those copies add nothing to the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from rot_data.checksums import file_sha256
+from rot_data.shard_format import FORMAT, STORED_DTYPES
+
+
+class ShardError(RuntimeError):
+    """A shard set that cannot be trained on; the message names the file and the fix."""
+
+
+@dataclass
+class ShardSet:
+    folder: Path
+    manifest: dict
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["embedding"]["dim"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return STORED_DTYPES[self.manifest["embedding"]["dtype"]]
+
+    @property
+    def shard_rows(self) -> list[int]:
+        return [s["rows"] for s in self.manifest["shards"]]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.shard_rows)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @classmethod
+    def open(cls, folder: Path | str, verify: bool = True) -> "ShardSet":
+        folder = Path(folder)
+        manifest_path = folder / "manifest.json"
+        if not folder.is_dir():
+            raise ShardError(f"{folder} does not exist; build it first: rot-render build --dataset ... --out {folder}")
+        if not manifest_path.exists():
+            raise ShardError(f"{manifest_path} is missing: the build did not finish; re-run the same rot-render build command (it resumes)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ShardError(f"{manifest_path} is not valid JSON ({error.msg}); re-run rot-render build to rewrite it") from None
+        if manifest.get("format") != FORMAT:
+            raise ShardError(f"{manifest_path} has format {manifest.get('format')!r}, this trainer reads {FORMAT!r}; rebuild the shards with this version of rot-render")
+        if not manifest.get("shards") or not manifest.get("rows"):
+            raise ShardError(f"{manifest_path} lists no rows: the shard set is empty; rebuild it from a dataset with rows")
+        shard_set = cls(folder, manifest)
+        if verify:
+            for shard in manifest["shards"]:
+                path = folder / shard["name"]
+                if not path.exists():
+                    raise ShardError(f"{path} is missing; re-run rot-render build with --out {folder} to remake it")
+                if file_sha256(path) != shard["sha256"]:
+                    raise ShardError(f"{path} does not match its checksum in {manifest_path} (corrupt or changed); delete it and re-run rot-render build to remake it")
+        return shard_set
+
+    def check_dim(self, expected_dim: int, where: str) -> None:
+        """Refuse shards whose embedding size differs from what a trained head expects."""
+        if self.dim != expected_dim:
+            raise ShardError(f"{self.folder / 'manifest.json'} has embedding dim {self.dim} but {where} was trained on dim "
+                             f"{expected_dim}; use the shard set that {where} was trained on, or start again from Stage I")
+
+    def read_rows(self, index: int, with_embeddings: bool = True) -> list[dict]:
+        """The rows of one shard; without the embedding column when the caller never looks at it (SFT)."""
+        path = self.folder / self.manifest["shards"][index]["name"]
+        try:
+            columns = None if with_embeddings else [name for name in pq.read_schema(path).names if name != "embedding"]
+            return pq.read_table(path, columns=columns).to_pylist()
+        except Exception as error:  # pyarrow raises several types for a damaged file
+            raise ShardError(f"{path} cannot be read ({error}); delete it and re-run rot-render build to remake it") from None
+
+    def embedding(self, row: dict) -> torch.Tensor:
+        """The stored [n_tokens, dim] matrix of a row, as float32."""
+        flat = torch.frombuffer(bytearray(row["embedding"]), dtype=self.dtype)
+        return flat.view(row["n_tokens"], self.dim).float()
+
+
+def epoch_order(shard_rows: list[int], seed: int, epoch: int, shuffle_buffer: int) -> list[tuple[int, int]]:
+    """(shard, row) pairs of one epoch: shards in seeded order, rows through a seeded shuffle buffer."""
+    rng = np.random.default_rng([seed, epoch])
+    stream = ((s, r) for s in rng.permutation(len(shard_rows)) for r in range(shard_rows[s]))
+    if shuffle_buffer <= 1:
+        return [(int(s), r) for s, r in stream]
+    order, buffer = [], []
+    for item in stream:
+        if len(buffer) < shuffle_buffer:
+            buffer.append(item)
+            continue
+        slot = int(rng.integers(len(buffer)))
+        order.append(buffer[slot])
+        buffer[slot] = item
+    rng.shuffle(buffer)
+    order.extend(buffer)
+    return [(int(s), r) for s, r in order]
+
+
+class ShardStream(IterableDataset):
+    """Yields this rank's collated micro-batches, in order, from ``(epoch, start_batch)`` on."""
+
+    def __init__(self, shard_set: ShardSet, collate, micro_batch: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle_buffer: int = 1024, cached_shards: int = 4):
+        self.shard_set, self.collate = shard_set, collate
+        self.reads_embeddings = getattr(collate, "reads_embeddings", True)  # SFT's collator sets it False
+        self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
+        self.seed, self.shuffle_buffer, self.cached_shards = seed, shuffle_buffer, cached_shards
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.shard_set.rows / (self.micro_batch * self.world_size))
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def rank_plan(self) -> list[list[tuple[int, int, float]]]:
+        """This rank's micro-batches of the epoch as (shard, row, weight) triples."""
+        order = epoch_order(self.shard_set.shard_rows, self.seed, self.epoch, self.shuffle_buffer)
+        per_global = self.micro_batch * self.world_size
+        plan = []
+        for b in range(self.batches_per_epoch):
+            chunk = [(s, r, 1.0) for s, r in order[b * per_global:(b + 1) * per_global]]
+            chunk += [(order[0][0], order[0][1], 0.0)] * (per_global - len(chunk))  # weight-0 filler, last batch only
+            plan.append(chunk[self.rank * self.micro_batch:(self.rank + 1) * self.micro_batch])
+        return plan
+
+    def __iter__(self):
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        cache: OrderedDict[int, list[dict]] = OrderedDict()
+
+        def row(shard: int, index: int) -> dict:
+            if shard not in cache:
+                cache[shard] = self.shard_set.read_rows(shard, self.reads_embeddings)
+                while len(cache) > self.cached_shards:
+                    cache.popitem(last=False)
+            cache.move_to_end(shard)
+            return cache[shard][index]
+
+        for b, triples in enumerate(self.rank_plan()):
+            if b < self.start_batch or (b - self.start_batch) % workers != worker_id:
+                continue
+            rows = [row(s, r) for s, r, _ in triples]
+            embeddings = [self.shard_set.embedding(r) for r in rows] if self.reads_embeddings else []
+            batch = self.collate(rows, embeddings)
+            batch["weights"] = torch.tensor([w for _, _, w in triples])
+            batch["batch_index"] = b
+            yield batch

@@ -1,0 +1,338 @@
+"""The training loop shared by Stage I (head only, LLM frozen) and Stage II (LoRA on the LLM, head frozen).
+
+Read it top to bottom: set up distributed -> load shards, backbone, head -> freeze what the stage
+freezes -> DeepSpeed engine -> (resume) -> loop over epochs and micro-batches -> checkpoints ->
+export. The vision encoder is never loaded: targets come from the shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rot_train import export as exporting
+from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone, set_token_rows, token_rows
+from rot_train.batches import RoTCollator, SFTCollator
+from rot_train.model import RoTModel
+from rot_train.shard_stream import ShardSet, ShardStream
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+@dataclass
+class TrainConfig:
+    stage: int
+    shards: str
+    backbone: str
+    out: str
+    init: str | None = None  # Stage II: the Stage I export to take the head (and new token rows) from
+    mode: str = "rot"  # or the baselines "sft-cot" / "sft-nocot" (Stage II settings, no latents)
+    deepspeed_config: str = str(CONFIGS / "zero2.json")
+    micro_batch: int = 4
+    grad_accum: int = 4
+    epochs: int = 2
+    max_steps: int | None = None
+    lr: float = 2e-5
+    warmup_steps: int = 20
+    max_latents: int = 32
+    vision_weight: float = 10.0
+    lm_weight: float = 1.0
+    head_width: int = 2048
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    full_finetune: bool = False
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    shuffle_buffer: int = 1024
+    num_workers: int = 1
+    save_every: int = 0
+    resume: bool = False
+    log_ids: bool = False
+
+
+def init_distributed():
+    """Join the launcher's process group, or make a one-process group when run without one."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        import socket
+
+        with socket.socket() as probe:  # a free port for this one-process group
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    accelerator = deepspeed.get_accelerator()
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    _unlink_cpu_allreduce_buffer()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    accelerator.set_device(local_rank) if accelerator.device_name() != "cpu" else None
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), torch.device(accelerator.device_name(local_rank))
+
+
+def _unlink_cpu_allreduce_buffer() -> None:
+    """DeepSpeed's CPU all-reduce gives each rank a 66 MB file in /dev/shm and never deletes it, so every CPU run
+    leaked one into memory (21 GB of them filled a 24 GB test machine). Once every rank has mapped its peers'
+    buffers (the barrier), the names can go: the mappings stay valid until the processes exit, killed or not."""
+    env = os.environ
+    name = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env['RANK']}"
+    if name.exists():  # on every rank or none: DeepSpeed makes them only when all ranks share this host
+        torch.distributed.barrier()
+        name.unlink()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, total_steps: int, device: torch.device) -> dict:
+    config = json.loads(Path(cfg.deepspeed_config).read_text())
+    config.update(train_micro_batch_size_per_gpu=cfg.micro_batch, gradient_accumulation_steps=cfg.grad_accum,
+                  train_batch_size=cfg.micro_batch * cfg.grad_accum * world_size)
+    config.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {}})["params"].update(
+        warmup_min_lr=0.0, warmup_max_lr=cfg.lr, warmup_num_steps=min(cfg.warmup_steps, max(1, total_steps - 1)),
+        total_num_steps=max(total_steps, 2), warmup_type="linear")
+    return config
+
+
+def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, shard_set: ShardSet):
+    """Backbone + new tokens + head, with exactly the parameters of this stage left trainable."""
+    lm, tokenizer = load_backbone(cfg.backbone, dtype=dtype, device=device)
+    token_ids = add_latent_tokens(lm, tokenizer, seed=cfg.seed)
+    model = RoTModel(lm, shard_set.dim, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.head_width).to(device, dtype)
+    lm.requires_grad_(False)
+    if cfg.mode not in ("rot", "sft-cot", "sft-nocot") or (cfg.mode != "rot" and cfg.stage != 2):
+        raise ValueError(f"--mode {cfg.mode}: use rot (Stage I or II) or sft-cot / sft-nocot (rot_train/sft.py)")
+    if cfg.stage == 2:
+        if cfg.init is None and cfg.mode == "rot":
+            raise ValueError("--init is required for Stage II: pass the export folder a Stage I run wrote (<stage1 --out>/export)")
+        if cfg.mode == "rot":
+            exporting.load_head(model, cfg.init, shard_set)
+        model.head.requires_grad_(False)
+        model.adapter.requires_grad_(False)
+        if cfg.full_finetune:
+            lm.requires_grad_(True)
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            model.lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                     target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
+            model.lm.to(device, dtype)
+    if cfg.gradient_checkpointing:  # Stage I too: the teacher-forced pass keeps activations for the input gradients
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer, token_ids
+
+
+class MetricsLog:
+    """Rank 0's per-step record: a JSON-lines file (tests and plots read it) and TensorBoard."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.file = open(out / "metrics.jsonl", "a")
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+
+    def close(self):
+        if self.enabled:
+            self.file.close()
+            self.writer.close()
+
+
+def _resume_tag(checkpoints: Path, world_size: int, rank: int, ds_config: dict) -> str:
+    """The checkpoint tag to load. Saved with another number of GPUs: convert it once to DeepSpeed's
+    universal format (optimizer state un-partitioned) and load that, so 2-GPU runs resume on 1 and back."""
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    tag = (checkpoints / "latest").read_text().strip()
+    states = sorted((checkpoints / tag).glob("*mp_rank_00_model_states.pt"))  # ZeRO-3 prefixes it with zero_pp_rank_<r>_
+    saved = torch.load(states[0], map_location="cpu", weights_only=False)
+    if saved["dp_world_size"] == world_size:
+        return tag
+    universal = f"{tag}_universal"
+    if rank == 0 and not (checkpoints / universal).exists():
+        print(f"checkpoint {tag} was saved on {saved['dp_world_size']} ranks, resuming on {world_size}: converting to {universal}")
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoints / tag),
+                        "--output_folder", str(checkpoints / universal), "--inject_missing_state"], check=True,
+                       stdout=subprocess.DEVNULL)
+    if dist.is_initialized():
+        dist.barrier()
+    ds_config["checkpoint"] = {"load_universal": True}
+    return universal
+
+
+def _optimizer_state_beside_weights(optimizer) -> None:
+    """A universal checkpoint restores Adam's step counters on the CPU; the fused CUDA AdamW wants every
+    state tensor on its parameter's device (found moving a 2-GPU checkpoint to 1 GPU). Walk the state itself:
+    ZeRO-3 empties ``param_groups[i]["params"]`` between steps, so the groups do not list the parameters."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO wrapper holds the torch optimizer
+    for param, state in inner.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.device != param.device:
+                state[key] = value.to(param.device)
+
+
+def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Logged losses are the mean over data-parallel ranks, so a 2-GPU log compares with a 1-GPU log.
+    The values stay on the device until here: one host sync per optimizer step, not one per loss per micro-step."""
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    tensor = torch.stack([values[k] for k in keys])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor = tensor / dist.get_world_size()
+    return dict(zip(keys, tensor.tolist()))
+
+
+def _same_latent_slots_on_every_rank(batch: dict) -> dict:
+    """ZeRO-3 gathers each layer's weights inside every forward call, so all ranks must make the same number of
+    calls; the rollout makes one per latent slot. Pad every rank's slots to the largest count on any rank (the
+    extra slots are masked holes: they cost compute, never change a loss)."""
+    import torch.distributed as dist
+
+    slots = torch.tensor([batch["targets"].shape[1]], device=batch["targets"].device)
+    dist.all_reduce(slots, op=dist.ReduceOp.MAX)
+    extra = int(slots) - batch["targets"].shape[1]
+    if extra:
+        batch = dict(batch, targets=torch.nn.functional.pad(batch["targets"], (0, 0, 0, extra)),
+                     target_mask=torch.nn.functional.pad(batch["target_mask"], (0, extra)))
+    return batch
+
+
+def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
+    import deepspeed
+    from tqdm import tqdm
+
+    rank, world_size, device = init_distributed()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    shard_set = ShardSet.open(cfg.shards)
+    ds_file = json.loads(Path(cfg.deepspeed_config).read_text())
+    dtype = torch.bfloat16 if ds_file.get("bf16", {}).get("enabled") else torch.float32
+    model, tokenizer, token_ids = build_model(cfg, device, dtype, shard_set)
+    if cfg.mode == "rot":
+        collate = RoTCollator(tokenizer, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.max_latents)
+    else:
+        collate = SFTCollator(tokenizer, with_cot=cfg.mode == "sft-cot", latent_dim=shard_set.dim)
+    stream = ShardStream(shard_set, collate, cfg.micro_batch, rank, world_size, cfg.seed, cfg.shuffle_buffer)
+    steps_per_epoch = stream.batches_per_epoch // cfg.grad_accum
+    total_steps = steps_per_epoch * cfg.epochs  # the LR schedule's length; --max-steps only stops early
+    stop_step = min(cfg.max_steps or total_steps, total_steps)
+    if total_steps < 1:
+        raise ValueError(f"{shard_set.rows} rows give no optimizer step with micro batch {cfg.micro_batch} x accumulation "
+                         f"{cfg.grad_accum} x {world_size} ranks; lower --micro-batch or --grad-accum")
+    # pitfall of latent methods: latents whose norm is far from the token embeddings' destabilise training
+    embedding_norm = float(model.lm.get_input_embeddings().weight.float().norm(dim=-1).mean())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    checkpoints = out / "checkpoints"
+    ds_config = deepspeed_config(cfg, world_size, total_steps, device)
+    resume_tag = _resume_tag(checkpoints, world_size, rank, ds_config) if cfg.resume and (checkpoints / "latest").exists() else None
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    run_info = {"config": asdict(cfg), "world_size": world_size,
+                "global_batch": cfg.micro_batch * cfg.grad_accum * world_size, "shards_fingerprint": shard_set.fingerprint,
+                "trainable_parameters": sum(p.numel() for p in trainable), "total_steps": total_steps, "device": str(device),
+                "embedding_row_norm": embedding_norm}
+    step, epoch, start_batch = 0, 0, 0
+    if resume_tag:
+        _, state = engine.load_checkpoint(str(checkpoints), tag=resume_tag, load_module_strict=False)
+        if state["shards_fingerprint"] != shard_set.fingerprint:
+            raise ValueError(f"{checkpoints} was trained on shards {state['shards_fingerprint']}, {cfg.shards} are "
+                             f"{shard_set.fingerprint}; resume with the same --shards or start a new --out")
+        _optimizer_state_beside_weights(engine.optimizer)
+        step, epoch, start_batch = state["step"], state["epoch"], state["next_batch"]
+        set_token_rows(model.lm, list(token_ids.values()), state["token_rows"])
+        torch.set_rng_state(state["torch_rng"])
+    if rank == 0:
+        (out / "run.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
+    metrics = MetricsLog(out, rank == 0)
+    ids_log = open(out / f"ids-rank{rank}.jsonl", "a") if cfg.log_ids else None
+    progress = tqdm(total=stop_step, initial=step, desc=cfg.mode if cfg.mode != "rot" else f"stage {cfg.stage}", disable=rank != 0, unit="step")
+
+    def save():
+        state = {"step": step, "epoch": epoch, "next_batch": next_batch, "shards_fingerprint": shard_set.fingerprint,
+                 "token_rows": token_rows(model.lm, list(token_ids.values())), "torch_rng": torch.get_rng_state(),
+                 "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}  # lets ds_to_universal convert it
+        engine.save_checkpoint(str(checkpoints), tag=f"step{step}", client_state=state, exclude_frozen_parameters=True)
+
+    engine.train()
+    started, samples, sums, micro_steps = time.perf_counter(), 0, {}, 0
+    next_batch = start_batch
+    while step < stop_step and epoch < cfg.epochs:
+        stream.set_position(epoch, start_batch)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
+                                             prefetch_factor=4 if cfg.num_workers else None,
+                                             generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG (dropout) alone
+        for batch in loader:
+            next_batch = batch["batch_index"] + 1
+            if ids_log:
+                ids_log.write(json.dumps({"epoch": epoch, "batch": batch["batch_index"],
+                                          "ids": [i for i, w in zip(batch["ids"], batch["weights"].tolist()) if w > 0]}) + "\n")
+            tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            if engine.zero_optimization_stage() == 3:
+                tensors = _same_latent_slots_on_every_rank(tensors)
+            losses = engine(tensors, stage=cfg.stage, vision_weight=cfg.vision_weight, lm_weight=cfg.lm_weight)
+            engine.backward(losses["loss"])
+            engine.step()
+            samples += int(batch["weights"].sum()) * world_size
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().double()
+            micro_steps += 1
+            if micro_steps % cfg.grad_accum:
+                continue
+            step += 1
+            values = {k: v / cfg.grad_accum for k, v in _mean_over_ranks(sums).items()}
+            values.update(lr=engine.get_lr()[0], epoch=epoch, embedding_norm=embedding_norm, samples_per_s=samples / (time.perf_counter() - started))
+            metrics.write(step, values)
+            progress.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "mse", "lm") if k in values})
+            progress.update()
+            sums = {}
+            if cfg.save_every and step % cfg.save_every == 0:
+                save()
+            if step >= stop_step:
+                break
+        else:
+            epoch, start_batch, next_batch = epoch + 1, 0, 0
+            continue
+        break
+    progress.close()
+    elapsed = time.perf_counter() - started
+    save()
+    summary = {"steps": step, "samples": samples, "seconds": elapsed, "samples_per_s": samples / max(elapsed, 1e-9),
+               "global_batch": run_info["global_batch"],
+               "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    exporting.export(model, tokenizer, out / "export", cfg, shard_set, token_ids, write=rank == 0)  # collective under ZeRO-3
+    if rank == 0:
+        exporting.plot_losses(out / "metrics.jsonl", out / "loss.png")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"{cfg.mode if cfg.mode != 'rot' else f'stage {cfg.stage}'} done: {step} steps, {samples} samples in {elapsed:.1f} s "
+              f"({summary['samples_per_s']:.2f} samples/s, global batch {summary['global_batch']}); export in {out / 'export'}")
+    metrics.close()
+    if ids_log:
+        ids_log.close()
+    return summary, engine.module
