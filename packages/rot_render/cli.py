@@ -112,6 +112,45 @@ def show(
 
 
 @app.command()
+def read(
+    images: list[Path] = typer.Argument(None, help="PNG files of rendered lines (any height is scaled to one 32 px token row)"),
+    text: Optional[str] = typer.Option(None, help="render this text with the build's settings and read it back"),
+    model: str = typer.Option("anchor", help="a Qwen3-VL checkpoint (folder or hub id); 'anchor' = the shipped pretrained one"),
+) -> None:
+    """Transcribe rendered lines with the VLM's tower and language model (no text is given to it)."""
+    import numpy as np
+    from PIL import Image
+
+    from rot_anchor import read as reader
+    from rot_render.render import render_line
+
+    if not images and text is None:
+        _fail("give PNG files to read, or --text to render and read back")
+    lines, names = [], []
+    for path in images or []:
+        if not path.exists():
+            _fail(f"{path} does not exist")
+        grey = Image.open(path).convert("L")
+        width = max(32, round(grey.width * 32 / grey.height / 32) * 32)  # one token row, whole tokens
+        lines.append(np.asarray(grey.resize((width, 32), Image.BILINEAR), dtype=np.uint8))
+        names.append(str(path))
+    if text is not None:
+        lines.append(render_line(text, RenderSettings(), 32))
+        names.append("--text")
+    try:
+        vlm, tokenizer = reader.load(model)
+    except (FileNotFoundError, OSError) as error:
+        _fail(str(error))
+    reader.prepare_tower(vlm)
+    import torch
+
+    with torch.no_grad():
+        transcripts = reader.transcribe(vlm, tokenizer, reader.embed_images(vlm, lines))
+    for name, transcript in zip(names, transcripts):
+        typer.echo(f"{name}: {transcript}")
+
+
+@app.command()
 def inspect(folder: Path = typer.Argument(..., help="a shard folder written by rot-render build")) -> None:
     """Verify every shard's checksum against the manifest and print the summary."""
     problems = shards.verify(folder)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import rot_anchor
 from rot_render.packed_attention import NAME as PACKED, register as register_packed_attention
 
 TINY = "tiny"
@@ -67,6 +68,14 @@ def use_linear_patch_embedding(patch_embed) -> None:
         return F.linear(hidden_states.to(weight.dtype).view(-1, weight.shape[1]), weight, proj.bias)
 
     patch_embed.forward = forward
+
+
+def grid_thw_for(tower, grids, device) -> torch.Tensor:
+    """The ``grid_thw`` tensor to pass the tower. Older transformers (5.17) loop over it image by image in
+    Python; on a CUDA tensor every element read is a GPU sync (thousands per call), so they get it on the CPU.
+    Newer ones (5.24) are vectorised and build device tensors from it, so they get it on the device."""
+    looping = hasattr(tower, "rot_pos_emb")
+    return torch.as_tensor(grids, dtype=torch.long, device="cpu" if looping else device)
 
 
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -118,6 +127,46 @@ class EncoderSource:
         }
 
 
+@dataclass(frozen=True)
+class Patchifier:
+    """Grey one-line images -> the tower's pixel values, as the HF processor would make them but without resizing.
+
+    Shared by the build's encoder and the anchor's pretraining, so both see exactly the same patches."""
+
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    image_mean: tuple
+    image_std: tuple
+
+    @classmethod
+    def for_source(cls, source: "EncoderSource") -> "Patchifier":
+        config = source.vision_config
+        return cls(config.patch_size, config.spatial_merge_size, config.temporal_patch_size,
+                   tuple(source.image_mean), tuple(source.image_std))
+
+    def grey_patches(self, grey: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """A [H, W] uint8 grey image -> (uint8 patches [h*w, p*p], grid (1, h, w)) in the processor's patch order.
+
+        Kept as one byte per pixel: the 3 colour channels and the temporal repeat are added on the
+        device, so the host does a cheap uint8 reshuffle and sends 6x4 times fewer bytes."""
+        height, width = grey.shape
+        p, m = self.patch_size, self.merge_size
+        if height % (p * m) or width % (p * m):
+            raise ValueError(f"image {height}x{width} is not a whole number of {p * m}px tokens; render it with this encoder's token size")
+        grid_h, grid_w = height // p, width // p
+        blocks = grey.reshape(grid_h // m, m, p, grid_w // m, m, p).transpose(0, 3, 1, 4, 2, 5)
+        return blocks.reshape(grid_h * grid_w, p * p), (1, grid_h, grid_w)
+
+    def normalise(self, grey_patches: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, p*p] -> float32 [n, 3*t*p*p] (channel, time, y, x): the processor's pixel values."""
+        t = self.temporal_patch_size
+        pixels = grey_patches.float().div_(255.0)[:, None, None, :]
+        mean = torch.tensor(self.image_mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=pixels.device).view(1, 3, 1, 1)
+        return ((pixels - mean) / std).expand(-1, 3, t, -1).reshape(len(grey_patches), -1)
+
+
 def _checkpoint_dir(name: str) -> Path:
     """A local folder, or the hub snapshot holding config, processor config and safetensors index."""
     if Path(name).is_dir():
@@ -155,6 +204,7 @@ def _vision_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def read_encoder_source(name: str) -> EncoderSource:
+    """The tower of ``name``: 'tiny' (built here), 'anchor' (the shipped pretrained VLM), a hub id or a folder."""
     if name == TINY:
         config = tiny_vision_config()
         torch.manual_seed(0)
@@ -162,7 +212,7 @@ def read_encoder_source(name: str) -> EncoderSource:
         return EncoderSource(TINY, "qwen3_vl", config, state_dict, None, HALF_MEAN, HALF_STD)
     from transformers import AutoConfig
 
-    folder = _checkpoint_dir(name)
+    folder = _checkpoint_dir(rot_anchor.resolve(name))
     config = AutoConfig.from_pretrained(str(folder))
     model_type = config.model_type
     _tower_class(model_type)
@@ -193,14 +243,11 @@ class VisionEncoder:
         tower.load_state_dict(source.state_dict, strict=True)
         use_linear_patch_embedding(tower.patch_embed)
         self.tower = tower.to(self.dtype).eval().requires_grad_(False)
-        self.patch_size = config.patch_size
+        self.patchifier = Patchifier.for_source(source)
         self.merge_size = config.spatial_merge_size
-        self.temporal_patch_size = config.temporal_patch_size
         self.token_px = source.token_px
         self.dim = source.dim
         self.attn_implementation = attn_implementation
-        self._mean = torch.tensor(source.image_mean).view(3, 1, 1)
-        self._std = torch.tensor(source.image_std).view(3, 1, 1)
 
     @classmethod
     def from_pretrained(cls, name: str, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -208,24 +255,10 @@ class VisionEncoder:
         return cls(read_encoder_source(name), device, dtype, attn_implementation)
 
     def grey_patches(self, grey: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
-        """A [H, W] uint8 grey image -> (uint8 patches [h*w, p*p], grid (1, h, w)) in the processor's patch order.
-
-        Kept as one byte per pixel: the 3 colour channels and the temporal repeat are added on the
-        device, so the host does a cheap uint8 reshuffle and sends 6x4 times fewer bytes."""
-        height, width = grey.shape
-        p, m = self.patch_size, self.merge_size
-        if height % (p * m) or width % (p * m):
-            raise ValueError(f"image {height}x{width} is not a whole number of {p * m}px tokens; render it with this encoder's token size")
-        grid_h, grid_w = height // p, width // p
-        blocks = grey.reshape(grid_h // m, m, p, grid_w // m, m, p).transpose(0, 3, 1, 4, 2, 5)
-        return blocks.reshape(grid_h * grid_w, p * p), (1, grid_h, grid_w)
+        return self.patchifier.grey_patches(grey)
 
     def normalise(self, grey_patches: torch.Tensor) -> torch.Tensor:
-        """uint8 [n, p*p] -> float32 [n, 3*t*p*p] (channel, time, y, x): the processor's pixel values."""
-        t = self.temporal_patch_size
-        pixels = grey_patches.float().div_(255.0)[:, None, None, :]
-        mean, std = (v.to(pixels.device).view(1, 3, 1, 1) for v in (self._mean, self._std))
-        return ((pixels - mean) / std).expand(-1, 3, t, -1).reshape(len(grey_patches), -1)
+        return self.patchifier.normalise(grey_patches)
 
     def patchify(self, grey: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """A [H, W] uint8 grey image -> (pixel values [h*w, C*T*p*p], grid (1, h, w)), as the HF processor gives them."""
@@ -240,7 +273,7 @@ class VisionEncoder:
         if self.device.type == "cuda":
             grey = grey.pin_memory()
         pixel_values = self.normalise(grey.to(self.device, non_blocking=True)).to(self.dtype)
-        output = self.tower(pixel_values, grid_thw=torch.tensor(grids, device=self.device))
+        output = self.tower(pixel_values, grid_thw=grid_thw_for(self.tower, grids, self.device))
         merged = output.pooler_output if hasattr(output, "pooler_output") else output
         if isinstance(merged, (tuple, list)):  # older transformers: (merged, deepstack features)
             merged = merged[0]

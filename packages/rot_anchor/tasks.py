@@ -1,0 +1,176 @@
+"""The anchor's pretraining data: every sample is one chat turn, made on the fly from a seeded generator.
+
+Four tasks, all in the layouts that the rest of the project feeds the model:
+- ``cot``: question -> ``cot #### answer`` as text (the SFT-CoT layout);
+- ``answer``: question, then ``<img_begin>`` [the rendered CoT's visual tokens] ``<img_end>`` -> answer
+  (exactly where RoT's latents stand: the upper bound RoT aims at, and what makes the LM read its tower);
+- ``ocr``: ``<img_begin>`` [a rendered line] ``<img_end>`` -> the line's text;
+- ``ocr_random``: the same with the digits of a multiplication CoT replaced by random ones, so the
+  language model must read rather than recompute.
+Lines are rendered by the project's renderer with the build's default settings and patchified by the
+build's own patchifier. Arithmetic questions of the shared valid/test files are never generated.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rot_anchor.model import IM_END, IM_START, IMAGE_PAD, IMG_BEGIN, IMG_END
+from rot_data import multiplication
+from rot_data.records import load_records
+from rot_render.encoder import HALF_MEAN, HALF_STD, Patchifier
+from rot_render.render import RenderSettings, line_text, render_line
+
+TOKEN_PX = 32  # Qwen3-VL: patch 16 with a 2x2 merge
+PATCHIFIER = Patchifier(16, 2, 2, HALF_MEAN, HALF_STD)
+TASKS = ("cot", "answer", "ocr", "ocr_random")
+HELD_OUT = ["icot_mult_4x4/valid.txt", "icot_mult_4x4/test_bigbench.txt",
+            "icot_mult_5x5/valid.txt", "icot_mult_5x5/test_bigbench.txt"]
+
+
+@dataclass
+class Mixture:
+    """What one optimizer step sees: an arithmetic group and a GSM8k group (long lines), each with task weights."""
+
+    batch: int = 256
+    gsm_batch: int = 32
+    sizes: dict = field(default_factory=lambda: {3: 0.2, 4: 0.4, 5: 0.4})  # n x n for cot / answer
+    ocr_sizes: tuple = (3, 4, 5)
+    arithmetic_tasks: dict = field(default_factory=lambda: {"cot": 0.3, "answer": 0.3, "ocr": 0.2, "ocr_random": 0.2})
+    gsm_tasks: dict = field(default_factory=lambda: {"cot": 0.3, "answer": 0.2, "ocr": 0.5})
+    max_gsm_chars: int = 700  # longer GSM8k CoTs are skipped (a few percent)
+    group_weights: tuple = (1.0, 0.5)  # arithmetic, GSM8k: arithmetic is what the gates measure
+    micro_batch_tokens: int = 24576  # padded tokens per forward pass (samples of similar length go together)
+
+
+def _pick(rng: random.Random, weights: dict):
+    return rng.choices(list(weights), weights=list(weights.values()))[0]
+
+
+class SampleMaker:
+    """Turns (task, question, cot, answer) into token ids, a loss mask and an optional image."""
+
+    def __init__(self, tokenizer, settings: RenderSettings = RenderSettings()):
+        self.tokenizer, self.settings = tokenizer, settings
+        ids = tokenizer.convert_tokens_to_ids
+        self.im_start, self.im_end, self.pad = ids(IM_START), ids(IM_END), ids(IMAGE_PAD)
+        self.img_begin, self.img_end = ids(IMG_BEGIN), ids(IMG_END)
+        self.user, self.assistant, self.newline = self.encode("user\n"), self.encode("assistant\n"), self.encode("\n")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt(self, user_ids: list[int]) -> list[int]:
+        """The chat template's user turn and assistant prompt, as ids (a test checks it equals apply_chat_template)."""
+        return [self.im_start] + self.user + user_ids + [self.im_end] + self.newline + [self.im_start] + self.assistant
+
+    def image(self, text: str) -> tuple[np.ndarray, int]:
+        """(uint8 patches of the rendered line, its number of visual tokens)."""
+        patches, (_, h, w) = PATCHIFIER.grey_patches(render_line(text, self.settings, TOKEN_PX))
+        return patches, h * w // 4
+
+    def make(self, task: str, question: str, cot: str, answer: str) -> dict:
+        patches = None
+        if task == "cot":
+            prompt, target = self.prompt(self.encode(question)), self.encode(f"{line_text(cot, self.settings)} #### {answer}")
+        elif task == "answer":
+            patches, n = self.image(cot)
+            prompt = self.prompt(self.encode(question)) + [self.img_begin] + [self.pad] * n
+            target = [self.img_end] + self.encode(answer)
+        else:  # ocr, ocr_random: the text drawn is the target
+            patches, n = self.image(cot)
+            prompt = self.prompt([self.img_begin] + [self.pad] * n + [self.img_end])
+            target = self.encode(line_text(cot, self.settings))
+        ids = prompt + target + [self.im_end]
+        return {"ids": ids, "loss_from": len(prompt), "patches": patches, "task": TASKS.index(task)}
+
+
+def scramble_digits(text: str, rng: random.Random) -> str:
+    return "".join(str(rng.randrange(10)) if c.isdigit() else c for c in text)
+
+
+class PretrainData:
+    """``batch(step)``: the samples of one optimizer step, a pure function of (seed, step), so a resumed run
+    sees exactly the batches the uninterrupted run would have seen."""
+
+    def __init__(self, tokenizer, data_dir: Path | None, seed: int, mixture: Mixture = Mixture()):
+        self.maker, self.seed, self.mixture = SampleMaker(tokenizer), seed, mixture
+        held_out = [Path(data_dir) / f for f in HELD_OUT] if data_dir else []
+        missing = [str(p) for p in held_out if not p.exists()]
+        if data_dir is None or missing:
+            raise FileNotFoundError(f"--data-dir must hold the shared valid/test files to exclude ({missing or HELD_OUT}); "
+                                    "pass the folder of the shared data (e.g. ../shared/data)")
+        self.excluded = multiplication.excluded_questions(held_out)
+        gsm, _ = load_records("gsm8k", "train")  # shipped; calculator notes removed, as the build does
+        icot, _ = load_records("icot_gsm8k", "train", data_dir=Path(data_dir))
+        limit = mixture.max_gsm_chars
+        self.gsm = [(r.question, r.cot, r.answer) for r in gsm + icot if len(r.cot) <= limit and len(r.question) <= limit]
+
+    def _multiplication(self, n: int, rng: random.Random) -> tuple[str, str, str]:
+        while True:
+            text = multiplication.random_line(n, rng)
+            if multiplication.question_of(text) not in self.excluded:
+                question, rest = text.split("||")
+                cot, answer = rest.split(" #### ")
+                return question, cot, answer
+
+    def arithmetic_sample(self, rng: random.Random) -> dict:
+        task = _pick(rng, self.mixture.arithmetic_tasks)
+        n = rng.choice(self.mixture.ocr_sizes) if task.startswith("ocr") else _pick(rng, self.mixture.sizes)
+        question, cot, answer = self._multiplication(n, rng)
+        if task == "ocr_random":
+            cot = scramble_digits(cot, rng)
+        return self.maker.make(task, question, cot, answer)
+
+    def gsm_sample(self, rng: random.Random) -> dict:
+        task = _pick(rng, self.mixture.gsm_tasks)
+        question, cot, answer = rng.choice(self.gsm)
+        return self.maker.make(task, question, cot, answer)
+
+    def batch(self, step: int) -> list[dict]:
+        """The step's micro-batches; each carries ``weight`` = its group's weight / the group's answer tokens,
+        so the summed token losses give each group's mean, however the group was split."""
+        rng = random.Random(self.seed * 1_000_003 + step)
+        groups = [[self.arithmetic_sample(rng) for _ in range(self.mixture.batch)]]
+        if self.mixture.gsm_batch:
+            groups.append([self.gsm_sample(rng) for _ in range(self.mixture.gsm_batch)])
+        micro_batches = []
+        for weight, group in zip(self.mixture.group_weights, groups):
+            answer_tokens = sum(len(s["ids"]) - s["loss_from"] - 1 for s in group)  # each predicted from the one before
+            for chunk in by_length(group, self.mixture.micro_batch_tokens):
+                micro_batches.append(dict(collate(chunk, self.maker.tokenizer.pad_token_id), weight=weight / answer_tokens))
+        return micro_batches
+
+
+def by_length(samples: list[dict], max_tokens: int) -> list[list[dict]]:
+    """Samples sorted by length, cut into chunks of at most ``max_tokens`` padded tokens (little padding)."""
+    chunks, chunk = [], []
+    for sample in sorted(samples, key=lambda s: len(s["ids"])):
+        if chunk and (len(chunk) + 1) * len(sample["ids"]) > max_tokens:
+            chunks.append(chunk)
+            chunk = []
+        chunk.append(sample)
+    return chunks + [chunk] if chunk else chunks
+
+
+def collate(samples: list[dict], pad_id: int) -> dict:
+    """Right-padded ids and loss mask; the images' patches packed in row order, rows sorted by image width
+    (equal widths sit together, so the tower's attention runs one batched call per width)."""
+    import torch
+
+    samples = sorted(samples, key=lambda s: 0 if s["patches"] is None else len(s["patches"]))
+    width = -(-max(len(s["ids"]) for s in samples) // 32) * 32  # few distinct shapes: the GPU allocator reuses blocks
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(samples), width), dtype=torch.bool)
+    for row, sample in enumerate(samples):
+        ids[row, :len(sample["ids"])] = torch.tensor(sample["ids"])
+        loss_mask[row, sample["loss_from"]:len(sample["ids"])] = True
+    images = [s["patches"] for s in samples if s["patches"] is not None]
+    patches = torch.from_numpy(np.concatenate(images)) if images else torch.zeros(0, PATCHIFIER.patch_size**2, dtype=torch.uint8)
+    grids = torch.tensor([(1, 2, len(p) // 2) for p in images], dtype=torch.long).reshape(-1, 3)
+    return {"ids": ids, "loss_mask": loss_mask, "patches": patches, "grids": grids,
+            "task": torch.tensor([s["task"] for s in samples])}
