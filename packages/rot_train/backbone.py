@@ -25,8 +25,11 @@ TEXT_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidde
 
 
 def checkpoint_dir(name: str) -> Path:
+    """A local folder as it is; anything that looks like a path but is not a folder is an error, not a hub id."""
     if Path(name).is_dir():
         return Path(name)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"--backbone {name}: not found (no such folder); pass a checkpoint folder, a hub id or 'anchor'")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]))
@@ -62,10 +65,13 @@ def text_config_of(vlm_config):
 
 
 def load_backbone(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
-    """(causal LM, tokenizer) for a hub id or local folder; VLM checkpoints give their language model only."""
+    """(causal LM, tokenizer) for a hub id or local folder ('anchor': the shipped pretrained VLM); VLM checkpoints
+    give their language model only."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    folder = checkpoint_dir(name)
+    import rot_anchor
+
+    folder = checkpoint_dir(rot_anchor.resolve(name))
     config = AutoConfig.from_pretrained(str(folder))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if config.model_type not in TEXT_ARCHITECTURE:
@@ -85,8 +91,13 @@ def load_backbone(name: str, dtype: torch.dtype = torch.bfloat16, device: str | 
 
 
 def add_latent_tokens(model, tokenizer, seed: int = 0) -> dict[str, int]:
-    """Add <img_begin>/<img_end>; their embeddings are random directions of norm sqrt(hidden) (the paper's init)."""
-    tokenizer.add_tokens([IMG_BEGIN, IMG_END], special_tokens=True)
+    """Add <img_begin>/<img_end>; new rows are random directions of norm sqrt(hidden) (the paper's init).
+
+    A backbone that already has them (the anchor, pretrained with <img_begin> [visual tokens] <img_end>)
+    keeps its trained rows: they already mean "visual tokens follow" and "the answer follows"."""
+    vocabulary = tokenizer.get_vocab()
+    new = [token for token in (IMG_BEGIN, IMG_END) if token not in vocabulary]
+    tokenizer.add_tokens(new, special_tokens=True)
     ids = {IMG_BEGIN: tokenizer.convert_tokens_to_ids(IMG_BEGIN), IMG_END: tokenizer.convert_tokens_to_ids(IMG_END)}
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -96,10 +107,12 @@ def add_latent_tokens(model, tokenizer, seed: int = 0) -> dict[str, int]:
     rows = rows / rows.norm(dim=1, keepdim=True) * math.sqrt(embeddings.shape[1])
     output = model.get_output_embeddings().weight
     with torch.no_grad():
-        for row, token_id in zip(rows, ids.values()):
+        for row, (token, token_id) in zip(rows, ids.items()):
+            if token not in new:
+                continue
             embeddings[token_id] = row.to(embeddings)
-        if output.data_ptr() != embeddings.data_ptr():  # untied head: start from the mean output row
-            output[list(ids.values())] = output[: min(ids.values())].mean(0, keepdim=True).to(output)
+            if output.data_ptr() != embeddings.data_ptr():  # untied head: start from the mean output row
+                output[token_id] = output[: min(ids.values())].mean(0).to(output)
     return ids
 
 

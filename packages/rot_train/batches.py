@@ -2,7 +2,7 @@
 
 ``prefix_ids``: chat-templated question + <img_begin>, left-padded (so the rollout's last column is
 every row's newest position). ``suffix_ids``: <img_end> + answer + end-of-turn, right-padded.
-``targets``: the stored visual embeddings, capped at ``max_latents`` and zero-padded.
+``targets``: the stored visual embeddings (capped at ``max_latents`` if given), zero-padded.
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ def pad(sequences: list[list[int]], value: int, left: bool) -> tuple[torch.Tenso
 class RoTCollator:
     reads_embeddings = True  # the stored visual latents are Stage I/II targets
 
-    def __init__(self, tokenizer, img_begin_id: int, img_end_id: int, max_latents: int):
+    def __init__(self, tokenizer, img_begin_id: int, img_end_id: int, max_latents: int | None = None):
         self.tokenizer, self.img_begin_id, self.img_end_id, self.max_latents = tokenizer, img_begin_id, img_end_id, max_latents
 
     def __call__(self, rows: list[dict], embeddings: list[torch.Tensor]) -> dict:
         pad_id = pad_token_id(self.tokenizer)
         prefix_ids, prefix_mask = pad([question_ids(self.tokenizer, r["question"]) + [self.img_begin_id] for r in rows], pad_id, left=True)
         suffix_ids, suffix_mask = pad([[self.img_end_id] + answer_ids(self.tokenizer, r["answer"]) for r in rows], pad_id, left=False)
-        n_latents = torch.tensor([min(len(e), self.max_latents) for e in embeddings])
+        n_latents = torch.tensor([min(len(e), self.max_latents or len(e)) for e in embeddings])
         slots = max(1, int(n_latents.max()))
         targets = torch.zeros(len(rows), slots, embeddings[0].shape[1])
         for i, (embedding, n) in enumerate(zip(embeddings, n_latents.tolist())):

@@ -17,7 +17,7 @@ def run_eval(
     out: Path = typer.Option(..., help="folder for predictions.jsonl and summary.json"),
     split: str = typer.Option("test"),
     data_dir: Optional[Path] = typer.Option(None, help="folder with the non-shipped sets (e.g. ../shared/data)"),
-    latents: int = typer.Option(32, help="latent budget (the paper: 32 for GSM8k-style tasks)"),
+    latents: Optional[int] = typer.Option(None, help="latent budget (default: the one recorded in the export; the paper uses 32 for GSM8k)"),
     dynamic_threshold: Optional[float] = typer.Option(None, help="stop latents early when within this mean squared distance of <img_end>"),
     batch_size: int = typer.Option(64),
     max_answer_tokens: int = typer.Option(32),
@@ -57,16 +57,17 @@ def viz(
     checkpoint: str = typer.Option(...),
     question: str = typer.Option(..., help="the question to reason about"),
     out: Path = typer.Option(Path("viz")),
-    latents: int = typer.Option(32),
+    latents: Optional[int] = typer.Option(None, help="latent budget (default: the one recorded in the export)"),
     shards: Optional[Path] = typer.Option(None, help="a shard set: also list the rendered CoT text nearest to each latent"),
 ) -> None:
     """Save the latent heatmap, the token-similarity matrix and per-token statistics for one question."""
-    from rot_train.export import load_export
+    from rot_train.export import DEFAULT_INFERENCE_LATENTS, load_export
     from rot_train.generate import generate_rot
     from rot_train.shard_stream import ShardSet
     from rot_train.viz import draw, nearest_text
 
-    model, tokenizer, _ = load_export(checkpoint)
+    model, tokenizer, config = load_export(checkpoint)
+    latents = latents or config.get("inference_latents", DEFAULT_INFERENCE_LATENTS)
     (result,) = generate_rot(model, tokenizer, [question], latents=latents)
     paths = draw(result.latents, out, question[:60])
     if shards:

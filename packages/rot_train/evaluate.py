@@ -10,17 +10,18 @@ from tqdm import tqdm
 
 from rot_data.records import load_records
 from rot_train.answers import final_segment, is_correct
-from rot_train.export import load_export
+from rot_train.export import DEFAULT_INFERENCE_LATENTS, load_export
 from rot_train.generate import generate_rot, generate_text, timed
 
 
 def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data_dir: Path | None = None,
-             latents: int = 32, dynamic_threshold: float | None = None, batch_size: int = 64,
+             latents: int | None = None, dynamic_threshold: float | None = None, batch_size: int = 64,
              max_answer_tokens: int = 32, max_cot_tokens: int = 256, limit: int | None = None,
              device: str | None = None) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model, tokenizer, config = load_export(checkpoint, device=device, dtype=dtype)
+    latents = latents or config.get("inference_latents", DEFAULT_INFERENCE_LATENTS)
     records, _ = load_records(dataset, split, data_dir=data_dir, require_cot=False)
     records = records[:limit] if limit else records
     mode = config.get("mode", "rot")

@@ -49,13 +49,29 @@ def export(model: RoTModel, tokenizer, folder: Path, cfg, shard_set, token_ids: 
     if not write:
         return folder
     config = {
-        "format": "rot-export/1", "stage": cfg.stage, "mode": cfg.mode, "backbone": cfg.backbone, "weights": weights,
+        "format": "rot-export/1", "stage": cfg.stage, "mode": cfg.mode, "backbone": portable_name(cfg.backbone), "weights": weights,
         "llm_dim": model.lm.config.hidden_size, "latent_dim": shard_set.dim, "head_width": cfg.head_width,
         "tokens": {IMG_BEGIN: token_ids[IMG_BEGIN], IMG_END: token_ids[IMG_END]},
-        "shards_fingerprint": shard_set.fingerprint, "max_latents": cfg.max_latents, "train_config": asdict(cfg),
+        "shards_fingerprint": shard_set.fingerprint, "max_latents": cfg.max_latents,
+        "inference_latents": cfg.inference_latents or inference_budget(shard_set), "latent_gradient": cfg.latent_gradient,
+        "train_config": asdict(cfg),
     }
     (folder / "rot_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
+
+
+DEFAULT_INFERENCE_LATENTS = 32  # the paper's budget for GSM8k-style tasks; exports older than the recorded budget
+
+
+def inference_budget(shard_set) -> int:
+    """The default latent budget at inference: the mean number of visual tokens per training row."""
+    return max(1, round(shard_set.manifest["tokens"] / max(1, shard_set.manifest["rows"])))
+
+
+def portable_name(backbone: str) -> str:
+    """A local folder as an absolute path (so the export loads from any working directory); hub ids and
+    'anchor' as they are."""
+    return str(Path(backbone).resolve()) if Path(backbone).is_dir() else backbone
 
 
 def read_config(folder: Path | str) -> dict:

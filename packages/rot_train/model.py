@@ -4,13 +4,21 @@ latent, and (when shard and LLM sizes differ) an adapter that maps latents back 
 Sequence: ``[question] <img_begin> v_1 ... v_N <img_end> [answer]`` with
 ``v_i = head(h_{i-1})``, ``h`` the LLM's last hidden state, fed back (detached) as the next input.
 
-Training does two passes, both batched:
+Training is batched:
 1. ``rollout_hidden``: under ``no_grad``, prefill the questions and roll out the latents with a KV
    cache, the whole batch at once. No autograd graph is built here.
 2. one teacher-forced pass over the whole sequence with the rolled-out latents in place, for the
    LM loss on ``<img_end>`` + answer (and, in Stage II, an optional vision loss).
 In Stage I the vision loss is ``head(h)`` against the target embeddings with ``h`` from pass 1,
 and the LM loss reaches the head through the latents placed in pass 2.
+
+Stage II, ``latent_gradient="official"`` (the default): the official forward rolls out with gradients
+(only the latent fed back as the next input is detached) and places the *undetached* latents in the
+answer pass, so the answer loss also trains the LLM through the latents it predicted. Here that
+gradient comes from one more teacher-forced pass with gradients over ``[question][detached rolled-out
+latents]``: causal attention makes its hidden states equal to the rollout's, so ``head`` of them are the
+same latents, now with the official graph behind them (a test compares the gradients with a
+sample-by-sample reference of the official forward). ``"detached"`` feeds ``latents.detach()``.
 """
 
 from __future__ import annotations
@@ -45,9 +53,16 @@ class ProjectionHead(nn.Module):
         return self.fc_out(self.swiglu(self.fc_in(self.norm(hidden))))
 
 
+LATENT_GRADIENTS = ("official", "detached")
+
+
 class RoTModel(nn.Module):
-    def __init__(self, lm, latent_dim: int, img_begin_id: int, img_end_id: int, head_width: int = 2048):
+    def __init__(self, lm, latent_dim: int, img_begin_id: int, img_end_id: int, head_width: int = 2048,
+                 latent_gradient: str = "official"):
         super().__init__()
+        if latent_gradient not in LATENT_GRADIENTS:
+            raise ValueError(f"--latent-gradient {latent_gradient}: use one of {', '.join(LATENT_GRADIENTS)}")
+        self.latent_gradient = latent_gradient
         llm_dim = lm.config.hidden_size
         self.lm = lm
         self.head = ProjectionHead(llm_dim, latent_dim, head_width)
@@ -121,6 +136,18 @@ class RoTModel(nn.Module):
         hidden = self.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
         return hidden, mask
 
+    def latent_hidden(self, batch, latents):
+        """Hidden states that predict each latent, recomputed with gradients from ``[prefix][latents]``
+        (``latents`` detached: the official rollout feeds its predictions back detached)."""
+        n_slots = latents.shape[1]
+        slot_mask = (torch.arange(n_slots, device=latents.device)[None] < batch["n_latents"][:, None]).to(batch["prefix_mask"])
+        inputs = torch.cat([self.embed(batch["prefix_ids"]), self.latent_inputs(latents)], 1)
+        mask = torch.cat([batch["prefix_mask"], slot_mask], 1)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+        start = batch["prefix_ids"].shape[1] - 1  # <img_begin>, the last prefix column (left padding)
+        return hidden[:, start:start + n_slots]
+
     def lm_loss(self, batch, hidden, mask):
         """Cross-entropy on <img_end> + answer: each real position predicts the next real position's token.
         Averaged per sample, then over samples (so a 2-GPU run logs the same loss as a 1-GPU run)."""
@@ -163,7 +190,13 @@ class RoTModel(nn.Module):
             losses["mse"] = self.vision_loss(batch, latents)
             total = total + vision_weight * losses["mse"]
         if lm_weight > 0 or stage == 2:
-            hidden, mask = self.teacher_forced(batch, latents if stage == 1 else latents.detach())
+            if stage == 1:
+                answer_latents = latents
+            elif self.latent_gradient == "official":
+                answer_latents = self.head(self.latent_hidden(batch, latents.detach()))
+            else:
+                answer_latents = latents.detach()
+            hidden, mask = self.teacher_forced(batch, answer_latents)
             losses["lm"] = self.lm_loss(batch, hidden, mask)
             total = total + lm_weight * losses["lm"]
             if stage == 2 and vision_weight > 0:

@@ -41,7 +41,9 @@ class TrainConfig:
     max_steps: int | None = None
     lr: float = 2e-5
     warmup_steps: int = 20
-    max_latents: int = 32
+    max_latents: int | None = None  # cap on the latents trained per sample; None: one per visual token (official)
+    inference_latents: int | None = None  # latent budget recorded for inference; None: the shards' mean per row
+    latent_gradient: str = "official"  # Stage II: "official" (answer loss reaches the LLM through the latents) or "detached"
     vision_weight: float = 10.0
     lm_weight: float = 1.0
     head_width: int = 2048
@@ -109,7 +111,8 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, shar
     """Backbone + new tokens + head, with exactly the parameters of this stage left trainable."""
     lm, tokenizer = load_backbone(cfg.backbone, dtype=dtype, device=device)
     token_ids = add_latent_tokens(lm, tokenizer, seed=cfg.seed)
-    model = RoTModel(lm, shard_set.dim, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.head_width).to(device, dtype)
+    model = RoTModel(lm, shard_set.dim, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.head_width,
+                     cfg.latent_gradient).to(device, dtype)
     lm.requires_grad_(False)
     if cfg.mode not in ("rot", "sft-cot", "sft-nocot") or (cfg.mode != "rot" and cfg.stage != 2):
         raise ValueError(f"--mode {cfg.mode}: use rot (Stage I or II) or sft-cot / sft-nocot (rot_train/sft.py)")
