@@ -17,9 +17,11 @@ from rot_anchor.model import IMAGE_PAD, IMG_BEGIN, IMG_END
 def load(name: str = "anchor", device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(Qwen3-VL model, tokenizer) of a checkpoint name or folder ('anchor' is the shipped one)."""
     from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+    from transformers.utils import logging
 
     import rot_anchor
 
+    logging.disable_progress_bar()  # a bar for loading 11 M parameters is noise
     folder = rot_anchor.resolve(name)
     model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(folder)

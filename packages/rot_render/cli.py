@@ -68,6 +68,8 @@ def build(
     except (RecordError, BuildError, ValueError) as error:
         _fail(str(error))
     run = manifest["run"]
+    for damaged in run["reencoded_damaged"]:
+        typer.secho(f"note: re-encoded {damaged}", fg="yellow", err=True)
     rate = run["encoded_rows"] / run["encode_seconds"] if run["encode_seconds"] else 0.0
     typer.echo(
         f"done: {manifest['rows']} rows, {manifest['tokens']} visual tokens (dim {manifest['embedding']['dim']}, "
@@ -147,7 +149,7 @@ def read(
     with torch.no_grad():
         transcripts = reader.transcribe(vlm, tokenizer, reader.embed_images(vlm, lines))
     for name, transcript in zip(names, transcripts):
-        typer.echo(f"{name}: {transcript}")
+        typer.echo(f"{name}: {' '.join(transcript.splitlines())}")  # one line per image, whatever the model wrote
 
 
 @app.command()

@@ -1,0 +1,153 @@
+"""The anchor's recipe at micro scale on the CPU: data, pretraining that learns and resumes, the exported
+checkpoint read back by the build's encoder, the trainer's backbone loader and rot-render read."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from rot_anchor.evaluate import edit_distance, reading_scores
+from rot_anchor.model import byte_tokenizer
+from rot_data import multiplication
+
+
+@pytest.mark.parametrize("n", [4, 5])
+def test_generator_reproduces_every_shared_line(shared_data, n):
+    for name in ("valid.txt", "test_bigbench.txt"):
+        for text in (shared_data / f"icot_mult_{n}x{n}" / name).read_text().splitlines():
+            left, right = text.split("||")[0].split(" * ")
+            a, b = (int("".join(reversed(side.split()))) for side in (left, right))
+            assert multiplication.line(a, b, n) == text.strip()
+
+
+def test_generated_lines_avoid_the_held_out_questions(shared_data):
+    held_out = [shared_data / "icot_mult_4x4" / f for f in ("valid.txt", "test_bigbench.txt")]
+    excluded = multiplication.excluded_questions(held_out)
+    assert len(excluded) == 2000
+    first = multiplication.question_of(held_out[0].read_text().splitlines()[0])
+    lines = multiplication.generate(4, 3000, seed=1, exclude=excluded | {first})
+    questions = [multiplication.question_of(t) for t in lines]
+    assert len(set(questions)) == 3000 and not set(questions) & excluded
+
+
+def test_edit_distance_matches_dynamic_programming():
+    def reference(a, b):
+        previous = list(range(len(b) + 1))
+        for i, char_a in enumerate(a, 1):
+            current = [i]
+            for j, char_b in enumerate(b, 1):
+                current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+            previous = current
+        return previous[-1]
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a, b = ("".join(rng.choice("01 +(") for _ in range(rng.randint(0, 40))) for _ in range(2))
+        assert edit_distance(a, b) == reference(a, b)
+    assert reading_scores(["1 2 3", "4 5"], ["1 2 3", "4 6"]) == {"lines": 2, "characters": 8, "char_accuracy": 1 - 1 / 8,
+                                                                  "line_accuracy": 0.5}
+
+
+def test_sample_prompts_are_the_chat_template_the_trainer_uses(shared_data):
+    from rot_anchor.tasks import SampleMaker
+    from rot_train.batches import question_ids
+
+    tokenizer = byte_tokenizer()
+    maker = SampleMaker(tokenizer)
+    question = "5 6 3 2 * 7 4 3 4"
+    assert maker.prompt(maker.encode(question)) == question_ids(tokenizer, question)
+    sample = maker.make("answer", question, "5 5 5 6 1 + 0 0 6 4 9 0", "5 5 6 0 8 2 0 1")
+    n_visual = sample["ids"].count(tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    assert n_visual * 4 == len(sample["patches"]) and n_visual == 8  # 8 tokens of 32 px for this line
+    target = tokenizer.decode(sample["ids"][sample["loss_from"]:])
+    assert target == "<img_end>5 5 6 0 8 2 0 1<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory, shared_data):
+    from rot_anchor.pretrain import PretrainConfig, run
+
+    out = tmp_path_factory.mktemp("anchor-micro")
+    cfg = PretrainConfig(out=str(out), data_dir=str(shared_data), size="micro", steps=30, batch=24, gsm_batch=4,
+                         lr=3e-3, warmup_steps=5, workers=0, log_every=10, save_every=15)
+    run(cfg)
+    return out, cfg
+
+
+def test_micro_pretraining_learns_and_writes_its_records(micro_run):
+    out, _ = micro_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30]
+    for task in ("cot", "answer", "ocr", "ocr_random"):
+        assert rows[-1][f"loss/{task}"] < 0.8 * rows[0][f"loss/{task}"], task
+    assert (out / "loss.png").stat().st_size > 0 and list((out / "tensorboard").iterdir())
+    assert (out / "model" / "config.json").exists() and (out / "model" / "preprocessor_config.json").exists()
+
+
+def test_pretraining_resumes_where_it_stopped(micro_run, tmp_path):
+    import shutil
+
+    from rot_anchor.pretrain import PretrainConfig, run
+    from rot_anchor.tasks import PretrainData
+
+    out, cfg = micro_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    state = torch.load(copy / "resume.pt", weights_only=False)
+    assert state["step"] == 30
+    longer = PretrainConfig(**{**cfg.__dict__, "out": str(copy), "steps": 40})
+    run(longer)
+    steps = [json.loads(line)["step"] for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 30, 40]  # steps 31-40 only: nothing trained twice
+    data = PretrainData(byte_tokenizer(), cfg.data_dir, cfg.seed)
+    first, again = data.batch(7), data.batch(7)  # a step's batch is a pure function of (seed, step)
+    assert all(torch.equal(a["ids"], b["ids"]) and torch.equal(a["patches"], b["patches"]) for a, b in zip(first, again))
+
+
+def test_export_is_read_by_the_build_encoder_the_backbone_loader_and_hf_generate(micro_run):
+    import numpy as np
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from rot_anchor import read
+    from rot_render.encoder import VisionEncoder
+    from rot_render.render import RenderSettings, render_line
+    from rot_train.backbone import IMG_BEGIN, add_latent_tokens, load_backbone
+
+    folder = micro_run[0] / "model"
+    image = render_line("1 2 3 + 4 5 6 ( 7 8 9 )", RenderSettings(), 32)
+    vlm, tokenizer = read.load(str(folder))
+    read.prepare_tower(vlm)
+    with torch.no_grad():
+        ours = read.embed_images(vlm, [image])[0]
+        built = VisionEncoder.from_pretrained(str(folder)).encode([image])[0]
+    torch.testing.assert_close(built, ours)
+    lm, lm_tokenizer = load_backbone(str(folder), dtype=torch.float32)
+    prompt = torch.tensor([read.question_prompt(tokenizer, "1 2 * 3 4")])
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=prompt).logits, vlm(input_ids=prompt).logits, atol=1e-5, rtol=1e-4)
+    before = lm.get_input_embeddings().weight.detach().clone()
+    ids = add_latent_tokens(lm, lm_tokenizer)
+    assert len(lm_tokenizer) == before.shape[0]  # the anchor's own <img_begin>/<img_end>: nothing added ...
+    torch.testing.assert_close(lm.get_input_embeddings().weight[ids[IMG_BEGIN]], before[ids[IMG_BEGIN]])  # ... nor re-drawn
+    patches, grid = VisionEncoder.from_pretrained(str(folder)).patchify(image)
+    reading = torch.tensor([read.reading_prompt(tokenizer, len(ours))])
+    generated = Qwen3VLForConditionalGeneration.generate(vlm, input_ids=reading, pixel_values=patches,
+                                                         image_grid_thw=torch.tensor([grid]), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, reading.shape[1] + 4) and np.isfinite(ours.numpy()).all()
+
+
+def test_rot_render_read_transcribes_with_a_given_checkpoint(micro_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from rot_render.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["show", "1 2 3", "-o", str(tmp_path / "line.png")]).exit_code == 0
+    result = runner.invoke(app, ["read", str(tmp_path / "line.png"), "--text", "4 5 6", "--model", str(micro_run[0] / "model")])
+    assert result.exit_code == 0, result.output
+    assert f"{tmp_path / 'line.png'}: " in result.output and "\n--text: " in result.output, result.output
+    missing = runner.invoke(app, ["read", str(tmp_path / "nope.png"), "--model", str(micro_run[0] / "model")])
+    assert missing.exit_code == 1 and "nope.png does not exist" in missing.output
