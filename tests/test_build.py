@@ -67,7 +67,7 @@ def test_build_writes_verified_shards_and_resumes_without_rewriting(tmp_path):
     (out / "shard-00001.parquet").write_bytes(b"corrupt")
     result = _cli("inspect", str(out), check=False)
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: {out / 'shard-00001.parquet'} checksum differs from the manifest; delete it and re-run the build to remake it"
+    assert result.stderr.strip() == f"error: {out / 'shard-00001.parquet'} checksum differs from the manifest; re-run the same rot-render build command to remake it"
 
 
 def test_killed_build_resumes_and_every_id_appears_once(tmp_path):

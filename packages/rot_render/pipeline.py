@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rot_data.checksums import file_sha256
 from rot_render import shards
 from rot_render.encoder import PACKED, VisionEncoder, read_encoder_source
 from rot_data.records import load_records
@@ -103,21 +104,49 @@ def _start_ray(address: str | None):
     return ray
 
 
-def _existing_shards(config: BuildConfig, build_fingerprint: str, n_shards: int) -> set[int]:
-    """Indices of finished shards made with these settings; anything made with others is refused or removed."""
+def _kept_shards(config: BuildConfig, build_fingerprint: str, plan: list[list]) -> tuple[dict[int, dict], list[str]]:
+    """Finished shards a re-run keeps, with their manifest entries, and the names of those it re-encodes.
+
+    A shard is kept only if it was made with these settings and is intact: its SHA-256 equals the one the
+    previous manifest recorded, or, when a killed build left no manifest, every page reads back with its
+    CRC right and it holds exactly the planned rows. Anything else made with these settings is re-encoded
+    (never re-hashed into a clean manifest); a shard set made with other settings is refused or removed.
+    """
     out = config.out
-    manifest = shards.read_manifest(out)
+    try:
+        manifest = shards.read_manifest(out)
+    except shards.ManifestError as error:
+        if not config.overwrite:
+            raise BuildError(f"{error}; pass --overwrite to rebuild the shard set in {out}, or choose another --out") from None
+        (out / shards.MANIFEST).unlink()
+        manifest = None
     found = sorted(out.glob("shard-*.parquet"))
-    stale = [p for p in found if shards.shard_fingerprint(p) != build_fingerprint]
+    fingerprints = {p: shards.shard_fingerprint(p) for p in found}
+    stale = [p for p in found if fingerprints[p] not in (build_fingerprint, None)]  # None: unreadable, see below
     if manifest is not None and manifest.get("fingerprint") != build_fingerprint:
         stale.append(out / shards.MANIFEST)
     if stale and not config.overwrite:
-        raise BuildError(f"{stale[0]} was made with different settings (encoder, render, dataset, dtype or shard size); "
-                         f"pass --overwrite to replace the shard set in {out}, or choose another --out")
+        raise BuildError(f"{stale[0]} was made with different settings (encoder, render, dataset or its rows, dtype or "
+                         f"shard size); pass --overwrite to replace the shard set in {out}, or choose another --out")
     for path in stale + list(out.glob(".shard-*.tmp-*")):  # and what a killed writer left half-written
         path.unlink()
-    names = {shards.shard_name(i): i for i in range(n_shards)}
-    return {names[p.name] for p in found if p not in stale and p.name in names}
+    recorded = {s["name"]: s for s in manifest["shards"]} if manifest is not None and not stale else {}
+    names = {shards.shard_name(i): i for i in range(len(plan))}
+    kept, damaged = {}, []
+    for path in found:
+        if path in stale or path.name not in names:
+            continue
+        index = names[path.name]
+        if path.name in recorded:
+            problem = None if file_sha256(path) == recorded[path.name]["sha256"] else "checksum differs from the manifest"
+        else:
+            problem = shards.read_back(path, [record.id for record in plan[index]])
+        if problem is None:
+            kept[index] = recorded.get(path.name) or shards.shard_summary(path)
+        else:
+            damaged.append(f"{path.name} ({problem})")
+            path.unlink()
+    return kept, damaged
 
 
 def build(config: BuildConfig, progress: bool = True) -> dict:
@@ -146,7 +175,8 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
     config.out.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(len(records) / config.shard_size)
     plan = [records[i * config.shard_size:(i + 1) * config.shard_size] for i in range(n_shards)]
-    done = _existing_shards(config, build_fingerprint, n_shards)
+    kept, damaged = _kept_shards(config, build_fingerprint, plan)
+    done = set(kept)
     todo = [dict(record.to_dict(), shard=i, position=j)
             for i in range(n_shards) if i not in done for j, record in enumerate(plan[i])]
 
@@ -157,7 +187,7 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
                                         build_fingerprint, encoder_info["dim"], progress)
         encode_seconds = time.perf_counter() - encode_started
 
-    summaries = [written[i] if i in written else shards.shard_summary(config.out / shards.shard_name(i)) for i in range(n_shards)]
+    summaries = [written[i] if i in written else kept[i] for i in range(n_shards)]
     manifest = dict(
         settings,
         fingerprint=build_fingerprint,
@@ -171,7 +201,7 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
     )
     shards.write_manifest(config.out, manifest)
     manifest["run"] = {  # printed in the summary, not stored: it differs between a build and its resume
-        "encoded_rows": len(todo), "resumed_shards": len(done), "encode_seconds": encode_seconds,
+        "encoded_rows": len(todo), "resumed_shards": len(done), "reencoded_damaged": damaged, "encode_seconds": encode_seconds,
         "steady_images_per_s": steady_rate,
         "seconds": time.perf_counter() - started, "encoders": num_encoders, "gpus": n_gpus,
     }
@@ -219,7 +249,7 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
     arrivals.append((time.perf_counter(), arrivals[-1][1] if arrivals else 0))  # the last shard written
     (config.out / STATS).write_text(dataset.stats() + "\n")  # where the time went, operator by operator
     if pending:
-        raise BuildError(f"shards {sorted(pending)} did not receive all their rows; re-run the build to finish them")
+        raise BuildError(f"shards {sorted(pending)} did not receive all their rows; re-run the same command to resume")
     return steady_rate(arrivals), written
 
 

@@ -2,7 +2,9 @@
 
 Every shard carries the build fingerprint in its Parquet metadata, so a re-run can tell a shard it
 may keep (same settings) from one made with other settings. Files are written under a temporary
-name and renamed, so a killed job never leaves a half-written shard behind.
+name and renamed, so a killed job never leaves a half-written shard behind. Pages carry CRC-32
+checksums (Parquet's page checksums), so a damaged shard fails to read instead of returning changed
+values, even before the manifest with the files' SHA-256 exists.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from rot_data.checksums import file_sha256
 from rot_data.shard_format import FORMAT, STORED_DTYPES
 
 MANIFEST = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """A manifest.json that cannot be read (truncated, damaged, not a manifest); the message names the file."""
 SCHEMA = pa.schema([
     ("id", pa.string()),
     ("question", pa.string()),
@@ -69,14 +75,30 @@ def write_shard(path: Path, table: pa.Table, build_fingerprint: str, dim: int, d
         "rot.fingerprint": build_fingerprint, "rot.dim": str(dim), "rot.dtype": dtype,
         "rot.format": FORMAT,
     })
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", write_page_checksum=True))
     return shard_summary(path)
 
 
 def shard_fingerprint(path: Path) -> str | None:
-    metadata = pq.read_schema(path).metadata or {}
+    """The build fingerprint a shard was written with; None if the file is not a readable shard."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except Exception:  # pyarrow raises several types for a damaged footer
+        return None
     value = metadata.get(b"rot.fingerprint")
     return value.decode() if value else None
+
+
+def read_back(path: Path, ids: list[str]) -> str | None:
+    """Why a shard without a recorded checksum cannot be kept (None: every page reads back with its
+    CRC right and the rows are exactly ``ids``, in order)."""
+    try:
+        table = pq.ParquetFile(path, page_checksum_verification=True).read()
+    except Exception as error:
+        return f"cannot be read ({str(error).splitlines()[0][:120]})"
+    if table.column("id").to_pylist() != ids:
+        return "holds other rows than planned"
+    return None
 
 
 def shard_summary(path: Path) -> dict:
@@ -95,13 +117,27 @@ def write_manifest(out: Path, manifest: dict) -> None:
 
 
 def read_manifest(out: Path) -> dict | None:
+    """The manifest of a shard set, None if there is none yet; ManifestError if it cannot be read."""
     path = out / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = error.msg if isinstance(error, json.JSONDecodeError) else "not UTF-8"
+        raise ManifestError(f"{path} is not valid JSON ({reason}): truncated or damaged") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list) or \
+            not all(isinstance(s, dict) and {"name", "rows", "sha256"} <= set(s) for s in manifest["shards"]):
+        raise ManifestError(f"{path} is not a shard-set manifest (no valid 'shards' list)")
+    return manifest
 
 
 def verify(out: Path) -> list[str]:
     """Problems with a finished shard set (empty list = every shard present and its checksum right)."""
-    manifest = read_manifest(out)
+    try:
+        manifest = read_manifest(out)
+    except ManifestError as error:
+        return [f"{error}; re-run the rot-render build command with --overwrite to rebuild {out}"]
     if manifest is None:
         return [f"{out / MANIFEST} is missing: the build did not finish; re-run the same rot-render build command to resume"]
     problems = []
@@ -110,5 +146,5 @@ def verify(out: Path) -> list[str]:
         if not path.exists():
             problems.append(f"{path} is missing; re-run the build to remake it")
         elif file_sha256(path) != shard["sha256"]:
-            problems.append(f"{path} checksum differs from the manifest; delete it and re-run the build to remake it")
+            problems.append(f"{path} checksum differs from the manifest; re-run the same rot-render build command to remake it")
     return problems

@@ -90,7 +90,8 @@ class ShardSet:
         """The rows of one shard; without the embedding column when the caller never looks at it (SFT)."""
         path = self.folder / self.manifest["shards"][index]["name"]
         try:
-            file = pq.ParquetFile(path)  # one open and one footer read, whichever columns are wanted
+            # one open and one footer read, whichever columns are wanted; pages checked against their CRC-32
+            file = pq.ParquetFile(path, page_checksum_verification=True)
             columns = None if with_embeddings else [name for name in file.schema_arrow.names if name != "embedding"]
             return file.read(columns=columns).to_pylist()
         except Exception as error:  # pyarrow raises several types for a damaged file
