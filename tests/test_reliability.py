@@ -64,3 +64,34 @@ def test_killed_build_keeps_only_shards_that_read_back_whole(tiny_shards, tmp_pa
     # a shard with the right settings but other rows (e.g. another plan) is not kept either
     swapped = [plan[0], plan[0], plan[2]]
     assert _kept_shards(_tiny_config(copy), fingerprint, swapped) == ({}, ["shard-00001.parquet (holds other rows than planned)"])
+
+
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_an_edited_source_is_refused_until_overwrite_and_then_encoded(tmp_path):
+    """The fingerprint covers the rows: editing the source is not answered by 'shards kept'."""
+    from rot_render.pipeline import BuildError
+
+    records, _ = load_records("gsm8k")
+    rows = [{"question": r.question, "cot": r.cot, "answer": r.answer} for r in records[:6]]
+    source = _write_rows(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "shards"
+    config = BuildConfig(dataset=str(source), out=out, shard_size=3, batch_size=3)
+    first = build(config, progress=False)
+    assert build(config, progress=False)["run"]["encoded_rows"] == 0  # unchanged: nothing to do
+
+    rows[4]["cot"] = "48 / 2 = 24 and 48 + 24 = 72"
+    _write_rows(source, rows)
+    with pytest.raises(BuildError) as error:
+        build(config, progress=False)
+    assert str(error.value) == (f"{out / 'manifest.json'} was made with other rows of {source} (the source changed since); "
+                                f"pass --overwrite to replace the shard set in {out}, or choose another --out")
+    again = build(BuildConfig(dataset=str(source), out=out, shard_size=3, batch_size=3, overwrite=True), progress=False)
+    assert again["fingerprint"] != first["fingerprint"] and again["run"]["encoded_rows"] == 6
+    assert pq.read_table(out / "shard-00001.parquet")["cot"][1].as_py() == rows[4]["cot"]
+    assert shards.verify(out) == []

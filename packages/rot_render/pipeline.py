@@ -10,6 +10,8 @@ manifest is written last.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -104,7 +106,26 @@ def _start_ray(address: str | None):
     return ray
 
 
-def _kept_shards(config: BuildConfig, build_fingerprint: str, plan: list[list]) -> tuple[dict[int, dict], list[str]]:
+def rows_sha256(records) -> str:
+    """SHA-256 of every stored field of the rows to encode, in order: the fingerprint covers the source's
+    content, so an edited source is never passed off as the shards made from the old one."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record.to_dict()).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _what_differs(manifest: dict, settings: dict) -> str:
+    """Why a previous manifest's fingerprint differs from these settings, in words."""
+    keys = [key for key in settings if manifest.get(key) != settings[key]]
+    old = {k: v for k, v in (manifest.get("dataset") or {}).items() if k != "rows_sha256"}
+    if keys == ["dataset"] and old == {k: v for k, v in settings["dataset"].items() if k != "rows_sha256"}:
+        return f"other rows of {settings['dataset']['source']} (the source changed since)"
+    return f"different settings ({', '.join(keys) or 'format'})"
+
+
+def _kept_shards(config: BuildConfig, build_fingerprint: str, plan: list[list],
+                 settings: dict | None = None) -> tuple[dict[int, dict], list[str]]:
     """Finished shards a re-run keeps, with their manifest entries, and the names of those it re-encodes.
 
     A shard is kept only if it was made with these settings and is intact: its SHA-256 equals the one the
@@ -126,8 +147,11 @@ def _kept_shards(config: BuildConfig, build_fingerprint: str, plan: list[list]) 
     if manifest is not None and manifest.get("fingerprint") != build_fingerprint:
         stale.append(out / shards.MANIFEST)
     if stale and not config.overwrite:
-        raise BuildError(f"{stale[0]} was made with different settings (encoder, render, dataset or its rows, dtype or "
-                         f"shard size); pass --overwrite to replace the shard set in {out}, or choose another --out")
+        if stale[-1].name == shards.MANIFEST and settings is not None:
+            why = f"{stale[-1]} was made with {_what_differs(manifest, settings)}"
+        else:
+            why = f"{stale[0]} was made with different settings (encoder, render, dataset or its rows, dtype or shard size)"
+        raise BuildError(f"{why}; pass --overwrite to replace the shard set in {out}, or choose another --out")
     for path in stale + list(out.glob(".shard-*.tmp-*")):  # and what a killed writer left half-written
         path.unlink()
     recorded = {s["name"]: s for s in manifest["shards"]} if manifest is not None and not stale else {}
@@ -156,6 +180,7 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
                                     on_error=config.on_error, keep_calculator=config.keep_calculator)
     if config.limit:
         records = records[:config.limit]
+    source_rows_sha256 = rows_sha256(records)
     if config.dtype not in shards.STORED_DTYPES:
         raise BuildError(f"--dtype {config.dtype} is not one of {', '.join(shards.STORED_DTYPES)}")
     source = read_encoder_source(config.encoder)
@@ -168,14 +193,14 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
     settings = {
         "format": shards.FORMAT,
         "dataset": {"source": config.dataset, "split": config.split, "keep_calculator": config.keep_calculator,
-                    "limit": config.limit},
+                    "limit": config.limit, "rows_sha256": source_rows_sha256},
         "encoder": encoder_info, "render": render.to_dict(), "dtype": config.dtype, "shard_size": config.shard_size,
     }
     build_fingerprint = shards.fingerprint(settings)
     config.out.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(len(records) / config.shard_size)
     plan = [records[i * config.shard_size:(i + 1) * config.shard_size] for i in range(n_shards)]
-    kept, damaged = _kept_shards(config, build_fingerprint, plan)
+    kept, damaged = _kept_shards(config, build_fingerprint, plan, settings)
     done = set(kept)
     todo = [dict(record.to_dict(), shard=i, position=j)
             for i in range(n_shards) if i not in done for j, record in enumerate(plan[i])]
