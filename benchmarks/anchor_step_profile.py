@@ -16,7 +16,8 @@ from rot_anchor.pretrain import StepBatches, micro_batch_loss, _one_thread
 from rot_anchor.tasks import PretrainData
 
 
-def main(data_dir: str, workers: int = 12, steps: int = 8) -> None:
+def main(data_dir: str = typer.Option(..., help="the shared data folder"), workers: int = typer.Option(12),
+         steps: int = typer.Option(8)) -> None:
     model, tokenizer = build_anchor("anchor")
     read.prepare_tower(model)
     device = torch.device("cuda")

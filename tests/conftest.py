@@ -58,3 +58,15 @@ def tiny_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "gsm8k-tiny"
     build(BuildConfig(dataset="gsm8k", out=out, limit=48, shard_size=16, batch_size=16), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_anchor(tmp_path_factory) -> Path:
+    """A randomly initialised anchor of the micro size (a real Qwen3-VL with the anchor's tokenizer, hidden 64)."""
+    from rot_anchor.model import build_anchor
+
+    model, tokenizer = build_anchor("micro", seed=0)
+    folder = tmp_path_factory.mktemp("micro-anchor")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

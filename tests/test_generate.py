@@ -104,3 +104,47 @@ def test_viz_writes_the_three_pictures_and_nearest_text(exported, tiny_shards, t
         assert Image.open(tmp_path / name).size[0] > 300
     nearest = (tmp_path / "nearest.md").read_text().splitlines()
     assert len([line for line in nearest if line.startswith("| ") and line[2].isdigit()]) == 8
+
+
+def test_controls_feed_the_given_latents(exported, tiny_shards, shared_data, tmp_path):
+    from rot_train.evaluate import evaluate
+
+    model, tokenizer, _ = load_export(exported)
+    own = generate_rot(model, tokenizer, QUESTIONS, latents=4, max_answer_tokens=3)
+    zeros = generate_rot(model, tokenizer, QUESTIONS, max_answer_tokens=3, given_latents=torch.zeros(4, 4, 64))
+    assert all(g.latents.abs().sum() == 0 and len(g.latents) == 4 for g in zeros)
+    assert all(g.latents.abs().sum() > 0 for g in own)
+    stacked = torch.stack([g.latents for g in own])
+    again = generate_rot(model, tokenizer, QUESTIONS, max_answer_tokens=3, given_latents=stacked.roll(1, 0))
+    for fed, original in zip(again, [own[-1]] + own[:-1]):  # the latents fed are another question's, as given
+        torch.testing.assert_close(fed.latents, original.latents)
+    for control in ("zeros", "shuffled"):
+        summary = evaluate(str(exported), "svamp", tmp_path / control, data_dir=shared_data, latents=4, batch_size=4,
+                           max_answer_tokens=3, limit=4, control=control)
+        assert summary["control"] == control and summary["mean_reasoning_tokens"] == 4.0
+    truth = evaluate(str(exported), "gsm8k", tmp_path / "truth", split="train", batch_size=1, max_answer_tokens=3, limit=3,
+                     control="truth", truth_shards=tiny_shards)
+    stored = ShardSet.open(tiny_shards)
+    lengths = [row["n_tokens"] for row in stored.read_rows(0)[:3]]
+    assert truth["mean_reasoning_tokens"] == sum(lengths) / 3  # one latent per stored visual token
+    with pytest.raises(ValueError, match="--truth-shards"):
+        evaluate(str(exported), "svamp", tmp_path / "x", data_dir=shared_data, control="truth")
+
+
+def test_readback_scores_latents_per_position(exported, tiny_shards, micro_anchor, tmp_path):
+    from rot_train.readback import read_back
+
+    summary = read_back(str(exported), "gsm8k", tiny_shards, tmp_path, split="train", reader=str(micro_anchor),
+                        latents=6, limit=2, batch_size=2)
+    assert summary["examples"] == 2 and len(summary["per_position"]) == 6
+    assert all(s is None or 0 <= s <= 1 for s in summary["per_position"])
+    assert (tmp_path / "readback.png").stat().st_size > 0 and json.loads((tmp_path / "readback.json").read_text())["samples"]
+
+
+def test_position_scores_place_characters_under_their_token():
+    from rot_train.readback import position_scores
+
+    render = {"font_size": 20, "padding": 4, "font_file": "DejaVuSans.ttf"}
+    cot = "5 5 5 6 1 + 0 0 6 4 9 0"
+    assert position_scores(cot, cot, render, 32, 8) == [(2, 2), (1, 1), (2, 2), (1, 1), (2, 2), (2, 2), (2, 2), (0, 0)]
+    assert position_scores(cot, "5 5 5 6 1", render, 32, 8)[:5] == [(2, 2), (1, 1), (2, 2), (0, 1), (0, 2)]

@@ -43,6 +43,7 @@ class Mixture:
     arithmetic_tasks: dict = field(default_factory=lambda: {"cot": 0.3, "answer": 0.3, "ocr": 0.2, "ocr_random": 0.2})
     gsm_tasks: dict = field(default_factory=lambda: {"cot": 0.3, "answer": 0.2, "ocr": 0.5})
     max_gsm_chars: int = 700  # longer GSM8k CoTs are skipped (a few percent)
+    span_fraction: float = 0.3  # OCR lines cut to a random run of words: reading must not depend on a line's length
     group_weights: tuple = (1.0, 0.5)  # arithmetic, GSM8k: arithmetic is what the gates measure
     micro_batch_tokens: int = 24576  # padded tokens per forward pass (samples of similar length go together)
 
@@ -89,6 +90,12 @@ class SampleMaker:
         return {"ids": ids, "loss_from": len(prompt), "patches": patches, "task": TASKS.index(task)}
 
 
+def random_span(text: str, rng: random.Random) -> str:
+    words = text.split()
+    start = rng.randrange(len(words))
+    return " ".join(words[start:rng.randint(start + 1, len(words))])
+
+
 def scramble_digits(text: str, rng: random.Random) -> str:
     return "".join(str(rng.randrange(10)) if c.isdigit() else c for c in text)
 
@@ -124,11 +131,15 @@ class PretrainData:
         question, cot, answer = self._multiplication(n, rng)
         if task == "ocr_random":
             cot = scramble_digits(cot, rng)
+        if task.startswith("ocr") and rng.random() < self.mixture.span_fraction:
+            cot = random_span(cot, rng)
         return self.maker.make(task, question, cot, answer)
 
     def gsm_sample(self, rng: random.Random) -> dict:
         task = _pick(rng, self.mixture.gsm_tasks)
         question, cot, answer = rng.choice(self.gsm)
+        if task == "ocr" and rng.random() < self.mixture.span_fraction:
+            cot = random_span(cot, rng)
         return self.maker.make(task, question, cot, answer)
 
     def batch(self, step: int) -> list[dict]:

@@ -23,6 +23,8 @@ def run_eval(
     max_answer_tokens: int = typer.Option(32),
     max_cot_tokens: int = typer.Option(256, help="SFT-CoT baseline: generation cap"),
     limit: Optional[int] = typer.Option(None, help="only the first N examples"),
+    control: Optional[str] = typer.Option(None, help="a control: latents replaced by 'zeros', by another question's ('shuffled'), or by the true visual embeddings ('truth')"),
+    truth_shards: Optional[Path] = typer.Option(None, help="--control truth: a shard set of the evaluated split, built with the training encoder"),
 ) -> None:
     """Generate for every question; write per-example predictions and a summary."""
     from rot_data.records import RecordError
@@ -30,7 +32,7 @@ def run_eval(
 
     try:
         summary = evaluate(checkpoint, dataset, out, split, data_dir, latents, dynamic_threshold, batch_size,
-                           max_answer_tokens, max_cot_tokens, limit)
+                           max_answer_tokens, max_cot_tokens, limit, control=control, truth_shards=truth_shards)
     except (RecordError, FileNotFoundError, ValueError) as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(1)
@@ -74,6 +76,31 @@ def viz(
         (out / "nearest.md").write_text(nearest_text(result.latents, ShardSet.open(shards)))
         paths.append(out / "nearest.md")
     typer.echo(f"answer: {result.text!r} after {len(result.latents)} latents\nwrote " + ", ".join(str(p) for p in paths))
+
+
+@app.command()
+def readback(
+    checkpoint: str = typer.Option(..., help="a RoT export folder"),
+    dataset: str = typer.Option(..., help="a set with CoTs (e.g. icot_mult_4x4)"),
+    shards: Path = typer.Option(..., help="the shard set the model was trained on (its render settings place each character)"),
+    out: Path = typer.Option(Path("readback"), help="folder for readback.json and readback.png"),
+    split: str = typer.Option("test"),
+    data_dir: Optional[Path] = typer.Option(None),
+    reader: str = typer.Option("anchor", help="the VLM that reads the latents as visual tokens"),
+    latents: Optional[int] = typer.Option(None, help="latent budget (default: the export's)"),
+    limit: Optional[int] = typer.Option(None),
+) -> None:
+    """Read a RoT model's latents back as text with the anchor VLM; score them per latent position."""
+    from rot_data.records import RecordError
+    from rot_train.readback import read_back
+
+    try:
+        summary = read_back(checkpoint, dataset, shards, out, split, data_dir, reader, latents, limit)
+    except (RecordError, FileNotFoundError, ValueError) as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"read back {summary['examples']} questions' latents: {100 * summary['char_accuracy']:.1f}% of the true CoT's "
+               f"characters; per position in {out / 'readback.png'}")
 
 
 if __name__ == "__main__":

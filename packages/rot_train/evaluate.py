@@ -17,7 +17,14 @@ from rot_train.generate import generate_rot, generate_text, timed
 def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data_dir: Path | None = None,
              latents: int | None = None, dynamic_threshold: float | None = None, batch_size: int = 64,
              max_answer_tokens: int = 32, max_cot_tokens: int = 256, limit: int | None = None,
-             device: str | None = None) -> dict:
+             device: str | None = None, control: str | None = None, truth_shards: Path | None = None) -> dict:
+    """``control``: replace the latents by ``zeros``, by another question's (``shuffled``: the batch's latents
+    rolled by one row) or by the ``truth`` (the visual embeddings of the question's rendered CoT, read from
+    ``truth_shards``, a shard set of the evaluated split built with the training encoder)."""
+    if control not in CONTROLS:
+        raise ValueError(f"--control {control}: use one of {', '.join(c for c in CONTROLS if c)}")
+    if control == "truth" and truth_shards is None:
+        raise ValueError("--control truth needs --truth-shards: a shard set of the evaluated split (rot-render build --split ...)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model, tokenizer, config = load_export(checkpoint, device=device, dtype=dtype)
@@ -25,6 +32,9 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
     records, _ = load_records(dataset, split, data_dir=data_dir, require_cot=False)
     records = records[:limit] if limit else records
     mode = config.get("mode", "rot")
+    if control and mode != "rot":
+        raise ValueError(f"--control applies to RoT exports; {checkpoint} is an {mode} baseline")
+    truth = _truth_embeddings(truth_shards) if control == "truth" else None
     out.mkdir(parents=True, exist_ok=True)
     correct, reasoning_tokens, seconds = 0, 0, 0.0
     with open(out / "predictions.jsonl", "w") as predictions:
@@ -32,8 +42,10 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
             batch = records[start:start + batch_size]
             questions = [r.question for r in batch]
             if mode == "rot":
+                given = _control_latents(control, model, tokenizer, questions, latents, truth) if control else None
                 results, elapsed = timed(generate_rot, model, tokenizer, questions, latents=latents,
-                                         dynamic_threshold=dynamic_threshold, max_answer_tokens=max_answer_tokens)
+                                         dynamic_threshold=dynamic_threshold, max_answer_tokens=max_answer_tokens,
+                                         given_latents=given)
             else:
                 results, elapsed = timed(generate_text, model, tokenizer, questions, max_new_tokens=max_cot_tokens)
             seconds += elapsed
@@ -52,10 +64,38 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
         "dataset": dataset, "split": split, "examples": len(records), "accuracy": correct / len(records),
         "mean_reasoning_tokens": reasoning_tokens / len(records), "seconds_per_sample": seconds / len(records),
         "samples_per_s": len(records) / seconds if seconds else 0.0, "batch_size": batch_size, "device": device,
-        "latents": latents if mode == "rot" else None, "dynamic_threshold": dynamic_threshold,
+        "latents": latents if mode == "rot" else None, "dynamic_threshold": dynamic_threshold, "control": control,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+CONTROLS = (None, "zeros", "shuffled", "truth")
+
+
+def _truth_embeddings(folder: Path) -> dict[str, torch.Tensor]:
+    """question -> stored visual embeddings of its rendered CoT."""
+    from rot_train.shard_stream import ShardSet
+
+    shard_set = ShardSet.open(folder)
+    return {row["question"]: shard_set.embedding(row) for shard in range(len(shard_set.manifest["shards"]))
+            for row in shard_set.read_rows(shard)}
+
+
+def _control_latents(control, model, tokenizer, questions, latents, truth) -> torch.Tensor:
+    device = next(model.parameters()).device
+    if control == "zeros":
+        return torch.zeros(len(questions), latents, model.head.fc_out.out_features, device=device)
+    if control == "shuffled":
+        own = generate_rot(model, tokenizer, questions, latents=latents, max_answer_tokens=1)
+        return torch.stack([g.latents for g in own]).roll(1, dims=0).to(device)
+    missing = [q for q in questions if q not in truth]
+    if missing:
+        raise ValueError(f"--truth-shards has no row for the question {missing[0]!r}; build it from the evaluated split")
+    lengths = {len(truth[q]) for q in questions}
+    if len(lengths) > 1:
+        raise ValueError(f"--control truth needs CoTs of one length per batch (got {sorted(lengths)} visual tokens); use --batch-size 1")
+    return torch.stack([truth[q] for q in questions]).to(device)
 
 
 def _cot_tokens(tokenizer, text: str, mode: str) -> int:

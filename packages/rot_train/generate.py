@@ -34,8 +34,13 @@ class Generation:
 
 @torch.no_grad()
 def generate_rot(model, tokenizer, questions: list[str], latents: int = 32, dynamic_threshold: float | None = None,
-                 max_answer_tokens: int = 32, use_cache: bool = True, stop_at_eos: bool = True) -> list[Generation]:
+                 max_answer_tokens: int = 32, use_cache: bool = True, stop_at_eos: bool = True,
+                 given_latents: torch.Tensor | None = None) -> list[Generation]:
+    """``given_latents`` [B, n, latent_dim]: feed these instead of the model's own (the controls: zeros, another
+    question's latents, the true visual embeddings); the budget is then ``n``."""
     model.eval()
+    if given_latents is not None:
+        latents, dynamic_threshold = given_latents.shape[1], None
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     prefix_ids, mask = pad([question_ids(tokenizer, q) + [model.img_begin_id] for q in questions], pad_id, left=True)
@@ -60,6 +65,8 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = 32, dyna
         # only compute what some row needs: the head in the latent phase, the vocabulary logits after it
         some_latent = step <= latents if phases_known else bool(in_latent.any())
         predicted = model.head(hidden) if some_latent else None
+        if predicted is not None and given_latents is not None and step < latents:
+            predicted = given_latents[:, step].to(predicted)
         latent_input = model.latent_inputs(predicted) if predicted is not None else None
         close = torch.zeros_like(in_latent)
         if dynamic_threshold is not None and latent_input is not None:

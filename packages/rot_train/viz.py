@@ -59,8 +59,9 @@ def _save(figure, path: Path, plt) -> Path:
     return path
 
 
-def _token_texts(text: str, n_tokens: int, render: dict, token_px: int) -> list[str]:
-    """The characters drawn inside each token_px-wide column of a rendered line."""
+def token_of_characters(text: str, render: dict, token_px: int) -> tuple[str, list[int]]:
+    """The line as drawn (one line, optional thought tags) and, for each of its characters, the index of the
+    token_px-wide column its centre falls in (same font and settings as the build, read from its manifest)."""
     import matplotlib
     from PIL import ImageFont
 
@@ -70,7 +71,13 @@ def _token_texts(text: str, n_tokens: int, render: dict, token_px: int) -> list[
     if render.get("thought_tags"):
         line = f"<|begin_of_thought|>  {line}  <|end_of_thought|>"
     centres = [render["padding"] + font.getlength(line[:i]) + font.getlength(line[i]) / 2 for i in range(len(line))]
-    return ["".join(c for c, x in zip(line, centres) if k * token_px <= x < (k + 1) * token_px) for k in range(n_tokens)]
+    return line, [int(x // token_px) for x in centres]
+
+
+def _token_texts(text: str, n_tokens: int, render: dict, token_px: int) -> list[str]:
+    """The characters drawn inside each token_px-wide column of a rendered line."""
+    line, tokens = token_of_characters(text, render, token_px)
+    return ["".join(c for c, t in zip(line, tokens) if t == k) for k in range(n_tokens)]
 
 
 def nearest_text(latents: torch.Tensor, shard_set, top: int = 3, max_rows: int = 2048) -> str:
