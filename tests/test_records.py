@@ -29,7 +29,7 @@ def test_icot_text_format(tmp_path):
     path.write_text("5 6 * 7 4||5 5 + 0 6 #### 5 5 6\n\n1 2 * 3 4||3 6 #### 3 6 1\n")
     records, _ = load_records(str(path))
     assert [(r.question, r.cot, r.answer) for r in records] == [("5 6 * 7 4", "5 5 + 0 6", "5 5 6"), ("1 2 * 3 4", "3 6", "3 6 1")]
-    assert records[1].id == "mult-000003"  # line numbers, blank lines included
+    assert records[1].id.startswith("mult-") and records[1].id.endswith("-000003")  # line numbers, blank lines included
 
 
 @pytest.mark.parametrize("name, rows", [("gsm_hard", 1319), ("svamp", 1000), ("multiarith", 600), ("icot_gsm8k", 6973)])
@@ -69,7 +69,7 @@ def test_malformed_row_stops_the_job_naming_file_and_line(bad_file):
 
 def test_malformed_rows_are_skipped_and_counted(bad_file):
     records, skipped = load_records(str(bad_file), on_error="skip")
-    assert [r.id for r in records] == ["rows-000001"]
+    assert [r.id.rsplit("-", 1)[1] for r in records] == ["000001"]
     expected = [(i + 1, reason) for i, (_, reason) in enumerate(BAD_ROWS) if reason]
     assert [(s.line, s.reason[:len(reason)]) for s, (_, reason) in zip(skipped, expected)] == expected
     assert all(s.file == str(bad_file) for s in skipped)
@@ -88,3 +88,74 @@ def test_unknown_dataset_and_missing_data_dir_say_what_to_do():
 def test_the_four_benchmarks_load_for_evaluation_with_their_file_sizes(shared_data, name, expected):
     records, skipped = load_records(name, "test", data_dir=shared_data, require_cot=False)
     assert len(records) == expected and not skipped
+
+
+GOOD = b'{"question": "q", "cot": "1 + 1 = 2", "answer": "2"}'
+
+
+def test_invalid_utf8_is_one_bad_row_with_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(GOOD + b"\n" + b'{"question": "q\xff", "cot": "c", "answer": "1"}\n' + GOOD + b"\n")
+    with pytest.raises(RecordError) as error:
+        load_records(str(path))
+    assert str(error.value) == f"{path}:2: invalid UTF-8 (byte 0xff at column 16); fix the row or pass --on-error skip"
+    records, skipped = load_records(str(path), on_error="skip")
+    assert [r.line for r in records] == [1, 3] and [(s.line, s.reason) for s in skipped] == [(2, "invalid UTF-8 (byte 0xff at column 16)")]
+
+
+def test_bom_and_windows_line_ends_are_accepted(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD + b"\r\n" + GOOD + b"\r\n")
+    records, skipped = load_records(str(path))
+    assert len(records) == 2 and not skipped and records[0].answer == "2"
+    text = tmp_path / "mult.txt"
+    text.write_bytes(b"\xef\xbb\xbf5 6 * 7 4||5 5 + 0 6 #### 5 5 6\r\n")
+    assert load_records(str(text))[0][0].answer == "5 5 6"
+
+
+def test_control_characters_are_bad_rows_but_tabs_and_newlines_are_text(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"question": "q", "cot": "a\\u0000b", "answer": "1"}\n'
+                    '{"question": "q", "cot": "a\\tb\\nc", "answer": "1"}\n'
+                    '{"question": "q\\u001b[31m", "cot": "c", "answer": "1"}\n'
+                    '{"question": "q", "cot": "\\ud800", "answer": "1"}\n')
+    records, skipped = load_records(str(path), on_error="skip")
+    assert [r.cot for r in records] == ["a\tb\nc"]
+    assert [(s.line, s.reason) for s in skipped] == [(1, "control character U+0000 in field 'cot'"),
+                                                     (3, "control character U+001B in field 'question'"),
+                                                     (4, "unpaired surrogate U+D800 in field 'cot'")]
+
+
+def test_a_rows_own_id_is_kept_and_a_repeated_one_is_a_bad_row(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"id": "train-7", "question": "q", "cot": "c", "answer": 1}\n'
+                    '{"question": "q", "cot": "c", "answer": "1"}\n'
+                    '{"id": 12, "question": "q", "cot": "c", "answer": "1"}\n'
+                    '{"id": "train-7", "question": "q2", "cot": "c", "answer": "1"}\n')
+    with pytest.raises(RecordError, match=r"rows.jsonl:4: duplicate id 'train-7' \(first at line 1\); fix the row"):
+        load_records(str(path))
+    records, skipped = load_records(str(path), on_error="skip")
+    assert [r.id for r in records][::2] == ["train-7", "12"] and records[0].answer == "1"  # integer answers too
+    assert [(s.line, s.reason) for s in skipped] == [(4, "duplicate id 'train-7' (first at line 1)")]
+
+
+def test_files_with_the_same_name_in_two_folders_get_different_ids(tmp_path):
+    ids = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "train.jsonl").write_bytes(GOOD + b"\n")
+        ids.append(load_records(str(tmp_path / folder / "train.jsonl"))[0][0].id)
+    assert ids[0] != ids[1] and all(i.startswith("train-") and i.endswith("-000001") for i in ids)
+    assert load_records(str(tmp_path / "a" / "train.jsonl"))[0][0].id == ids[0]  # and stable
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'[{"question": "q", "cot": "c", "answer": "1"},\n {"question": ', ":2: bad JSON (Expecting value); fix the file"),
+    (b'[{"question": "q", "cot": "c", "answer": "1"},\n{"question": "\xfe"}]', ":2: invalid UTF-8 (byte 0xfe); re-save the file as UTF-8"),
+])
+def test_a_broken_json_document_stops_with_file_and_line(tmp_path, content, message):
+    path = tmp_path / "rows.json"
+    path.write_bytes(content)
+    with pytest.raises(RecordError) as error:
+        load_records(str(path), on_error="skip")
+    assert str(error.value) == f"{path}{message}"

@@ -3,16 +3,28 @@
 A source is a built-in name (``gsm8k`` ships inside the package, the others are read from
 ``--data-dir``), a file path (format detected from its extension and fields), or
 ``hf:<dataset id>[:<config>]`` for a Hugging Face dataset when the machine is online.
-Ids are stable: ``<source>-<split>-<row number>``, so a re-run maps each row to the same shard.
+Ids are stable, so a re-run maps each row to the same shard: a row's own ``id`` field when it has
+one (a repeated id is a bad row), else ``<source>-<split>-<line>`` for the built-in sets and
+``<file stem>-<8 hex digits of the file's resolved path>-<line>`` for a file (two files with the same
+name in different folders do not collide).
 A malformed row is never dropped silently: it raises ``RecordError`` (``on_error="fail"``) or is
 returned in the ``skipped`` list that ends up in the shard manifest (``on_error="skip"``).
+
+Text files (.jsonl, .txt) are decoded line by line: a UTF-8 byte-order mark at the start of the file is
+accepted, a line that is not valid UTF-8 is a bad row (file:line and the byte), a trailing CR (Windows
+line ends) is dropped, blank lines are ignored. Control characters other than tab, CR and LF (NUL,
+ESC, DEL, U+0080-U+009F, ...) and unpaired surrogates in a field make the row bad: they cannot be
+drawn and usually mean a damaged or binary file (tab, CR and LF are drawn as spaces). A .json file is one document: invalid UTF-8 or JSON there stops with file:line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
-from dataclasses import asdict, dataclass
+import unicodedata
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -31,6 +43,10 @@ BUILTIN_SOURCES = {
 }
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+FIELDS = ("id", "question", "cot", "answer")
+
+
 class RecordError(ValueError):
     """A row that cannot become a record; the message names file, line and the fix."""
 
@@ -41,9 +57,12 @@ class Record:
     question: str
     cot: str
     answer: str
+    file: str = field(default="", compare=False, repr=False)  # where the row came from, for bad-row messages
+    line: int = field(default=0, compare=False, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The stored fields (not where the row came from)."""
+        return {key: getattr(self, key) for key in FIELDS}
 
 
 @dataclass(frozen=True)
@@ -53,10 +72,19 @@ class SkippedRow:
     reason: str
 
 
+def bad_row(file: str, line: int, reason: str, on_error: str, skipped: list[SkippedRow]) -> None:
+    """Stop on a bad row (``on_error="fail"``) or record it in ``skipped``: the one policy for every check."""
+    if on_error == "fail":
+        raise RecordError(f"{file}:{line}: {reason}; fix the row or pass --on-error skip")
+    skipped.append(SkippedRow(file, line, reason))
+
+
 def _number_text(value) -> str:
     """Render a numeric gold answer without a spurious '.0' (39.0 -> '39')."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"expected a number, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"answer {value} is not a finite number")
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
@@ -91,7 +119,10 @@ def _parse_row(row, fmt: str, keep_calculator: bool) -> tuple[str, str, str]:
     if not isinstance(row, dict):
         raise TypeError(f"row is {type(row).__name__}, not an object")
     if fmt == "record":
-        return _require_text(row, "question").strip(), _require_text(row, "cot").strip(), _require_text(row, "answer").strip()
+        answer = row.get("answer")
+        answer = _number_text(answer) if isinstance(answer, (int, float)) and not isinstance(answer, bool) \
+            else _require_text(row, "answer")  # integer answers are accepted as in the benchmark formats
+        return _require_text(row, "question").strip(), _require_text(row, "cot").strip(), answer.strip()
     if fmt == "gsm8k":
         cot, answer = _split_gsm8k_solution(_require_text(row, "answer"), keep_calculator)
         return _require_text(row, "question").strip(), cot, answer
@@ -128,29 +159,72 @@ def _detect_format(path: Path, first_row) -> str:
 
 
 def _raw_rows(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, raw row) pairs; a row that is not valid JSON is yielded as a RecordError."""
+    """(line number, raw row) pairs; a row that is not valid UTF-8 or JSON is yielded as a RecordError."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        for index, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield index, row
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow raises several types for a damaged file
+            raise RecordError(f"{path}: cannot be read as Parquet ({error}); check the file") from None
+        yield from enumerate(rows, start=1)
     elif path.suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes().removeprefix(UTF8_BOM)
+        try:
+            rows = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            line = data.count(b"\n", 0, error.start) + 1
+            raise RecordError(f"{path}:{line}: invalid UTF-8 (byte 0x{data[error.start]:02x}); re-save the file as UTF-8") from None
+        except json.JSONDecodeError as error:
+            raise RecordError(f"{path}:{error.lineno}: bad JSON ({error.msg}); fix the file") from None
+        except (ValueError, RecursionError) as error:
+            raise RecordError(f"{path}: bad JSON ({error}); fix the file") from None
         if not isinstance(rows, list):
             raise RecordError(f"{path}: expected a JSON list of rows")
         yield from enumerate(rows, start=1)
     else:
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
+        with path.open("rb") as handle:  # split on LF only, decode each line on its own
+            for line_number, raw in enumerate(handle, start=1):
+                if line_number == 1:
+                    raw = raw.removeprefix(UTF8_BOM)
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    yield line_number, RecordError(f"invalid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})")
+                    continue
+                line = line.removesuffix("\n").removesuffix("\r")
                 if not line.strip():
                     continue
                 if path.suffix == ".txt":
-                    yield line_number, line.rstrip("\n")
+                    yield line_number, line
                     continue
                 try:
                     yield line_number, json.loads(line)
                 except json.JSONDecodeError as error:
                     yield line_number, RecordError(f"bad JSON ({error.msg})")
+                except (ValueError, RecursionError) as error:  # e.g. an integer of more than 4300 digits, or deep nesting
+                    yield line_number, RecordError(f"bad JSON ({type(error).__name__}: {str(error)[:80]})")
+
+
+def _own_id(raw) -> str | None:
+    """A row's own ``id`` field, kept as its record id (a string or an integer)."""
+    if not isinstance(raw, dict) or raw.get("id") is None:
+        return None
+    value = raw["id"]
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise ValueError(f"field 'id' must be a non-empty string or an integer, not {value!r:.40}")
+    return str(value)
+
+
+def _control_characters(*fields: str) -> str | None:
+    """The reason a row is bad if a field holds control characters other than tab, CR and LF, or half of a
+    UTF-16 surrogate pair (JSON's "\\ud800" escape decodes to one; it is not a character and cannot be stored)."""
+    for name, text in zip(("question", "cot", "answer"), fields):
+        for kind, category in (("control character", "Cc"), ("unpaired surrogate", "Cs")):
+            found = sorted({c for c in text if c not in "\t\r\n" and unicodedata.category(c) == category})
+            if found:
+                return f"{kind}{'s' if len(found) > 1 else ''} {', '.join(f'U+{ord(c):04X}' for c in found[:5])} in field '{name}'"
+    return None
 
 
 def resolve_source(source: str, split: str, data_dir: Path | None) -> tuple[str, Path]:
@@ -169,7 +243,9 @@ def resolve_source(source: str, split: str, data_dir: Path | None) -> tuple[str,
     path = Path(source)
     if not path.exists():
         raise RecordError(f"--dataset {source}: neither a built-in name ({', '.join(BUILTIN_SOURCES)}) nor an existing file")
-    return f"{path.stem}", path
+    if not path.is_file():
+        raise RecordError(f"--dataset {source} is a folder; give a .jsonl/.json/.parquet/.txt file")
+    return f"{path.stem}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}", path
 
 
 def load_records(
@@ -191,7 +267,7 @@ def load_records(
     if source.startswith("hf:"):
         return _load_hf(source, split, require_cot)
     prefix, path = resolve_source(source, split, data_dir)
-    records, skipped, fmt = [], [], None
+    records, skipped, fmt, first_line = [], [], None, {}
     for line_number, raw in _raw_rows(path):
         try:
             if isinstance(raw, RecordError):
@@ -204,6 +280,12 @@ def load_records(
                 raise ValueError("empty CoT (this source has nothing to render)")
             if not answer:
                 raise ValueError("empty answer")
+            control = _control_characters(question, cot, answer)
+            if control:
+                raise ValueError(control)
+            record_id = _own_id(raw) or f"{prefix}-{line_number:06d}"
+            if record_id in first_line:
+                raise ValueError(f"duplicate id {record_id!r} (first at line {first_line[record_id]})")
         except RecordError as error:
             if str(error).startswith(str(path)):
                 raise
@@ -211,11 +293,10 @@ def load_records(
         except (KeyError, TypeError, ValueError) as error:
             reason = str(error.args[0]) if error.args else type(error).__name__
         else:
-            records.append(Record(f"{prefix}-{line_number:06d}", question, cot, answer))
+            first_line[record_id] = line_number
+            records.append(Record(record_id, question, cot, answer, str(path), line_number))
             continue
-        if on_error == "fail":
-            raise RecordError(f"{path}:{line_number}: {reason}; fix the row or pass --on-error skip")
-        skipped.append(SkippedRow(str(path), line_number, reason))
+        bad_row(str(path), line_number, reason, on_error, skipped)
     if not records:
         raise RecordError(f"{path}: no usable rows ({len(skipped)} skipped)")
     return records, skipped
@@ -228,10 +309,14 @@ def _load_hf(source: str, split: str, require_cot: bool) -> tuple[list[Record], 
     name, _, config = source[3:].partition(":")
     table = datasets.load_dataset(name, config or None, split=split)
     fmt = _detect_format(Path(name), table[0])
-    records = []
+    records, seen = [], set()
     for index, row in enumerate(table, start=1):
         question, cot, answer = _parse_row(row, fmt, keep_calculator=False)
         if require_cot and not cot:
             raise RecordError(f"{source}[{split}] row {index}: empty CoT")
-        records.append(Record(f"{name.replace('/', '_')}-{split}-{index:06d}", question, cot, answer))
+        record_id = _own_id(row) or f"{name.replace('/', '_')}-{split}-{index:06d}"
+        if record_id in seen:
+            raise RecordError(f"{source}[{split}] row {index}: duplicate id {record_id!r}")
+        seen.add(record_id)
+        records.append(Record(record_id, question, cot, answer, f"{source}[{split}]", index))
     return records, []

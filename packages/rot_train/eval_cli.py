@@ -34,7 +34,8 @@ def run_eval(
         summary = evaluate(checkpoint, dataset, out, split, data_dir, latents, dynamic_threshold, batch_size,
                            max_answer_tokens, max_cot_tokens, limit, control=control, truth_shards=truth_shards)
     except (RecordError, FileNotFoundError, ValueError) as error:
-        typer.secho(f"error: {error}", fg="red", err=True)
+        message = str(error).replace(" or pass --on-error skip", "")  # rot-eval has no --on-error: every row is evaluated
+        typer.secho(f"error: {message}", fg="red", err=True)
         raise typer.Exit(1)
     typer.echo(f"{summary['method']} on {dataset} [{split}]: accuracy {100 * summary['accuracy']:.2f}% over "
                f"{summary['examples']} examples, mean #L {summary['mean_reasoning_tokens']:.1f}, "
