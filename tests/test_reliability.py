@@ -95,3 +95,84 @@ def test_an_edited_source_is_refused_until_overwrite_and_then_encoded(tmp_path):
     assert again["fingerprint"] != first["fingerprint"] and again["run"]["encoded_rows"] == 6
     assert pq.read_table(out / "shard-00001.parquet")["cot"][1].as_py() == rows[4]["cot"]
     assert shards.verify(out) == []
+
+
+def test_undrawable_rows_are_bad_rows_and_long_lines_are_cut_and_counted(tmp_path):
+    """CJK (no glyph) and Arabic (right to left) are bad rows naming the characters; a line over --max-tokens is cut."""
+    from rot_data.records import RecordError
+    from rot_render.render import RenderSettings
+
+    long_cot = " ".join(f"{i} + {i} = {2 * i}" for i in range(40))
+    rows = [{"question": "q1", "cot": "1 + 1 = 2", "answer": "2"},
+            {"question": "q2", "cot": "\u4e2d 1 + 2 = 3", "answer": "3"},
+            {"question": "q3", "cot": "\u0633\u0644\u0627\u0645 2 + 2 = 4", "answer": "4"},
+            {"question": "q4", "cot": long_cot, "answer": "78"}]
+    source = _write_rows(tmp_path / "rows.jsonl", rows)
+    settings = dict(dataset=str(source), out=tmp_path / "shards", shard_size=4, batch_size=4, render=RenderSettings(max_tokens=8))
+    with pytest.raises(RecordError) as error:
+        build(BuildConfig(**settings), progress=False)
+    assert str(error.value) == (f"{source}:2: the font has no glyph for '\u4e2d' U+4E2D (they would be drawn as boxes); "
+                                "pass --font with a font that has them; fix the row or pass --on-error skip")
+    manifest = build(BuildConfig(**settings, on_error="skip"), progress=False)
+    assert [(s["line"], s["reason"][:20]) for s in manifest["skipped"]] == [(2, "the font has no glyp"), (3, "right-to-left text (")]
+    assert manifest["rows"] == 2 and manifest["truncated_rows"] == 1 and manifest["shards"][0]["truncated"] == 1
+    table = pq.read_table(tmp_path / "shards" / "shard-00000.parquet")
+    assert table["n_tokens"].to_pylist()[1] == 8 and table["cot"].to_pylist()[1] == long_cot  # the stored CoT stays whole
+    assert shards.shard_summary(tmp_path / "shards" / "shard-00000.parquet")["truncated"] == 1
+
+
+def _cli(*args):
+    import subprocess
+
+    return subprocess.run(["rot-render", *args], capture_output=True, text=True)
+
+
+def test_a_truncated_manifest_is_named_and_overwrite_recovers(tiny_shards, tmp_path):
+    from rot_render.pipeline import BuildError
+
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    manifest_path = copy / shards.MANIFEST
+    manifest_path.write_bytes(manifest_path.read_bytes()[:200])
+    problem = f"{manifest_path} is not valid JSON (Unterminated string starting at): truncated or damaged"
+    with pytest.raises(BuildError) as error:
+        build(_tiny_config(copy), progress=False)
+    assert str(error.value) == f"{problem}; pass --overwrite to rebuild the shard set in {copy}, or choose another --out"
+    result = _cli("inspect", str(copy))
+    assert result.returncode == 1
+    assert result.stderr == f"error: {problem}; re-run the rot-render build command with --overwrite to rebuild {copy}\n"
+    with pytest.raises(ShardError, match="is not valid JSON"):
+        ShardSet.open(copy)
+    recovered = build(_tiny_config(copy, overwrite=True), progress=False)  # the shards read back whole: kept
+    assert recovered["run"]["encoded_rows"] == 0 and recovered["run"]["resumed_shards"] == 3
+    assert shards.verify(copy) == [] and json_equal_except_created(recovered, shards.read_manifest(tiny_shards))
+
+
+def json_equal_except_created(a: dict, b: dict) -> bool:
+    drop = {"created", "run"}
+    return {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(shard_size=0), "--shard-size 0 must be at least 1"),
+    (dict(limit=0), "--limit 0 must be at least 1 (leave --limit out to build every row)"),
+    (dict(batch_size=-1), "--batch-size -1 must be at least 1"),
+    (dict(num_encoders=0), "--num-encoders 0 must be at least 1"),
+])
+def test_numbers_that_would_build_nothing_or_everything_are_refused(tmp_path, overrides, message):
+    from rot_render.pipeline import BuildError
+
+    with pytest.raises(BuildError) as error:
+        build(_tiny_config(tmp_path / "out", **overrides), progress=False)
+    assert str(error.value) == message and not (tmp_path / "out").exists()
+
+
+def test_cli_answers_bad_options_in_one_line(tmp_path):
+    for args, message in [
+        (["--shard-size", "0"], "error: --shard-size 0 must be at least 1"),
+        (["--font", str(tmp_path / "none.ttf")],
+         f"error: --font {tmp_path / 'none.ttf'} does not exist; give a .ttf/.otf file, or leave --font out for DejaVu Sans"),
+    ]:
+        result = _cli("build", "--dataset", "gsm8k", "--out", str(tmp_path / "out"), "--limit", "4", *args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1] == message

@@ -48,3 +48,48 @@ def test_show_writes_a_png(tmp_path):
     assert "tokens of 32 px" in result.stdout
     image = Image.open(out)
     assert image.size[1] == 32 and image.size[0] % 32 == 0
+
+
+@pytest.mark.parametrize("text, named", [
+    ("48 / 2 = 24 \u4e2d\u6587", "'\u4e2d' U+4E2D, '\u6587' U+6587"),  # CJK: no glyph in DejaVu Sans
+    ("so 3 apples \U0001F34E", "'\U0001F34E' U+1F34E"),  # emoji
+])
+def test_characters_without_a_glyph_are_named(text, named):
+    from rot_render.render import drawing_problem
+
+    assert drawing_problem(text) == f"the font has no glyph for {named} (they would be drawn as boxes); pass --font with a font that has them"
+
+
+def test_right_to_left_text_is_refused_and_plain_text_accepted():
+    from rot_render.render import drawing_problem
+
+    assert drawing_problem("\u0633\u0644\u0627\u0645 = 5") == ("right-to-left text ('\u0627' U+0627, '\u0633' U+0633, '\u0644' U+0644, "
+                                                        "'\u0645' U+0645) would be drawn backwards; the renderer draws left to right only")  # Arabic: DejaVu has the glyphs
+    assert drawing_problem("\u05e9\u05dc\u05d5\u05dd").startswith("right-to-left text")  # Hebrew
+    assert drawing_problem("Natalia sold 48/2 = 24 clips; 3\u00d74 \u2248 12 \u2264 13 \u2192 ok") is None
+
+
+def test_long_lines_are_cut_to_max_tokens_after_a_whole_character():
+    from rot_render.render import fit_line, render_fitted
+
+    settings = RenderSettings(max_tokens=4)
+    long = "12 + 30 = 42 and 42 * 2 = 84 and 84 - 1 = 83"
+    image, truncated = render_fitted(long, settings, 32)
+    assert truncated and image.shape == (32, 4 * 32)
+    text, _ = fit_line(long, settings, 32)
+    assert long.startswith(text) and len(text) < len(long)
+    assert not render_line(text + long[len(text)], RenderSettings(), 32).shape[1] <= 4 * 32  # the next character would not fit
+    short, cut = render_fitted("1 + 2 = 3", settings, 32)
+    assert not cut and np.array_equal(short, render_line("1 + 2 = 3", RenderSettings(), 32))
+    with pytest.raises(ValueError, match="--max-tokens 0 leaves no room"):
+        render_line("x", RenderSettings(max_tokens=0), 32)
+
+
+def test_a_missing_or_broken_font_is_named(tmp_path):
+    from rot_render.render import check_font
+
+    with pytest.raises(ValueError, match=f"--font {tmp_path / 'no.ttf'} does not exist; give a .ttf/.otf file"):
+        check_font(str(tmp_path / "no.ttf"))
+    (tmp_path / "bad.ttf").write_bytes(b"not a font")
+    with pytest.raises(ValueError, match=r"bad.ttf cannot be read as a font \(.*\); give a .ttf/.otf file"):
+        check_font(str(tmp_path / "bad.ttf"))

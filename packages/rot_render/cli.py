@@ -48,17 +48,20 @@ def build(
     padding: int = typer.Option(4),
     font: Optional[str] = typer.Option(None, help="a .ttf file (default: DejaVu Sans shipped with matplotlib)"),
     thought_tags: bool = typer.Option(False, help="wrap the CoT in <|begin_of_thought|> ... <|end_of_thought|>"),
+    max_tokens: int = typer.Option(512, help="width cap in visual tokens: a longer line is cut after the last character that fits (counted in the manifest)"),
     batch_size: int = typer.Option(256, help="images per packed encoder call"),
     num_encoders: Optional[int] = typer.Option(None, help="encoder actors (default: one per GPU, one on a CPU-only cluster)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)"),
     overwrite: bool = typer.Option(False, help="replace a shard set made with different settings"),
 ) -> None:
     """Render and encode every CoT of a dataset into Parquet shards (resumes if re-run)."""
+    from dataclasses import replace
+
     from rot_render.pipeline import STATS, BuildConfig, BuildError, build as run_build
 
     config = BuildConfig(dataset=dataset, out=out, split=split, encoder=encoder, dtype=dtype, shard_size=shard_size,
                          on_error=on_error, keep_calculator=keep_calculator, data_dir=data_dir, limit=limit,
-                         render=_render_settings(height, font_size, padding, font, thought_tags),
+                         render=replace(_render_settings(height, font_size, padding, font, thought_tags), max_tokens=max_tokens),
                          batch_size=batch_size, num_encoders=num_encoders, address=address, overwrite=overwrite)
     if encoder == "tiny":
         typer.secho("note: --encoder tiny is an UNTRAINED random tower, for smoke runs only; its embeddings carry no meaning.",
@@ -78,7 +81,8 @@ def build(
         f"      encoded {run['encoded_rows']} rows this run ({run['resumed_shards']} shards kept from before) at "
         f"{rate:.1f} images/s ({run['steady_images_per_s']:.1f} images/s once the encoders were up) on "
         f"{run['encoders']} encoder(s), {run['gpus']} GPU(s); "
-        f"skipped rows: {manifest['skipped_rows']}; total {run['seconds']:.1f} s (time per stage: {out / STATS})"
+        f"skipped rows: {manifest['skipped_rows']}; cut to --max-tokens {manifest['render']['max_tokens']}: "
+        f"{manifest['truncated_rows']}; total {run['seconds']:.1f} s (time per stage: {out / STATS})"
     )
 
 

@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 from rot_data.checksums import file_sha256
 from rot_render import shards
 from rot_render.encoder import PACKED, VisionEncoder, read_encoder_source
-from rot_data.records import load_records
-from rot_render.render import RenderSettings, render_line
+from rot_data.records import bad_row, load_records
+from rot_render.render import RenderSettings, check_font, drawing_problem, line_text, render_fitted
 
 
 STATS = "build-stats.txt"
@@ -58,10 +58,11 @@ class BuildConfig:
 
 
 def render_batch(batch: pa.Table, settings: RenderSettings, token_px: int) -> pa.Table:
-    """Ray task: add the rendered grey pixels (bytes) and the image width to every row."""
-    images = [render_line(cot, settings, token_px) for cot in batch.column("cot").to_pylist()]
+    """Ray task: add the rendered grey pixels (bytes), the image width and whether the line was cut to every row."""
+    images, truncated = zip(*[render_fitted(cot, settings, token_px) for cot in batch.column("cot").to_pylist()])
     return batch.append_column("pixels", pa.array([image.tobytes() for image in images], pa.large_binary())) \
-                .append_column("image_width", pa.array([image.shape[1] for image in images], pa.int32()))
+                .append_column("image_width", pa.array([image.shape[1] for image in images], pa.int32())) \
+                .append_column("truncated", pa.array(truncated, pa.bool_()))
 
 
 def write_shard_from_blocks(path: Path, shard_index: int, build_fingerprint: str, dim: int, dtype: str, *blocks: pa.Table) -> dict:
@@ -176,16 +177,17 @@ def _kept_shards(config: BuildConfig, build_fingerprint: str, plan: list[list],
 def build(config: BuildConfig, progress: bool = True) -> dict:
     """Run the whole job and return the manifest (which is also written to ``config.out``)."""
     started = time.perf_counter()
+    _check_options(config)
+    check_font(config.render.font_path)
     records, skipped = load_records(config.dataset, config.split, data_dir=config.data_dir,
                                     on_error=config.on_error, keep_calculator=config.keep_calculator)
-    if config.limit:
-        records = records[:config.limit]
-    source_rows_sha256 = rows_sha256(records)
-    if config.dtype not in shards.STORED_DTYPES:
-        raise BuildError(f"--dtype {config.dtype} is not one of {', '.join(shards.STORED_DTYPES)}")
     source = read_encoder_source(config.encoder)
     expected_sha256, token_px = source.weights_sha256, source.token_px
     render = config.render.resolved(token_px)
+    records = _drawable(records, render, config.on_error, skipped)
+    if config.limit is not None:
+        records = records[:config.limit]
+    source_rows_sha256 = rows_sha256(records)
     ray = _start_ray(config.address)
     n_gpus = int(ray.cluster_resources().get("GPU", 0))
     num_encoders = config.num_encoders or max(1, n_gpus)
@@ -219,6 +221,7 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
         embedding={"dim": encoder_info["dim"], "dtype": config.dtype, "layout": "row-major [n_tokens, dim], little-endian"},
         rows=sum(s["rows"] for s in summaries),
         tokens=sum(s["tokens"] for s in summaries),
+        truncated_rows=sum(s.get("truncated", 0) for s in summaries),
         skipped_rows=len(skipped),
         skipped=[vars(s) for s in skipped],
         shards=summaries,
@@ -231,6 +234,32 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
         "seconds": time.perf_counter() - started, "encoders": num_encoders, "gpus": n_gpus,
     }
     return manifest
+
+
+def _check_options(config: BuildConfig) -> None:
+    """Numbers that would build nothing, everything or fail deep inside Ray: refused in one line first."""
+    for flag, value in (("--shard-size", config.shard_size), ("--batch-size", config.batch_size),
+                        ("--num-encoders", config.num_encoders), ("--limit", config.limit)):
+        if value is not None and value < 1:
+            raise BuildError(f"{flag} {value} must be at least 1" + (" (leave --limit out to build every row)" if flag == "--limit" else ""))
+    if config.dtype not in shards.STORED_DTYPES:
+        raise BuildError(f"--dtype {config.dtype} is not one of {', '.join(shards.STORED_DTYPES)}")
+
+
+def _drawable(records: list, render: RenderSettings, on_error: str, skipped: list) -> list:
+    """The records whose CoT the font can draw faithfully; the others are bad rows (missing glyphs, right-to-left)."""
+    kept = []
+    for record in records:
+        problem = drawing_problem(line_text(record.cot, render), render.font_path)
+        if problem is None:
+            kept.append(record)
+        else:
+            bad_row(record.file, record.line, problem, on_error, skipped)
+    skipped.sort(key=lambda row: (row.file, row.line))
+    if not kept:
+        first = skipped[0]
+        raise BuildError(f"every row was skipped ({len(skipped)}), nothing to build; the first: {first.file}:{first.line}: {first.reason}")
+    return kept
 
 
 def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpus, todo, plan, build_fingerprint, dim,

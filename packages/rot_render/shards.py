@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -70,10 +71,12 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def write_shard(path: Path, table: pa.Table, build_fingerprint: str, dim: int, dtype: str) -> dict:
-    """Write a table with the columns of SCHEMA (others are dropped) and return its manifest entry."""
+    """Write a table with the columns of SCHEMA (others are dropped) and return its manifest entry.
+    A ``truncated`` column (rows whose line was cut to --max-tokens) is counted into the file's metadata."""
+    truncated = int(pc.sum(table["truncated"]).as_py() or 0) if "truncated" in table.column_names else 0
     table = table.select(SCHEMA.names).cast(SCHEMA).replace_schema_metadata({
         "rot.fingerprint": build_fingerprint, "rot.dim": str(dim), "rot.dtype": dtype,
-        "rot.format": FORMAT,
+        "rot.format": FORMAT, "rot.truncated": str(truncated),
     })
     _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", write_page_checksum=True))
     return shard_summary(path)
@@ -107,6 +110,7 @@ def shard_summary(path: Path) -> dict:
         "name": path.name,
         "rows": table.num_rows,
         "tokens": int(np.asarray(table["n_tokens"]).sum()),
+        "truncated": int((table.schema.metadata or {}).get(b"rot.truncated", b"0")),
         "bytes": path.stat().st_size,
         "sha256": file_sha256(path),
     }
