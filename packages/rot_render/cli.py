@@ -181,5 +181,29 @@ def inspect(folder: Path = typer.Argument(..., help="a shard folder written by r
     )
 
 
+@app.command()
+def multiplication(
+    n: int = typer.Option(..., help="operand digits: 4 for 4x4"),
+    count: int = typer.Option(..., help="distinct questions to write"),
+    out: Path = typer.Option(..., help="a .txt file in the implicit-CoT format (question||cot #### answer), for build --dataset"),
+    exclude: list[Path] = typer.Option([], help="implicit-CoT files whose questions must not appear (the valid and test sets)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Write a training file of n x n multiplications (long-multiplication CoT), none of them an excluded question."""
+    from rot_data.multiplication import excluded_questions, generate
+
+    missing = [str(p) for p in exclude if not p.exists()]
+    if missing:
+        _fail(f"--exclude {missing[0]} does not exist")
+    excluded = excluded_questions(exclude)
+    try:
+        lines = generate(n, count, seed, excluded)
+    except ValueError as error:
+        _fail(str(error))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    typer.echo(f"wrote {out}: {count} {n}x{n} lines (seed {seed}), none of the {len(excluded)} excluded questions")
+
+
 if __name__ == "__main__":
     app()
