@@ -203,3 +203,22 @@ def test_restored_optimizer_state_moves_beside_its_weights_even_when_zero3_empti
     adam.param_groups[0]["params"] = []  # what DeepSpeed's stage 3 leaves there outside optimizer.step()
     _optimizer_state_beside_weights(SimpleNamespace(optimizer=adam))
     assert {key: value.device.type for key, value in adam.state[weight].items()} == {"step": "meta", "exp_avg": "meta", "exp_avg_sq": "meta"}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_command_line_defaults_are_the_dataclass_defaults(stage):
+    """One source of defaults: a run from the API and from the command line train with the same settings
+    (the Stage II vision weight was 10 from the API and 0 from the command line)."""
+    import typer
+    from dataclasses import fields
+
+    from rot_train.launch import app_for
+    from rot_train.train import TrainConfig
+
+    config = TrainConfig(stage=stage, shards="s", backbone="b", out="o")
+    names = {f.name for f in fields(TrainConfig)} - {"stage", "shards", "backbone", "out"}
+    options = {p.name: p.default for p in typer.main.get_command(app_for(stage)).params if p.name in names}
+    assert set(options) == names
+    for name, default in options.items():
+        assert (list(default) if isinstance(default, tuple) else default) == getattr(config, name), name
+    assert config.vision_weight == (10.0 if stage == 1 else 0.0)

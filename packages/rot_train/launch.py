@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import MISSING, fields
 from typing import List, Optional
 
 import typer
 
 from rot_train.shard_stream import ShardError
-from rot_train.train import CONFIGS, TrainConfig, run
+from rot_train.train import STAGE_DEFAULTS, TrainConfig, run
+
+
+def defaults(stage: int) -> dict:
+    """Every option's default, from TrainConfig and the stage's presets (the only place defaults are written)."""
+    values = {f.name: (f.default_factory() if f.default_factory is not MISSING else f.default) for f in fields(TrainConfig)}
+    return {**values, **STAGE_DEFAULTS[stage]}
 
 
 def app_for(stage: int, mode: str = "rot") -> typer.Typer:
     app = typer.Typer(add_completion=False)
+    d = defaults(stage)
 
     title = {1: "RoT Stage I: train the projection head, LLM frozen", 2: "RoT Stage II: LoRA on the LLM, head frozen"}[stage]
     if mode != "rot":
@@ -24,31 +32,31 @@ def app_for(stage: int, mode: str = "rot") -> typer.Typer:
         out: str = typer.Option(..., help="run folder: checkpoints/, export/, metrics.jsonl, tensorboard/, loss.png"),
         init: Optional[str] = typer.Option(None, help="Stage II: the Stage I export folder (<stage1 --out>/export)"),
         mode: str = typer.Option(mode, help="rot, or the baselines sft-cot / sft-nocot (LoRA, same settings, no latents)"),
-        deepspeed_config: str = typer.Option(str(CONFIGS / "zero2.json"), "--deepspeed-config", "--ds-config", help="zero2.json (default) or zero3.json in rot_train/configs, or your own"),
-        micro_batch: int = typer.Option(4, help="samples per GPU per micro step"),
-        grad_accum: int = typer.Option(4, help="micro steps per optimizer step (global batch = micro x accum x GPUs)"),
-        epochs: int = typer.Option(2),
+        deepspeed_config: str = typer.Option(d["deepspeed_config"], "--deepspeed-config", "--ds-config", help="zero2.json (default) or zero3.json in rot_train/configs, or your own"),
+        micro_batch: int = typer.Option(d["micro_batch"], help="samples per GPU per micro step"),
+        grad_accum: int = typer.Option(d["grad_accum"], help="micro steps per optimizer step (global batch = micro x accum x GPUs)"),
+        epochs: int = typer.Option(d["epochs"]),
         max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
-        lr: float = typer.Option(2e-5),
-        warmup_steps: int = typer.Option(20),
+        lr: float = typer.Option(d["lr"]),
+        warmup_steps: int = typer.Option(d["warmup_steps"]),
         max_latents: Optional[int] = typer.Option(None, help="cap on the latents trained per sample (default: one per visual token of the CoT, as the official code)"),
         inference_latents: Optional[int] = typer.Option(None, help="latent budget recorded in the export for rot-eval (default: the shards' mean visual tokens per row)"),
-        latent_gradient: str = typer.Option("official", help="Stage II: 'official' (the answer loss trains the LLM through its latents) or 'detached'"),
-        vision_weight: float = typer.Option(10.0 if stage == 1 else 0.0, help="weight of the MSE to the visual embeddings"),
-        lm_weight: float = typer.Option(1.0, help="weight of the LM loss on <img_end> + answer"),
-        head_width: int = typer.Option(2048, help="projection head width (official: 2048)"),
-        lora_r: int = typer.Option(16),
-        lora_alpha: int = typer.Option(32),
-        lora_dropout: float = typer.Option(0.05),
-        lora_targets: List[str] = typer.Option(["q_proj", "k_proj", "v_proj", "o_proj"]),
-        full_finetune: bool = typer.Option(False, help="Stage II: train every LLM weight instead of LoRA"),
-        gradient_checkpointing: bool = typer.Option(True),
-        seed: int = typer.Option(0),
-        shuffle_buffer: int = typer.Option(1024),
-        num_workers: int = typer.Option(1, help="data-loader worker processes per rank"),
-        save_every: int = typer.Option(0, help="checkpoint every N optimizer steps (0: only at the end)"),
-        resume: bool = typer.Option(False, help="continue from the latest checkpoint in <out>/checkpoints"),
-        log_ids: bool = typer.Option(False, help="write the ids each rank consumed to ids-rank<N>.jsonl"),
+        latent_gradient: str = typer.Option(d["latent_gradient"], help="Stage II: 'official' (the answer loss trains the LLM through its latents) or 'detached'"),
+        vision_weight: float = typer.Option(d["vision_weight"], help="weight of the MSE to the visual embeddings"),
+        lm_weight: float = typer.Option(d["lm_weight"], help="weight of the LM loss on <img_end> + answer"),
+        head_width: int = typer.Option(d["head_width"], help="projection head width (official: 2048)"),
+        lora_r: int = typer.Option(d["lora_r"]),
+        lora_alpha: int = typer.Option(d["lora_alpha"]),
+        lora_dropout: float = typer.Option(d["lora_dropout"]),
+        lora_targets: List[str] = typer.Option(d["lora_targets"]),
+        full_finetune: bool = typer.Option(d["full_finetune"], help="Stage II: train every LLM weight instead of LoRA"),
+        gradient_checkpointing: bool = typer.Option(d["gradient_checkpointing"]),
+        seed: int = typer.Option(d["seed"]),
+        shuffle_buffer: int = typer.Option(d["shuffle_buffer"]),
+        num_workers: int = typer.Option(d["num_workers"], help="data-loader worker processes per rank"),
+        save_every: int = typer.Option(d["save_every"], help="checkpoint every N optimizer steps (0: only at the end)"),
+        resume: bool = typer.Option(d["resume"], help="continue from the latest checkpoint in <out>/checkpoints"),
+        log_ids: bool = typer.Option(d["log_ids"], help="write the ids each rank consumed to ids-rank<N>.jsonl"),
         local_rank: int = typer.Option(0, "--local_rank", "--local-rank", hidden=True, help="set by the deepspeed launcher"),
     ) -> None:
         config = TrainConfig(stage=stage, shards=shards, backbone=backbone, out=out, init=init, mode=mode, deepspeed_config=deepspeed_config,

@@ -44,7 +44,7 @@ class TrainConfig:
     max_latents: int | None = None  # cap on the latents trained per sample; None: one per visual token (official)
     inference_latents: int | None = None  # latent budget recorded for inference; None: the shards' mean per row
     latent_gradient: str = "official"  # Stage II: "official" (answer loss reaches the LLM through the latents) or "detached"
-    vision_weight: float = 10.0
+    vision_weight: float | None = None  # None: the stage's official value (STAGE_DEFAULTS)
     lm_weight: float = 1.0
     head_width: int = 2048
     lora_r: int = 16
@@ -59,6 +59,16 @@ class TrainConfig:
     save_every: int = 0
     resume: bool = False
     log_ids: bool = False
+
+    def __post_init__(self):
+        for key, value in STAGE_DEFAULTS[self.stage].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+
+# The official configuration's per-stage values: Stage I trains the head on MSE x10 + LM loss, Stage II (and
+# the SFT baselines) on the LM loss alone. The one place these live: the CLI reads them from here.
+STAGE_DEFAULTS = {1: {"vision_weight": 10.0}, 2: {"vision_weight": 0.0}}
 
 
 def init_distributed():
