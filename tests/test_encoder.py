@@ -99,3 +99,19 @@ def test_linear_patch_embedding_equals_the_conv3d_it_replaces(family):
     patches, _ = encoder.patchify(render_line(LINES[1], RenderSettings(), encoder.token_px))
     with torch.no_grad():
         torch.testing.assert_close(encoder.tower.patch_embed(patches), stock(patches), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_equal_widths_merged_into_one_entry_give_the_per_image_result(family):
+    """The pack is sorted by width and equal widths go to the tower as one multi-frame entry (transformers' per-entry
+    Python work runs once per width); the result, in the caller's order, is what each image gives alone."""
+    from rot_render.encoder import grid_thw_for
+
+    encoder = _tiny_encoder(family)
+    texts = ["1 2 3", "45 + 6 = 51", "7 8 9", "x", "4 5 6", "45 + 6 = 51"]
+    images = [render_line(text, RenderSettings(), encoder.token_px) for text in texts]
+    grids = sorted(encoder.grey_patches(image)[1] for image in images)
+    assert len(grid_thw_for(encoder.tower, grids, "cpu")) < len(set(texts))  # some entries were merged
+    packed = encoder.encode(images)
+    for image, embedding in zip(images, packed):
+        torch.testing.assert_close(embedding, encoder.encode([image])[0], atol=1e-5, rtol=1e-5)

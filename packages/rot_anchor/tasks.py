@@ -45,7 +45,7 @@ class Mixture:
     max_gsm_chars: int = 700  # longer GSM8k CoTs are skipped (a few percent)
     span_fraction: float = 0.3  # OCR lines cut to a random run of words: reading must not depend on a line's length
     group_weights: tuple = (1.0, 0.5)  # arithmetic, GSM8k: arithmetic is what the gates measure
-    micro_batch_tokens: int = 24576  # padded tokens per forward pass (samples of similar length go together)
+    micro_batch_tokens: int = 65536  # padded tokens per forward pass (fewer passes: a step is bound by launch overhead)
 
 
 def _pick(rng: random.Random, weights: dict):

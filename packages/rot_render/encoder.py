@@ -71,11 +71,22 @@ def use_linear_patch_embedding(patch_embed) -> None:
 
 
 def grid_thw_for(tower, grids, device) -> torch.Tensor:
-    """The ``grid_thw`` tensor to pass the tower. Older transformers (5.17) loop over it image by image in
-    Python; on a CUDA tensor every element read is a GPU sync (thousands per call), so they get it on the CPU.
-    Newer ones (5.24) are vectorised and build device tensors from it, so they get it on the device."""
+    """The ``grid_thw`` tensor that makes the tower compute exactly the per-image result, fast.
+
+    - Consecutive images of one size become one entry of t frames: the tower attends within each frame
+      and gives every frame the same positions, so this is the same computation, while transformers'
+      per-entry Python work (position ids, interpolation, rotary tables: ~80 small ops an entry) runs once
+      per size instead of once per image (a test checks the outputs are equal).
+    - Older transformers (5.17) loop over it element by element; on a CUDA tensor every read is a GPU sync,
+      so they get it on the CPU. Newer ones (5.24) build device tensors from it, so they get it there."""
+    merged: list[list[int]] = []
+    for t, h, w in (grids.tolist() if torch.is_tensor(grids) else grids):
+        if merged and merged[-1][1:] == [h, w]:
+            merged[-1][0] += t
+        else:
+            merged.append([t, h, w])
     looping = hasattr(tower, "rot_pos_emb")
-    return torch.as_tensor(grids, dtype=torch.long, device="cpu" if looping else device)
+    return torch.tensor(merged, dtype=torch.long, device="cpu" if looping else device)
 
 
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -267,8 +278,12 @@ class VisionEncoder:
 
     @torch.no_grad()
     def encode_packed(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
-        """Encode many images in one forward call: (post-merger tokens of all images [sum n_i, d], n_i per image)."""
-        patches, grids = zip(*(self.grey_patches(image) for image in images))
+        """Encode many images in one forward call: (post-merger tokens of all images [sum n_i, d], n_i per image).
+
+        The pack is ordered by width inside the call (equal widths become one multi-frame entry, see
+        ``grid_thw_for``) and the result is put back in the order given."""
+        order = sorted(range(len(images)), key=lambda i: images[i].shape[1])
+        patches, grids = zip(*(self.grey_patches(images[i]) for i in order))
         grey = torch.from_numpy(np.concatenate(patches))
         if self.device.type == "cuda":
             grey = grey.pin_memory()
@@ -277,7 +292,11 @@ class VisionEncoder:
         merged = output.pooler_output if hasattr(output, "pooler_output") else output
         if isinstance(merged, (tuple, list)):  # older transformers: (merged, deepstack features)
             merged = merged[0]
-        return merged, [t * h * w // self.merge_size**2 for t, h, w in grids]
+        sizes = [t * h * w // self.merge_size**2 for t, h, w in grids]
+        pieces = dict(zip(order, merged.split(sizes)))
+        if order != sorted(order):
+            merged = torch.cat([pieces[i] for i in range(len(images))])
+        return merged, [len(pieces[i]) for i in range(len(images))]
 
     def encode(self, images: list[np.ndarray]) -> list[torch.Tensor]:
         """Encode many images in one packed forward call; returns post-merger [n_tokens, d] per image."""
