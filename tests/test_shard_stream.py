@@ -86,3 +86,19 @@ def test_sft_stream_reads_no_embeddings_and_rot_stream_the_stored_ones(tiny_shar
     assert sft_embeddings == [] and all("embedding" not in r for r in sft_rows)
     assert [r["id"] for r in sft_rows] == [r["id"] for r in rot_rows]  # same rows, only the column left out
     assert [tuple(e.shape) for e in rot_embeddings] == [(r["n_tokens"], shard_set.dim) for r in rot_rows]
+
+
+def test_a_shard_damaged_after_opening_stops_a_worker_with_one_line(tiny_shards, tmp_path):
+    """Read inside a DataLoader worker, the error reaches the trainer as the reader's one line, not a worker traceback."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_shards, broken)
+    shard_set = ShardSet.open(broken)  # checksums right at the start
+    data = bytearray((broken / "shard-00000.parquet").read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (broken / "shard-00000.parquet").write_bytes(bytes(data))
+    stream = ShardStream(shard_set, _ids_only, micro_batch=48, shuffle_buffer=1)
+    with pytest.raises(ShardError) as error:
+        _collect(stream, workers=1)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{broken / 'shard-00000.parquet'} cannot be read (")
+    assert message.endswith("); delete it and re-run rot-render build to remake it")

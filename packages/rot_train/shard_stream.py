@@ -26,7 +26,16 @@ from rot_data.shard_format import FORMAT, STORED_DTYPES
 
 
 class ShardError(RuntimeError):
-    """A shard set that cannot be trained on; the message names the file and the fix."""
+    """A shard set that cannot be trained on; the message names the file and the fix.
+
+    Raised in a DataLoader worker, it reaches the trainer re-made from "Caught ShardError in DataLoader
+    worker process N. Original Traceback ...": only the original one-line message is kept, so the
+    trainer prints one line there too."""
+
+    def __init__(self, message: str = ""):
+        if message.startswith("Caught ShardError") and "ShardError: " in message:
+            message = message.rstrip().rsplit("ShardError: ", 1)[1]
+        super().__init__(message)
 
 
 @dataclass
@@ -95,10 +104,15 @@ class ShardSet:
             columns = None if with_embeddings else [name for name in file.schema_arrow.names if name != "embedding"]
             return file.read(columns=columns).to_pylist()
         except Exception as error:  # pyarrow raises several types for a damaged file
-            raise ShardError(f"{path} cannot be read ({error}); delete it and re-run rot-render build to remake it") from None
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ShardError(f"{path} cannot be read ({reason}); delete it and re-run rot-render build to remake it") from None
 
     def embedding(self, row: dict) -> torch.Tensor:
         """The stored [n_tokens, dim] matrix of a row, as float32."""
+        expected = row["n_tokens"] * self.dim * self.dtype.itemsize
+        if len(row["embedding"]) != expected:
+            raise ShardError(f"row {row['id']} of {self.folder} has {len(row['embedding'])} embedding bytes, not {expected} "
+                             f"({row['n_tokens']} tokens x dim {self.dim}); rebuild the shard set with rot-render build --overwrite")
         flat = torch.frombuffer(bytearray(row["embedding"]), dtype=self.dtype)
         return flat.view(row["n_tokens"], self.dim).float()
 
