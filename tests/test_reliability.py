@@ -176,3 +176,37 @@ def test_cli_answers_bad_options_in_one_line(tmp_path):
         result = _cli("build", "--dataset", "gsm8k", "--out", str(tmp_path / "out"), "--limit", "4", *args)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert result.stderr.strip().splitlines()[-1] == message
+
+
+def test_build_summary_says_nothing_to_encode_and_counts_in_words():
+    from rot_render.cli import build_summary
+
+    manifest = {"rows": 1, "tokens": 1, "embedding": {"dim": 64, "dtype": "bf16"}, "render": {"max_tokens": 512},
+                "shards": [{"bytes": 900}], "skipped_rows": 0, "truncated_rows": 0,
+                "run": {"encoded_rows": 0, "resumed_shards": 1, "encode_seconds": 0.0, "steady_images_per_s": 0.0,
+                        "seconds": 1.5, "encoders": 1, "gpus": 0}}
+    assert build_summary(manifest, Path("out"), Path("out/build-stats.txt")) == (
+        "done: 1 row, 1 visual token (dim 64, bf16), 1 shard, 900 B in out\n"
+        "      nothing to encode: 1 shard kept from before, checksums checked; skipped rows: 0; cut to --max-tokens 512: 0; "
+        "total 1.5 s (time per stage: out/build-stats.txt)")
+    manifest["run"].update(encoded_rows=2, encode_seconds=0.5, steady_images_per_s=5.0, resumed_shards=0)
+    assert "encoded 2 rows this run (0 shards kept from before) at 4.0 images/s (5.0 images/s once the encoders were up) on " \
+           "1 encoder, 0 GPUs;" in build_summary(manifest, Path("out"), Path("s"))
+
+
+def test_an_interrupted_build_says_how_to_resume(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "shards"
+    process = subprocess.Popen(["rot-render", "build", "--dataset", "gsm8k", "--out", str(out), "--limit", "400",
+                                "--shard-size", "10", "--batch-size", "5"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("shard-*.parquet")):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)  # Ctrl-C
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == f"error: interrupted; the finished shards in {out} are kept: re-run the same command to resume"

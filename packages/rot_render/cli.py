@@ -70,19 +70,39 @@ def build(
         manifest = run_build(config)
     except (RecordError, BuildError, ValueError) as error:
         _fail(str(error))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; the finished shards in {out} are kept: re-run the same command to resume")
+    except Exception as error:
+        if not type(error).__module__.startswith("ray."):
+            raise
+        last = ([line for line in str(error).splitlines() if line.strip()] or [type(error).__name__])[-1].strip()
+        _fail(f"the Ray job stopped ({last}); the finished shards in {out} are kept: re-run the same command to resume")
     run = manifest["run"]
     for damaged in run["reencoded_damaged"]:
         typer.secho(f"note: re-encoded {damaged}", fg="yellow", err=True)
-    rate = run["encoded_rows"] / run["encode_seconds"] if run["encode_seconds"] else 0.0
-    typer.echo(
-        f"done: {manifest['rows']} rows, {manifest['tokens']} visual tokens (dim {manifest['embedding']['dim']}, "
-        f"{manifest['embedding']['dtype']}), {len(manifest['shards'])} shards, "
+    typer.echo(build_summary(manifest, out, out / STATS))
+
+
+def _count(number: int, word: str) -> str:
+    return f"{number} {word}{'' if number == 1 else 's'}"
+
+
+def build_summary(manifest: dict, out: Path, stats: Path) -> str:
+    """The two lines `rot-render build` ends with (benchmarks/gpu_bench.py parses the rates of the second)."""
+    run = manifest["run"]
+    if run["encoded_rows"]:
+        rate = run["encoded_rows"] / run["encode_seconds"] if run["encode_seconds"] else 0.0
+        this_run = (f"encoded {_count(run['encoded_rows'], 'row')} this run ({_count(run['resumed_shards'], 'shard')} kept "
+                    f"from before) at {rate:.1f} images/s ({run['steady_images_per_s']:.1f} images/s once the encoders were up) "
+                    f"on {_count(run['encoders'], 'encoder')}, {_count(run['gpus'], 'GPU')}")
+    else:  # a rate of 0 rows would read as a stalled encoder
+        this_run = f"nothing to encode: {_count(run['resumed_shards'], 'shard')} kept from before, checksums checked"
+    return (
+        f"done: {_count(manifest['rows'], 'row')}, {_count(manifest['tokens'], 'visual token')} (dim {manifest['embedding']['dim']}, "
+        f"{manifest['embedding']['dtype']}), {_count(len(manifest['shards']), 'shard')}, "
         f"{_human_bytes(sum(s['bytes'] for s in manifest['shards']))} in {out}\n"
-        f"      encoded {run['encoded_rows']} rows this run ({run['resumed_shards']} shards kept from before) at "
-        f"{rate:.1f} images/s ({run['steady_images_per_s']:.1f} images/s once the encoders were up) on "
-        f"{run['encoders']} encoder(s), {run['gpus']} GPU(s); "
-        f"skipped rows: {manifest['skipped_rows']}; cut to --max-tokens {manifest['render']['max_tokens']}: "
-        f"{manifest['truncated_rows']}; total {run['seconds']:.1f} s (time per stage: {out / STATS})"
+        f"      {this_run}; skipped rows: {manifest['skipped_rows']}; cut to --max-tokens {manifest['render']['max_tokens']}: "
+        f"{manifest['truncated_rows']}; total {run['seconds']:.1f} s (time per stage: {stats})"
     )
 
 
@@ -165,12 +185,19 @@ def inspect(folder: Path = typer.Argument(..., help="a shard folder written by r
             typer.secho(f"error: {problem}", fg="red", err=True)
         raise typer.Exit(1)
     manifest = shards.read_manifest(folder)
+    try:
+        typer.echo(_inspect_summary(folder, manifest))
+    except (KeyError, TypeError, ValueError) as error:
+        _fail(f"{folder / shards.MANIFEST} lacks or garbles the field {error}; re-run the rot-render build command with --overwrite")
+
+
+def _inspect_summary(folder: Path, manifest: dict) -> str:
     encoder = manifest["encoder"]
     lengths = [s["tokens"] / max(1, s["rows"]) for s in manifest["shards"]]
-    typer.echo(
-        f"{folder}: OK, {len(manifest['shards'])} shards verified\n"
-        f"  dataset   {manifest['dataset']['source']} [{manifest['dataset']['split']}]: {manifest['rows']} rows, "
-        f"{manifest['skipped_rows']} skipped\n"
+    return (
+        f"{folder}: OK, {_count(len(manifest['shards']), 'shard')} verified\n"
+        f"  dataset   {manifest['dataset']['source']} [{manifest['dataset']['split']}]: {_count(manifest['rows'], 'row')}, "
+        f"{manifest['skipped_rows']} skipped, {manifest.get('truncated_rows', 0)} cut to --max-tokens\n"
         f"  tokens    {manifest['tokens']} ({manifest['tokens'] / max(1, manifest['rows']):.1f} per row; "
         f"per-shard mean {min(lengths):.1f}-{max(lengths):.1f})\n"
         f"  embedding dim {manifest['embedding']['dim']}, stored {manifest['embedding']['dtype']}\n"

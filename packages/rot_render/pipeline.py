@@ -31,6 +31,7 @@ from rot_render.render import RenderSettings, check_font, drawing_problem, line_
 
 
 STATS = "build-stats.txt"
+OOM_RETRIES = 3  # retries of a task killed by Ray's memory monitor (Ray's default: unbounded)
 
 
 class BuildError(RuntimeError):
@@ -99,6 +100,9 @@ def _start_ray(address: str | None):
     import ray
 
     if not ray.is_initialized():
+        # a task the memory monitor kills is retried a few times, not forever (Ray's default): a build on an
+        # exhausted node fails with Ray's out-of-memory message instead of waiting (a set value is kept)
+        os.environ.setdefault("RAY_task_oom_retries", str(OOM_RETRIES))
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING,
                  log_to_driver=False, include_dashboard=False)
     context = ray.data.DataContext.get_current()
