@@ -172,6 +172,12 @@ def test_bad_shards_end_with_a_one_line_error(tiny_shards, tiny_qwen3_vl, tmp_pa
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {other / 'manifest.json'} has embedding dim 32 but the head in {head / 'export'} was trained on dim 64; "
         f"use the shard set that the head in {head / 'export'} was trained on, or start again from Stage I")
+    # resuming a run on shards of another embedding size (DeepSpeed's loader used to fail with a size mismatch)
+    fingerprint = manifest["fingerprint"]
+    assert _cli_error(["--shards", str(other), "--backbone", str(tiny_qwen3_vl), "--out", str(head), "--resume",
+                       "--head-width", "32"]) == (
+        f"error: {head / 'checkpoints'} was trained on shards {fingerprint} (dim 64), {other} are {fingerprint} (dim 32); "
+        "resume with the same --shards or start a new --out")
 
 
 @pytest.mark.parametrize("mode", ["sft-cot", "sft-nocot"])

@@ -172,8 +172,9 @@ class MetricsLog:
             self.writer.close()
 
 
-def _resume_tag(checkpoints: Path, world_size: int, rank: int, ds_config: dict) -> str:
-    """The checkpoint tag to load. Saved with another number of GPUs: convert it once to DeepSpeed's
+def _resume_tag(checkpoints: Path, world_size: int, rank: int, ds_config: dict, shard_set: ShardSet) -> str:
+    """The checkpoint tag to load, after checking it was trained on these shards (another embedding size would
+    fail inside DeepSpeed's loader). Saved with another number of GPUs: convert it once to DeepSpeed's
     universal format (optimizer state un-partitioned) and load that, so 2-GPU runs resume on 1 and back."""
     import subprocess
     import sys
@@ -183,6 +184,10 @@ def _resume_tag(checkpoints: Path, world_size: int, rank: int, ds_config: dict) 
     tag = (checkpoints / "latest").read_text().strip()
     states = sorted((checkpoints / tag).glob("*mp_rank_00_model_states.pt"))  # ZeRO-3 prefixes it with zero_pp_rank_<r>_
     saved = torch.load(states[0], map_location="cpu", weights_only=False)
+    trained_on = (saved.get("shards_fingerprint"), saved.get("shards_dim", shard_set.dim))
+    if trained_on != (shard_set.fingerprint, shard_set.dim):
+        raise ValueError(f"{checkpoints} was trained on shards {trained_on[0]} (dim {trained_on[1]}), {shard_set.folder} are "
+                         f"{shard_set.fingerprint} (dim {shard_set.dim}); resume with the same --shards or start a new --out")
     if saved["dp_world_size"] == world_size:
         return tag
     universal = f"{tag}_universal"
@@ -264,7 +269,8 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     checkpoints = out / "checkpoints"
     ds_config = deepspeed_config(cfg, world_size, total_steps, device)
-    resume_tag = _resume_tag(checkpoints, world_size, rank, ds_config) if cfg.resume and (checkpoints / "latest").exists() else None
+    resume_tag = (_resume_tag(checkpoints, world_size, rank, ds_config, shard_set)
+                  if cfg.resume and (checkpoints / "latest").exists() else None)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     run_info = {"config": asdict(cfg), "world_size": world_size,
@@ -274,9 +280,6 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     step, epoch, start_batch = 0, 0, 0
     if resume_tag:
         _, state = engine.load_checkpoint(str(checkpoints), tag=resume_tag, load_module_strict=False)
-        if state["shards_fingerprint"] != shard_set.fingerprint:
-            raise ValueError(f"{checkpoints} was trained on shards {state['shards_fingerprint']}, {cfg.shards} are "
-                             f"{shard_set.fingerprint}; resume with the same --shards or start a new --out")
         _optimizer_state_beside_weights(engine.optimizer)
         step, epoch, start_batch = state["step"], state["epoch"], state["next_batch"]
         set_token_rows(model.lm, list(token_ids.values()), state["token_rows"])
@@ -289,6 +292,7 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
 
     def save():
         state = {"step": step, "epoch": epoch, "next_batch": next_batch, "shards_fingerprint": shard_set.fingerprint,
+                 "shards_dim": shard_set.dim,
                  "token_rows": token_rows(model.lm, list(token_ids.values())), "torch_rng": torch.get_rng_state(),
                  "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}  # lets ds_to_universal convert it
         engine.save_checkpoint(str(checkpoints), tag=f"step{step}", client_state=state, exclude_frozen_parameters=True)
