@@ -23,6 +23,7 @@ from rot_anchor import read
 from rot_anchor.model import IMAGE_PAD, build_anchor
 from rot_anchor.tasks import PATCHIFIER, TASKS, Mixture, PretrainData
 
+
 @dataclass
 class PretrainConfig:
     out: str
