@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "packages")]
 
 from rot_data.records import load_records  # noqa: E402
-from rot_render.encoder import PACKED, VisionEncoder, read_encoder_source  # noqa: E402
+from rot_render.encoder import PACKED, VisionEncoder  # noqa: E402
 from rot_render.render import RenderSettings, render_line  # noqa: E402
 from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, text_config_of  # noqa: E402
 from rot_train.batches import RoTCollator, pad, question_ids  # noqa: E402
