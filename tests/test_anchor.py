@@ -9,7 +9,8 @@ import random
 import pytest
 import torch
 
-from rot_anchor.evaluate import edit_distance, reading_scores
+from rot_anchor.evaluate import reading_scores
+from rot_data.edit_distance import edit_distance
 from rot_anchor.model import byte_tokenizer
 from rot_data import multiplication
 

@@ -28,19 +28,30 @@ SIZES = {
 }
 
 
-def byte_tokenizer(special_tokens=SPECIAL_TOKENS):
-    """A byte-level tokenizer (each byte one token) with Qwen-style chat specials and chat template."""
+def byte_backend():
+    """A ``tokenizers`` byte-level model with no merges: every byte is one token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     backend = Tokenizer(models.BPE(vocab={char: i for i, char in enumerate(alphabet)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def chat_tokenizer(backend, additional_special_tokens: list[str]):
+    """Wrap a tokenizers backend as a transformers tokenizer with Qwen-style specials and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=IM_END, pad_token=END_OF_TEXT,
-                                        additional_special_tokens=list(special_tokens[1:]))
+                                        additional_special_tokens=additional_special_tokens)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def byte_tokenizer():
+    """The anchor's tokenizer: bytes, chat specials and the vision tokens."""
+    return chat_tokenizer(byte_backend(), SPECIAL_TOKENS[1:])
 
 
 def anchor_config(tokenizer, size: str = "anchor"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from rot_data.edit_distance import edit_distance
 from rot_data.records import load_records
 from rot_train.export import DEFAULT_INFERENCE_LATENTS, load_export
 from rot_train.generate import generate_rot
@@ -56,8 +57,6 @@ def read_back(checkpoint: str, dataset: str, shards: Path, out: Path, split: str
     records, _ = load_records(dataset, split, data_dir=data_dir)
     records = records[:limit] if limit else records
     totals, examples, char_errors, chars = [[0, 0] for _ in range(latents)], [], 0, 0
-    from rot_anchor.evaluate import edit_distance
-
     for start in tqdm(range(0, len(records), batch_size), desc=f"read back {dataset}", unit="batch"):
         batch = records[start:start + batch_size]
         generations = generate_rot(model, tokenizer, [r.question for r in batch], latents=latents, max_answer_tokens=1)

@@ -12,26 +12,20 @@ from pathlib import Path
 import torch
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def byte_tokenizer():
     """A byte-level tokenizer (256 byte tokens + Qwen-style chat specials) that needs no training data."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from rot_anchor.model import IM_START, byte_backend, chat_tokenizer
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={char: i for i, char in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return _chat_tokenizer(backend)
+    return chat_tokenizer(byte_backend(), [IM_START])
 
 
 def bpe_tokenizer(texts, vocab_size: int = 8000):
     """A byte-level BPE tokenizer trained here on ``texts`` (seconds), with the same specials and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from rot_anchor.model import IM_START, chat_tokenizer
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -39,17 +33,7 @@ def bpe_tokenizer(texts, vocab_size: int = 8000):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     backend.train_from_iterator(texts, trainer)
-    return _chat_tokenizer(backend)
-
-
-def _chat_tokenizer(backend):
-    """Wrap a tokenizers backend as a transformers tokenizer with Qwen-style specials and chat template."""
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=SPECIAL_TOKENS[1:2])
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return chat_tokenizer(backend, [IM_START])
 
 
 def tiny_vlm_config(family: str = "qwen3_vl", hidden_size: int = 64, layers: int = 2, vocab_size: int = 320,
