@@ -37,7 +37,7 @@ def main(data_dir: str = typer.Option(..., help="the shared data folder"), worke
         for micro_batch in micro_batches:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss, _, _ = micro_batch_loss(model, micro_batch, image_token, device)
-            (micro_batch["weight"] * loss).backward()
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -67,6 +67,22 @@ def test_sample_prompts_are_the_chat_template_the_trainer_uses(shared_data):
     assert target == "<img_end>5 5 6 0 8 2 0 1<|im_end|>"
 
 
+def test_every_sample_counts_equally_so_each_task_gets_its_share_of_the_loss(shared_data):
+    from rot_anchor.tasks import TASKS, Mixture, PretrainData
+
+    data = PretrainData(byte_tokenizer(), shared_data, seed=3, mixture=Mixture(batch=40, gsm_batch=8, group_weights=(1.0, 0.5)))
+    micro_batches = data.batch(0)
+    per_task = torch.zeros(len(TASKS))
+    rows = 0
+    for micro in micro_batches:
+        weight_per_row = (micro["token_weight"] * micro["loss_mask"]).sum(1)  # the tokens micro_batch_loss predicts
+        per_task.index_add_(0, micro["task"], weight_per_row)
+        rows += len(weight_per_row)
+    assert rows == 48 and per_task.sum().item() == pytest.approx(1.5)  # each group's weights sum to the group weight
+    answer_rows = sum(int((m["task"] == TASKS.index("answer")).sum()) for m in micro_batches)
+    assert answer_rows and per_task[TASKS.index("answer")].item() >= answer_rows * 0.5 / 48  # by samples, not tokens
+
+
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory, shared_data):
     from rot_anchor.pretrain import PretrainConfig, run

@@ -80,7 +80,7 @@ def _one_thread(_worker_id: int) -> None:
 
 
 def micro_batch_loss(model, group: dict, image_token: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed cross-entropy over the answer tokens, summed loss per task, tokens per task)."""
+    """(the weighted sum of cross-entropy over the answer tokens, summed loss per task, tokens per task)."""
     ids = group["ids"].to(device, non_blocking=True)
     language_model = model.model.language_model
     inputs = language_model.embed_tokens(ids)
@@ -94,7 +94,8 @@ def micro_batch_loss(model, group: dict, image_token: int, device) -> tuple[torc
     task = group["task"].to(device)[rows]
     task_sum = torch.zeros(len(TASKS), device=device).index_add_(0, task, per_token.detach())
     task_tokens = torch.zeros(len(TASKS), device=device).index_add_(0, task, torch.ones_like(per_token))
-    return per_token.sum(), task_sum, task_tokens
+    weights = group["token_weight"].to(device, non_blocking=True)[rows, columns + 1]
+    return (weights * per_token).sum(), task_sum, task_tokens
 
 
 def save_state(path: Path, model, optimizer, step: int, seconds: float, cfg: PretrainConfig) -> None:
@@ -185,7 +186,7 @@ def run(cfg: PretrainConfig):
         for micro_batch in micro_batches:
             with autocast:
                 loss, task_sum, task_tokens = micro_batch_loss(model, micro_batch, image_token, device)
-            (micro_batch["weight"] * loss).backward()
+            loss.backward()
             sums, tokens = sums + task_sum, tokens + task_tokens
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         optimizer.step()

@@ -143,17 +143,20 @@ class PretrainData:
         return self.maker.make(task, question, cot, answer)
 
     def batch(self, step: int) -> list[dict]:
-        """The step's micro-batches; each carries ``weight`` = its group's weight / the group's answer tokens,
-        so the summed token losses give each group's mean, however the group was split."""
+        """The step's micro-batches. Every sample of a group counts equally, whatever its length: a sample's
+        tokens carry ``group weight / (samples in the group x the sample's target tokens)``, so a task's share of
+        the loss is its share of the mixture (counted per token, a 10-digit answer would weigh a tenth of a
+        100-character CoT, and the answer task would barely be trained)."""
         rng = random.Random(self.seed * 1_000_003 + step)
         groups = [[self.arithmetic_sample(rng) for _ in range(self.mixture.batch)]]
         if self.mixture.gsm_batch:
             groups.append([self.gsm_sample(rng) for _ in range(self.mixture.gsm_batch)])
         micro_batches = []
         for weight, group in zip(self.mixture.group_weights, groups):
-            answer_tokens = sum(len(s["ids"]) - s["loss_from"] - 1 for s in group)  # each predicted from the one before
+            for sample in group:
+                sample["weight"] = weight / (len(group) * (len(sample["ids"]) - sample["loss_from"]))
             for chunk in by_length(group, self.mixture.micro_batch_tokens):
-                micro_batches.append(dict(collate(chunk, self.maker.tokenizer.pad_token_id), weight=weight / answer_tokens))
+                micro_batches.append(collate(chunk, self.maker.tokenizer.pad_token_id))
         return micro_batches
 
 
@@ -177,11 +180,13 @@ def collate(samples: list[dict], pad_id: int) -> dict:
     width = -(-max(len(s["ids"]) for s in samples) // 32) * 32  # few distinct shapes: the GPU allocator reuses blocks
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((len(samples), width), dtype=torch.bool)
+    token_weight = torch.zeros((len(samples), width))
     for row, sample in enumerate(samples):
         ids[row, :len(sample["ids"])] = torch.tensor(sample["ids"])
         loss_mask[row, sample["loss_from"]:len(sample["ids"])] = True
+        token_weight[row] = sample.get("weight", 1.0)
     images = [s["patches"] for s in samples if s["patches"] is not None]
     patches = torch.from_numpy(np.concatenate(images)) if images else torch.zeros(0, PATCHIFIER.patch_size**2, dtype=torch.uint8)
     grids = torch.tensor([(1, 2, len(p) // 2) for p in images], dtype=torch.long).reshape(-1, 3)
-    return {"ids": ids, "loss_mask": loss_mask, "patches": patches, "grids": grids,
+    return {"ids": ids, "loss_mask": loss_mask, "token_weight": token_weight, "patches": patches, "grids": grids,
             "task": torch.tensor([s["task"] for s in samples])}
