@@ -56,7 +56,7 @@ def tiny_shards(tmp_path_factory) -> Path:
     from rot_render.pipeline import BuildConfig, build
 
     out = tmp_path_factory.mktemp("shards") / "gsm8k-tiny"
-    build(BuildConfig(dataset="gsm8k", out=out, limit=48, shard_size=16, batch_size=16), progress=False)
+    build(BuildConfig(encoder="tiny", dataset="gsm8k", out=out, limit=48, shard_size=16, batch_size=16), progress=False)
     return out
 
 

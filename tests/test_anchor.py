@@ -168,3 +168,23 @@ def test_rot_render_read_transcribes_with_a_given_checkpoint(micro_run, tmp_path
     assert f"{tmp_path / 'line.png'}: " in result.output and "\n--text: " in result.output, result.output
     missing = runner.invoke(app, ["read", str(tmp_path / "nope.png"), "--model", str(micro_run[0] / "model")])
     assert missing.exit_code == 1 and "nope.png does not exist" in missing.output
+
+
+def test_the_shipped_anchor_is_the_default_and_reads_a_rendered_line(tmp_path):
+    """The trained checkpoint in the package: `rot-render read` transcribes a rendered CoT line and a PNG exactly,
+    and it is what `rot-render build` encodes with unless told otherwise."""
+    import rot_anchor
+    from typer.testing import CliRunner
+
+    from rot_render.cli import app
+    from rot_render.pipeline import BuildConfig
+
+    assert BuildConfig(dataset="gsm8k", out=tmp_path).encoder == rot_anchor.NAME
+    assert (rot_anchor.CHECKPOINT / "README.md").exists()  # the model card
+    line = "1 2 3 4 5 + 0 6 7 8 9 1 ( 1 8 0 3 5 2 )"  # random digits in the CoT layout: reading, not recall
+    cot = "8 9 7 5 3 + 0 2 4 9 3 2 ( 8 1 2 5 7 2 )"
+    runner = CliRunner()
+    assert runner.invoke(app, ["show", cot, "-o", str(tmp_path / "cot.png")]).exit_code == 0
+    result = runner.invoke(app, ["read", str(tmp_path / "cot.png"), "--text", line])
+    assert result.exit_code == 0, result.output
+    assert f"{tmp_path / 'cot.png'}: {cot}\n" in result.output and f"--text: {line}\n" in result.output, result.output

@@ -29,7 +29,7 @@ def _cli(*args, check=True):
 
 def test_build_writes_verified_shards_and_resumes_without_rewriting(tmp_path):
     out = tmp_path / "shards"
-    manifest = build(BuildConfig(dataset="gsm8k", out=out, limit=40, shard_size=16, batch_size=8), progress=False)
+    manifest = build(BuildConfig(encoder="tiny", dataset="gsm8k", out=out, limit=40, shard_size=16, batch_size=8), progress=False)
     assert [s["rows"] for s in manifest["shards"]] == [16, 16, 8]
     assert manifest["rows"] == 40 and manifest["encoder"]["untrained"] is True
     records, _ = load_records("gsm8k")
@@ -50,7 +50,7 @@ def test_build_writes_verified_shards_and_resumes_without_rewriting(tmp_path):
     assert pq.ParquetFile(out / "shard-00000.parquet").metadata.row_group(0).column(6).compression == "ZSTD"
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
-    again = build(BuildConfig(dataset="gsm8k", out=out, limit=40, shard_size=16, batch_size=8), progress=False)
+    again = build(BuildConfig(encoder="tiny", dataset="gsm8k", out=out, limit=40, shard_size=16, batch_size=8), progress=False)
     assert again["run"]["encoded_rows"] == 0 and again["run"]["resumed_shards"] == 3
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == mtimes
     assert again["fingerprint"] == manifest["fingerprint"]
@@ -59,8 +59,8 @@ def test_build_writes_verified_shards_and_resumes_without_rewriting(tmp_path):
     assert "OK, 3 shards verified" in result.stdout and "UNTRAINED" in result.stdout
 
     with pytest.raises(BuildError, match="made with different settings.*--overwrite"):
-        build(BuildConfig(dataset="gsm8k", out=out, limit=40, shard_size=16, dtype="fp32"), progress=False)
-    replaced = build(BuildConfig(dataset="gsm8k", out=out, limit=40, shard_size=16, dtype="fp32", overwrite=True),
+        build(BuildConfig(encoder="tiny", dataset="gsm8k", out=out, limit=40, shard_size=16, dtype="fp32"), progress=False)
+    replaced = build(BuildConfig(encoder="tiny", dataset="gsm8k", out=out, limit=40, shard_size=16, dtype="fp32", overwrite=True),
                      progress=False)
     assert replaced["embedding"]["dtype"] == "fp32" and _ids(out) == [r.id for r in records[:40]]
 
@@ -73,7 +73,7 @@ def test_build_writes_verified_shards_and_resumes_without_rewriting(tmp_path):
 def test_killed_build_resumes_and_every_id_appears_once(tmp_path):
     out = tmp_path / "shards"
     # 40 small shards: writer tasks may finish many at once (20 seen here), the kill must still land part way
-    args = ["build", "--dataset", "gsm8k", "--out", str(out), "--limit", "400", "--shard-size", "10", "--batch-size", "5"]
+    args = ["build", "--encoder", "tiny", "--dataset", "gsm8k", "--out", str(out), "--limit", "400", "--shard-size", "10", "--batch-size", "5"]
     process = subprocess.Popen(["rot-render", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.time() + 240
@@ -100,19 +100,19 @@ def test_skipped_rows_are_counted_in_the_manifest(tmp_path):
     source = tmp_path / "rows.jsonl"
     source.write_text('{"question": "q1", "cot": "1 + 1 = 2", "answer": "2"}\n{"question": "q2", "cot": "", "answer": "3"}\n')
     out = tmp_path / "shards"
-    failed = _cli("build", "--dataset", str(source), "--out", str(out), check=False)
+    failed = _cli("build", "--encoder", "tiny", "--dataset", str(source), "--out", str(out), check=False)
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines()[-1] == f"error: {source}:2: empty CoT (this source has nothing to render); fix the row or pass --on-error skip"
-    _cli("build", "--dataset", str(source), "--out", str(out), "--on-error", "skip")
+    _cli("build", "--encoder", "tiny", "--dataset", str(source), "--out", str(out), "--on-error", "skip")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rows"] == 1 and manifest["skipped_rows"] == 1
     assert manifest["skipped"] == [{"file": str(source), "line": 2, "reason": "empty CoT (this source has nothing to render)"}]
 
 
 def test_two_encoder_actors_write_the_same_shards_as_one(tmp_path):
-    one = build(BuildConfig(dataset="gsm8k", out=tmp_path / "one", limit=24, shard_size=12, batch_size=4, num_encoders=1),
+    one = build(BuildConfig(encoder="tiny", dataset="gsm8k", out=tmp_path / "one", limit=24, shard_size=12, batch_size=4, num_encoders=1),
                 progress=False)
-    two = build(BuildConfig(dataset="gsm8k", out=tmp_path / "two", limit=24, shard_size=12, batch_size=4, num_encoders=2),
+    two = build(BuildConfig(encoder="tiny", dataset="gsm8k", out=tmp_path / "two", limit=24, shard_size=12, batch_size=4, num_encoders=2),
                 progress=False)
     assert two["run"]["encoders"] == 2 and one["fingerprint"] == two["fingerprint"]
     for name in ("shard-00000.parquet", "shard-00001.parquet"):

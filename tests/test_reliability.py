@@ -21,7 +21,7 @@ def _flip_byte(path: Path, where: float = 0.5) -> None:
 
 def _tiny_config(out: Path, **overrides) -> BuildConfig:
     """The settings of the tiny_shards fixture (conftest.py)."""
-    return BuildConfig(**dict(dict(dataset="gsm8k", out=out, limit=48, shard_size=16, batch_size=16), **overrides))
+    return BuildConfig(**dict(dict(encoder="tiny", dataset="gsm8k", out=out, limit=48, shard_size=16, batch_size=16), **overrides))
 
 
 def test_rebuild_reencodes_a_damaged_shard_instead_of_rehashing_it(tiny_shards, tmp_path):
@@ -81,7 +81,7 @@ def test_an_edited_source_is_refused_until_overwrite_and_then_encoded(tmp_path):
     rows = [{"question": r.question, "cot": r.cot, "answer": r.answer} for r in records[:6]]
     source = _write_rows(tmp_path / "rows.jsonl", rows)
     out = tmp_path / "shards"
-    config = BuildConfig(dataset=str(source), out=out, shard_size=3, batch_size=3)
+    config = BuildConfig(encoder="tiny", dataset=str(source), out=out, shard_size=3, batch_size=3)
     first = build(config, progress=False)
     assert build(config, progress=False)["run"]["encoded_rows"] == 0  # unchanged: nothing to do
 
@@ -91,7 +91,7 @@ def test_an_edited_source_is_refused_until_overwrite_and_then_encoded(tmp_path):
         build(config, progress=False)
     assert str(error.value) == (f"{out / 'manifest.json'} was made with other rows of {source} (the source changed since); "
                                 f"pass --overwrite to replace the shard set in {out}, or choose another --out")
-    again = build(BuildConfig(dataset=str(source), out=out, shard_size=3, batch_size=3, overwrite=True), progress=False)
+    again = build(BuildConfig(encoder="tiny", dataset=str(source), out=out, shard_size=3, batch_size=3, overwrite=True), progress=False)
     assert again["fingerprint"] != first["fingerprint"] and again["run"]["encoded_rows"] == 6
     assert pq.read_table(out / "shard-00001.parquet")["cot"][1].as_py() == rows[4]["cot"]
     assert shards.verify(out) == []
@@ -108,7 +108,7 @@ def test_undrawable_rows_are_bad_rows_and_long_lines_are_cut_and_counted(tmp_pat
             {"question": "q3", "cot": "\u0633\u0644\u0627\u0645 2 + 2 = 4", "answer": "4"},
             {"question": "q4", "cot": long_cot, "answer": "78"}]
     source = _write_rows(tmp_path / "rows.jsonl", rows)
-    settings = dict(dataset=str(source), out=tmp_path / "shards", shard_size=4, batch_size=4, render=RenderSettings(max_tokens=8))
+    settings = dict(encoder="tiny", dataset=str(source), out=tmp_path / "shards", shard_size=4, batch_size=4, render=RenderSettings(max_tokens=8))
     with pytest.raises(RecordError) as error:
         build(BuildConfig(**settings), progress=False)
     assert str(error.value) == (f"{source}:2: the font has no glyph for '\u4e2d' U+4E2D (they would be drawn as boxes); "
@@ -173,7 +173,7 @@ def test_cli_answers_bad_options_in_one_line(tmp_path):
         (["--font", str(tmp_path / "none.ttf")],
          f"error: --font {tmp_path / 'none.ttf'} does not exist; give a .ttf/.otf file, or leave --font out for DejaVu Sans"),
     ]:
-        result = _cli("build", "--dataset", "gsm8k", "--out", str(tmp_path / "out"), "--limit", "4", *args)
+        result = _cli("build", "--encoder", "tiny", "--dataset", "gsm8k", "--out", str(tmp_path / "out"), "--limit", "4", *args)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert result.stderr.strip().splitlines()[-1] == message
 
@@ -184,14 +184,18 @@ def test_build_summary_says_nothing_to_encode_and_counts_in_words():
     manifest = {"rows": 1, "tokens": 1, "embedding": {"dim": 64, "dtype": "bf16"}, "render": {"max_tokens": 512},
                 "shards": [{"bytes": 900}], "skipped_rows": 0, "truncated_rows": 0,
                 "run": {"encoded_rows": 0, "resumed_shards": 1, "encode_seconds": 0.0, "steady_images_per_s": 0.0,
-                        "seconds": 1.5, "encoders": 1, "gpus": 0}}
+                        "seconds": 1.5, "encoders": 1, "gpus": 0},
+                "encoder": {"name": "tiny", "model_type": "qwen3_vl", "untrained": True, "weights_sha256": "ab" * 32}}
     assert build_summary(manifest, Path("out"), Path("out/build-stats.txt")) == (
         "done: 1 row, 1 visual token (dim 64, bf16), 1 shard, 900 B in out\n"
+        "      encoder: tiny (qwen3_vl, UNTRAINED random tower, for smoke runs only; weights sha256 abababababab)\n"
         "      nothing to encode: 1 shard kept from before, checksums checked; skipped rows: 0; cut to --max-tokens 512: 0; "
         "total 1.5 s (time per stage: out/build-stats.txt)")
     manifest["run"].update(encoded_rows=2, encode_seconds=0.5, steady_images_per_s=5.0, resumed_shards=0)
     assert "encoded 2 rows this run (0 shards kept from before) at 4.0 images/s (5.0 images/s once the encoders were up) on " \
            "1 encoder, 0 GPUs;" in build_summary(manifest, Path("out"), Path("s"))
+    manifest["encoder"].update(name="anchor", untrained=False)
+    assert "encoder: anchor (qwen3_vl, the shipped pretrained anchor VLM's tower, " in build_summary(manifest, Path("o"), Path("s"))
 
 
 def test_an_interrupted_build_says_how_to_resume(tmp_path):
@@ -200,7 +204,7 @@ def test_an_interrupted_build_says_how_to_resume(tmp_path):
     import time
 
     out = tmp_path / "shards"
-    process = subprocess.Popen(["rot-render", "build", "--dataset", "gsm8k", "--out", str(out), "--limit", "400",
+    process = subprocess.Popen(["rot-render", "build", "--encoder", "tiny", "--dataset", "gsm8k", "--out", str(out), "--limit", "400",
                                 "--shard-size", "10", "--batch-size", "5"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240

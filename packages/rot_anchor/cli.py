@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from rot_anchor import NAME
 from rot_anchor.pretrain import PretrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The anchor VLM: pretraining and its figures.")
@@ -64,7 +65,7 @@ def _mix(text: Optional[str]) -> Optional[dict]:
 
 @app.command("evaluate")
 def evaluate_command(
-    model: str = typer.Argument("anchor", help="a checkpoint folder, or 'anchor' (the shipped one)"),
+    model: str = typer.Argument(NAME, help="a checkpoint folder, or 'anchor' (the shipped one)"),
     data_dir: Path = typer.Option(..., help="the shared data folder"),
     out: Path = typer.Option(Path("anchor-eval.json")),
     limit: Optional[int] = typer.Option(None, help="rows per evaluation set (default: all)"),

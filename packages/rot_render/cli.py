@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+import rot_anchor
 from rot_render import shards
 from rot_data.records import RecordError
 from rot_render.render import RenderSettings
@@ -36,7 +37,7 @@ def build(
     dataset: str = typer.Option(..., help="gsm8k (shipped), gsm_hard, svamp, multiarith, icot_* (need --data-dir), a .jsonl/.json/.parquet/.txt file, or hf:<id>[:<config>]"),
     out: Path = typer.Option(..., help="output folder for shards and manifest.json"),
     split: str = typer.Option("train"),
-    encoder: str = typer.Option("tiny", help="hub id or local path of a Qwen2-VL/Qwen2.5-VL/Qwen3-VL checkpoint; 'tiny' = untrained smoke-test tower"),
+    encoder: str = typer.Option(rot_anchor.NAME, help="'anchor' (the shipped pretrained VLM), a hub id or folder of a Qwen2-VL/Qwen2.5-VL/Qwen3-VL checkpoint, or 'tiny' (untrained smoke-test tower)"),
     dtype: str = typer.Option("bf16", help="stored embedding dtype: bf16, fp16 or fp32"),
     shard_size: int = typer.Option(1024, help="rows per Parquet shard"),
     on_error: str = typer.Option("fail", help="malformed rows: 'fail' stops at the first, 'skip' skips and counts them in the manifest"),
@@ -87,8 +88,19 @@ def _count(number: int, word: str) -> str:
     return f"{number} {word}{'' if number == 1 else 's'}"
 
 
+def _encoder_words(encoder: dict) -> str:
+    """Which tower made the embeddings, in words: a user must see whether they mean anything."""
+    if encoder["untrained"]:
+        kind = "UNTRAINED random tower, for smoke runs only"
+    elif encoder["name"] == rot_anchor.NAME:
+        kind = f"the shipped pretrained anchor VLM's tower, {rot_anchor.CHECKPOINT}"
+    else:
+        kind = "pretrained"
+    return f"{encoder['name']} ({encoder['model_type']}, {kind}; weights sha256 {encoder['weights_sha256'][:12]})"
+
+
 def build_summary(manifest: dict, out: Path, stats: Path) -> str:
-    """The two lines `rot-render build` ends with (benchmarks/gpu_bench.py parses the rates of the second)."""
+    """The lines `rot-render build` ends with (benchmarks/gpu_bench.py parses the rates of the last)."""
     run = manifest["run"]
     if run["encoded_rows"]:
         rate = run["encoded_rows"] / run["encode_seconds"] if run["encode_seconds"] else 0.0
@@ -101,6 +113,7 @@ def build_summary(manifest: dict, out: Path, stats: Path) -> str:
         f"done: {_count(manifest['rows'], 'row')}, {_count(manifest['tokens'], 'visual token')} (dim {manifest['embedding']['dim']}, "
         f"{manifest['embedding']['dtype']}), {_count(len(manifest['shards']), 'shard')}, "
         f"{_human_bytes(sum(s['bytes'] for s in manifest['shards']))} in {out}\n"
+        f"      encoder: {_encoder_words(manifest['encoder'])}\n"
         f"      {this_run}; skipped rows: {manifest['skipped_rows']}; cut to --max-tokens {manifest['render']['max_tokens']}: "
         f"{manifest['truncated_rows']}; total {run['seconds']:.1f} s (time per stage: {stats})"
     )
@@ -141,7 +154,7 @@ def show(
 def read(
     images: list[Path] = typer.Argument(None, help="PNG files of rendered lines (any height is scaled to one 32 px token row)"),
     text: Optional[str] = typer.Option(None, help="render this text with the build's settings and read it back"),
-    model: str = typer.Option("anchor", help="a Qwen3-VL checkpoint (folder or hub id); 'anchor' = the shipped pretrained one"),
+    model: str = typer.Option(rot_anchor.NAME, help="a Qwen3-VL checkpoint (folder or hub id); 'anchor' = the shipped pretrained one"),
 ) -> None:
     """Transcribe rendered lines with the VLM's tower and language model (no text is given to it)."""
     import numpy as np

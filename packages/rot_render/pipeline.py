@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+import rot_anchor
 from rot_data.checksums import file_sha256
 from rot_render import shards
 from rot_render.encoder import PACKED, VisionEncoder, read_encoder_source
@@ -43,7 +44,7 @@ class BuildConfig:
     dataset: str
     out: Path
     split: str = "train"
-    encoder: str = "tiny"
+    encoder: str = rot_anchor.NAME  # the shipped pretrained VLM's tower
     dtype: str = "bf16"
     shard_size: int = 1024
     on_error: str = "fail"

@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+import rot_anchor
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evaluate RoT and SFT-baseline exports.")
 
 
@@ -87,7 +89,7 @@ def readback(
     out: Path = typer.Option(Path("readback"), help="folder for readback.json and readback.png"),
     split: str = typer.Option("test"),
     data_dir: Optional[Path] = typer.Option(None),
-    reader: str = typer.Option("anchor", help="the VLM that reads the latents as visual tokens"),
+    reader: str = typer.Option(rot_anchor.NAME, help="the VLM that reads the latents as visual tokens"),
     latents: Optional[int] = typer.Option(None, help="latent budget (default: the export's)"),
     limit: Optional[int] = typer.Option(None),
 ) -> None:

@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+import rot_anchor
+
 from rot_train.shard_stream import ShardError
 from rot_train.train import STAGE_DEFAULTS, TrainConfig, run
 
@@ -28,7 +30,7 @@ def app_for(stage: int, mode: str = "rot") -> typer.Typer:
     @app.command(help=title + ".")
     def main(
         shards: str = typer.Option(..., help="shard folder written by rot-render build"),
-        backbone: str = typer.Option(..., help="hub id or local path: a Qwen-VL checkpoint (language model only is loaded) or any causal LM"),
+        backbone: str = typer.Option(rot_anchor.NAME, help="'anchor' (the shipped pretrained VLM), or a hub id or folder: a Qwen-VL checkpoint (language model only is loaded) or any causal LM"),
         out: str = typer.Option(..., help="run folder: checkpoints/, export/, metrics.jsonl, tensorboard/, loss.png"),
         init: Optional[str] = typer.Option(None, help="Stage II: the Stage I export folder (<stage1 --out>/export)"),
         mode: str = typer.Option(mode, help="rot, or the baselines sft-cot / sft-nocot (LoRA, same settings, no latents)"),
