@@ -1,8 +1,8 @@
 """Where a Stage I / Stage II step of the RoT trainer spends its time (GPU), at the anchor's size (issue 13.6).
 
 Batches come from real shards through the trainer's own loader, the model from the trainer's own ``build_model``;
-the steps run in plain torch (no DeepSpeed) so each part can be timed alone: the loader, the no-grad rollout,
-the whole step, with and without gradient checkpointing, then a profiled step (ATen operations per step).
+the steps run in plain torch (no DeepSpeed) so each part can be timed alone: the loader, the no-grad rollout
+(eager with a KV cache, and replayed as a CUDA graph), the whole step, then a profiled step (ATen operations).
 
 python benchmarks/rot_step_profile.py --shards shards/ --backbone anchor --micro-batch 256
 """
@@ -63,13 +63,24 @@ def main(shards: str = typer.Option(...), backbone: str = typer.Option("anchor")
             optimizer.zero_grad(set_to_none=True)
 
         slots = batch["targets"].shape[1]
-        rollout = timed(lambda: model.rollout_hidden(batch["prefix_ids"], batch["prefix_mask"], slots), repeats)
-        whole = timed(step, repeats)
-        print(f"stage {stage}, micro-batch {micro_batch}, {slots} latents: rollout {rollout * 1e3:.1f} ms, "
-              f"step {whole * 1e3:.1f} ms = {micro_batch / whole:.0f} samples/s (gradient checkpointing on)")
-        model.lm.gradient_checkpointing_disable()
-        whole = timed(step, repeats)
-        print(f"stage {stage}: step {whole * 1e3:.1f} ms = {micro_batch / whole:.0f} samples/s (gradient checkpointing off)")
+
+        def rollout():
+            return model.rollout_hidden(batch["prefix_ids"], batch["prefix_mask"], slots)
+
+        for graphs in (False, True) if device.type == "cuda" else (False,):
+            model.use_cuda_graphs = graphs
+            if graphs:
+                started = time.perf_counter()
+                graphed = rollout()
+                sync()
+                model.use_cuda_graphs = False
+                difference = (graphed.float() - rollout().float()).abs().max().item()
+                model.use_cuda_graphs = True
+                print(f"stage {stage}: CUDA-graph capture {time.perf_counter() - started:.2f} s; largest difference "
+                      f"from the eager rollout {difference:.3g} (bf16 hidden states)")
+            name = "CUDA graph" if graphs else "eager, KV cache"
+            print(f"stage {stage}, micro-batch {micro_batch}, {slots} latents, rollout {name}: {timed(rollout, repeats) * 1e3:.1f} ms; "
+                  f"step {(whole := timed(step, repeats)) * 1e3:.1f} ms = {micro_batch / whole:.0f} samples/s (gradient checkpointing on)")
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The miniature reproduction of RoT on N x N multiplication (issue 13): every table row is one command below,
 # through the project's own commands (rot-render, the deepspeed launcher, rot-eval). Run it in parts
-# (PARTS=data,stage1,stage2,sft,eval,controls,readback; the ablations: nostage1, tiny, detached) so each piece fits a 10-minute GPU call; a part reads
+# (PARTS=data,stage1,stage2,sft,eval,controls,readback; profile: the trainer's step timed; the ablations: nostage1, tiny, detached) so each piece fits a 10-minute GPU call; a part reads
 # what the earlier parts left in $W.
 #   On the GPU machine (carry .whl for ray/deepspeed):  N=4 SEED=0 PARTS=data,stage1,stage2 bash pipelines/miniature.sh
 #   On this CPU, at smoke scale:  SMOKE=1 ANCHOR=<a micro anchor folder> bash pipelines/miniature.sh
@@ -33,6 +33,11 @@ cd packages
 if part stage1; then  # RoT Stage I: head only, LLM frozen (vision MSE x10 + LM loss)
   run $DS rot_train/stage1.py --shards "$W/shards" $TRAIN --max-steps "$STEPS1" --lr 1e-3 --out "$W/stage1-s$SEED"
 fi
+if part profile; then  # the trainer's step at this size (issue 13.6): eager rollout vs CUDA graph, Stage I and II
+  (cd .. && run python3 benchmarks/rot_step_profile.py --shards "$W/shards" --backbone "$ANCHOR" --micro-batch "$MB" \
+      --init "$W/stage1-s$SEED/export" > "$OUT/profile-s$SEED.txt" 2>&1) || echo "profile failed: see $OUT/profile-s$SEED.txt"
+  grep -E "^(loader|stage)" "$OUT/profile-s$SEED.txt" || true
+fi
 if part stage2; then  # RoT Stage II: the LLM fine-tuned, head frozen, official gradient through the latents
   run $DS rot_train/stage2.py --shards "$W/shards" $TRAIN --epochs 1 --lr 3e-4 --full-finetune \
       --init "$W/stage1-s$SEED/export" --out "$W/stage2-s$SEED"
@@ -61,6 +66,7 @@ cd ..
 EVAL="--dataset $SET --data-dir $DATA ${LIMIT:+--limit $LIMIT}"
 if part eval; then  # checkpoints are chosen on valid; the table is on test
   for run_dir in stage2 sft-cot sft-nocot; do
+    [ -d "$W/$run_dir-s$SEED/export" ] || { log "skip $run_dir-s$SEED: not trained"; continue; }
     for split in valid test; do
       run python3 -m rot_train.eval_cli run --checkpoint "$W/$run_dir-s$SEED/export" $EVAL --split "$split" --out "$OUT/$run_dir-s$SEED-$split"
     done

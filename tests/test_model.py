@@ -58,10 +58,13 @@ def reference_rollout(model, prefix, n_steps):
     return torch.cat(states)
 
 
-def test_batched_rollout_equals_sample_by_sample_reference(rot_setup):
+@pytest.mark.parametrize("rollout", ["rollout_hidden", "rollout_static"])
+def test_batched_rollout_equals_sample_by_sample_reference(rot_setup, rollout):
+    """Both batched rollouts: the KV-cached one, and the fixed-shape one that the GPU captures as a CUDA graph."""
     model, batch = rot_setup
     n_steps = batch["targets"].shape[1]
-    batched = model.rollout_hidden(batch["prefix_ids"], batch["prefix_mask"], n_steps)
+    with torch.no_grad():
+        batched = getattr(model, rollout)(batch["prefix_ids"], batch["prefix_mask"], n_steps)
     assert (batch["prefix_mask"] == 0).any(), "the batch should be left-padded"
     with torch.no_grad():
         for i in range(len(batch["ids"])):

@@ -6,7 +6,9 @@ Sequence: ``[question] <img_begin> v_1 ... v_N <img_end> [answer]`` with
 
 Training is batched:
 1. ``rollout_hidden``: under ``no_grad``, prefill the questions and roll out the latents with a KV
-   cache, the whole batch at once. No autograd graph is built here.
+   cache, the whole batch at once. No autograd graph is built here. On a GPU (``use_cuda_graphs``) the
+   rollout is instead one CUDA graph, replayed: a small model's rollout is otherwise bound by launching
+   some 1 800 kernels per latent from Python (see ``RolloutGraphs``).
 2. one teacher-forced pass over the whole sequence with the rolled-out latents in place, for the
    LM loss on ``<img_end>`` + answer (and, in Stage II, an optional vision loss).
 In Stage I the vision loss is ``head(h)`` against the target embeddings with ``h`` from pass 1,
@@ -53,6 +55,55 @@ class ProjectionHead(nn.Module):
         return self.fc_out(self.swiglu(self.fc_in(self.norm(hidden))))
 
 
+class RolloutGraphs:
+    """Whole rollouts (``RoTModel.rollout_static``) captured as CUDA graphs and replayed.
+
+    At the anchor's size a latent costs about 1 800 small kernels launched one by one from Python, so a
+    rollout of 28 latents took most of a 1.2 s step while the GPU idled. A graph launches them all at once.
+    One graph per input shape (every 4x4 question has the same shape); a graph reads the weights where they
+    were at capture, so the key holds every parameter's address and a moved weight means a new capture (never a
+    stale read). If a capture fails (an operation that cannot be captured), the model says so once and uses
+    the cached eager rollout from then on.
+    """
+
+    def __init__(self, model: "RoTModel", keep: int = 4):
+        self.model, self.keep, self.graphs, self.failed = model, keep, {}, False
+
+    def rollout(self, prefix_ids, prefix_mask, n_steps: int) -> torch.Tensor:
+        if self.failed:
+            return self.model._rollout(prefix_ids, prefix_mask, n_steps)
+        key = (tuple(prefix_ids.shape), n_steps, tuple(p.data_ptr() for p in self.model.parameters()))
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(prefix_ids, prefix_mask, n_steps)
+            except Exception as error:  # capture is best effort: the eager rollout gives the same numbers
+                import warnings
+
+                warnings.warn(f"rollout not captured as a CUDA graph ({type(error).__name__}: {error}); running it eagerly")
+                self.failed, self.graphs = True, {}
+                torch.cuda.synchronize()
+                return self.model._rollout(prefix_ids, prefix_mask, n_steps)
+            while len(self.graphs) > self.keep:
+                self.graphs.pop(next(iter(self.graphs)))
+        graph, static_ids, static_mask, states = self.graphs[key]
+        static_ids.copy_(prefix_ids)
+        static_mask.copy_(prefix_mask)
+        graph.replay()
+        return states.clone()
+
+    def _capture(self, prefix_ids, prefix_mask, n_steps):
+        static_ids, static_mask = prefix_ids.clone(), prefix_mask.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph, as capture requires
+            self.model.rollout_static(static_ids, static_mask, n_steps)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            states = self.model.rollout_static(static_ids, static_mask, n_steps)
+        return graph, static_ids, static_mask, states
+
+
 LATENT_GRADIENTS = ("official", "detached")
 
 
@@ -69,6 +120,8 @@ class RoTModel(nn.Module):
         # shards from another VLM family: map latents back to the LLM's input size before feeding them in
         self.adapter = nn.Linear(latent_dim, llm_dim) if latent_dim != llm_dim else nn.Identity()
         self.img_begin_id, self.img_end_id = img_begin_id, img_end_id
+        self.use_cuda_graphs = False  # the trainer turns it on where weights stay in place (CUDA, not ZeRO-3)
+        self._graphs = None
 
     @property
     def decoder(self):
@@ -102,6 +155,10 @@ class RoTModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
+            if self.use_cuda_graphs and prefix_ids.is_cuda:
+                if self._graphs is None:
+                    self._graphs = RolloutGraphs(self)
+                return self._graphs.rollout(prefix_ids, prefix_mask, n_steps)
             return self._rollout(prefix_ids, prefix_mask, n_steps)
         finally:
             self.train(was_training)
@@ -120,6 +177,31 @@ class RoTModel(nn.Module):
                                   position_ids=position[:, None], past_key_values=cache, use_cache=True)
             hidden, cache = output.last_hidden_state[:, -1], output.past_key_values
             states.append(hidden)
+        return torch.stack(states, dim=1)
+
+    def rollout_static(self, prefix_ids, prefix_mask, n_steps):
+        """The rollout without a KV cache and with shapes fixed by the inputs' (so it can be captured as a CUDA
+        graph): latent k comes from one pass over ``[prefix][latents 1..k-1]``. Causal attention makes the hidden
+        states those of the cached rollout (a test compares them); the masks are built here as 4-D tensors, which
+        Hugging Face models take as they are, so nothing reads a tensor's value on the host."""
+        batch, length = prefix_ids.shape
+        total = length + n_steps - 1
+        keep = torch.cat([prefix_mask.bool(), prefix_mask.new_ones(batch, n_steps - 1, dtype=torch.bool)], 1)
+        index = torch.arange(total, device=prefix_ids.device)
+        # causal and not padding; each position also sees itself, so a padding row is never all masked (NaN)
+        mask = ((index[None, :] <= index[:, None])[None] & keep[:, None, :]) | torch.eye(total, dtype=torch.bool,
+                                                                                       device=prefix_ids.device)
+        positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
+        prefix = self.embed(prefix_ids)
+        inputs = torch.cat([prefix, prefix.new_zeros(batch, n_steps - 1, prefix.shape[-1])], 1)  # latent slots
+        states = []
+        for k in range(n_steps):
+            seen = length + k
+            hidden = self.decoder(inputs_embeds=inputs[:, :seen], attention_mask=mask[:, None, :seen, :seen],
+                                  position_ids=positions[:, :seen], use_cache=False).last_hidden_state[:, -1]
+            states.append(hidden)
+            if k + 1 < n_steps:
+                inputs[:, seen] = self.latent_inputs(self.head(hidden))
         return torch.stack(states, dim=1)
 
     def teacher_forced(self, batch, latents):

@@ -273,6 +273,8 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
                   if cfg.resume and (checkpoints / "latest").exists() else None)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    # a CUDA graph reads weights where they lie; ZeRO-3 gathers them into new buffers at every call
+    model.use_cuda_graphs = device.type == "cuda" and engine.zero_optimization_stage() < 3
     run_info = {"config": asdict(cfg), "world_size": world_size,
                 "global_batch": cfg.micro_batch * cfg.grad_accum * world_size, "shards_fingerprint": shard_set.fingerprint,
                 "trainable_parameters": sum(p.numel() for p in trainable), "total_steps": total_steps, "device": str(device),
