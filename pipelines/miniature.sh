@@ -20,7 +20,7 @@ DS="python3 -m deepspeed.launcher.runner --num_gpus 1"  # the launcher (also whe
 part() { [[ ",$PARTS," == *",$1,"* ]]; }
 log() { echo "== $*" | tee -a "$OUT/commands.txt"; }
 run() { log "$*"; "$@"; }
-TRAIN="--backbone $ANCHOR --micro-batch $MB --grad-accum 1 --seed $SEED --warmup-steps 20 --head-width 512"
+TRAIN="--backbone $ANCHOR --micro-batch $MB --grad-accum 1 --seed $SEED --warmup-steps 20 --head-width 512 --num-workers 2"
 ROWS2=$((STEPS2 * MB))
 
 if part data; then  # training rows: one epoch of Stage II; held-out questions never generated

@@ -39,6 +39,28 @@ def test_order_is_seeded_per_epoch_and_resume_continues_exactly(tiny_shards):
     assert sorted(epoch_order(shard_set.shard_rows, 1, 0, 8)) == [(s, r) for s in range(3) for r in range(16)]
 
 
+class CountingShardSet(ShardSet):
+    """The real shard set, counting how often a whole shard is read."""
+
+    reads = 0
+
+    def read_rows(self, index, with_embeddings=True):
+        CountingShardSet.reads += 1
+        return super().read_rows(index, with_embeddings)
+
+
+def test_an_epoch_reads_each_shard_once_however_long_rows_wait_in_the_shuffle_buffer(tmp_path):
+    from rot_render.pipeline import BuildConfig, build
+
+    build(BuildConfig(encoder="tiny", dataset="gsm8k", out=tmp_path, limit=42, shard_size=3, batch_size=14), progress=False)
+    shard_set = CountingShardSet.open(tmp_path)  # 14 shards of 3 rows: rows linger in the buffer across many shards
+    stream = ShardStream(shard_set, _ids_only, micro_batch=4, seed=2, shuffle_buffer=12)
+    CountingShardSet.reads = 0
+    batches = _collect(stream)
+    assert CountingShardSet.reads == 14 and len(batches) == 11  # the last batch is topped up with weight-0 fillers
+    assert sorted(i for _, ids in batches for i in ids) == sorted(r["id"] for s in range(14) for r in shard_set.read_rows(s))
+
+
 def test_embeddings_round_trip_with_the_manifest_shapes(tiny_shards):
     shard_set = ShardSet.open(tiny_shards)
     row = shard_set.read_rows(0)[0]

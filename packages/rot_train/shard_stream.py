@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,11 +140,11 @@ class ShardStream(IterableDataset):
     """Yields this rank's collated micro-batches, in order, from ``(epoch, start_batch)`` on."""
 
     def __init__(self, shard_set: ShardSet, collate, micro_batch: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle_buffer: int = 1024, cached_shards: int = 4):
+                 seed: int = 0, shuffle_buffer: int = 1024):
         self.shard_set, self.collate = shard_set, collate
         self.reads_embeddings = getattr(collate, "reads_embeddings", True)  # SFT's collator sets it False
         self.micro_batch, self.rank, self.world_size = micro_batch, rank, world_size
-        self.seed, self.shuffle_buffer, self.cached_shards = seed, shuffle_buffer, cached_shards
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.epoch, self.start_batch = 0, 0
 
     @property
@@ -166,22 +166,32 @@ class ShardStream(IterableDataset):
         return plan
 
     def __iter__(self):
+        """Each shard is read once per epoch and worker; of its rows, only those this worker will still emit are
+        kept, and each is dropped when emitted (memory: about a shuffle buffer of rows). Fetching rows through a
+        cache of recent shards instead re-read a whole shard for every row that lingered in the shuffle buffer:
+        at 100 shards that made a batch of 256 take a second."""
         worker = get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        cache: OrderedDict[int, list[dict]] = OrderedDict()
+        mine = [(b, triples) for b, triples in enumerate(self.rank_plan())
+                if b >= self.start_batch and (b - self.start_batch) % workers == worker_id]
+        uses = Counter((shard, index) for _, triples in mine for shard, index, _ in triples)  # a filler repeats a row
+        wanted: dict[int, set[int]] = {}
+        for shard, index in uses:
+            wanted.setdefault(shard, set()).add(index)
+        waiting: dict[tuple[int, int], dict] = {}
 
         def row(shard: int, index: int) -> dict:
-            if shard not in cache:
-                cache[shard] = self.shard_set.read_rows(shard, self.reads_embeddings)
-                while len(cache) > self.cached_shards:
-                    cache.popitem(last=False)
-            cache.move_to_end(shard)
-            return cache[shard][index]
+            if shard in wanted:  # first touch of this shard: keep the rows this worker needs from it
+                rows = self.shard_set.read_rows(shard, self.reads_embeddings)
+                waiting.update({(shard, i): rows[i] for i in wanted.pop(shard)})
+            return waiting[(shard, index)]
 
-        for b, triples in enumerate(self.rank_plan()):
-            if b < self.start_batch or (b - self.start_batch) % workers != worker_id:
-                continue
+        for b, triples in mine:
             rows = [row(s, r) for s, r, _ in triples]
+            for s, r, _ in triples:
+                uses[(s, r)] -= 1
+                if not uses[(s, r)]:
+                    del waiting[(s, r)]
             embeddings = [self.shard_set.embedding(r) for r in rows] if self.reads_embeddings else []
             batch = self.collate(rows, embeddings)
             batch["weights"] = torch.tensor([w for _, _, w in triples])
