@@ -45,9 +45,11 @@ def test_font_covers_every_character_of_gsm8k():
 def test_show_writes_a_png(tmp_path):
     out = tmp_path / "line.png"
     result = subprocess.run(["rot-render", "show", "3 * 4 = 12", "-o", str(out)], capture_output=True, text=True, check=True)
-    assert "tokens of 32 px" in result.stdout
     image = Image.open(out)
     assert image.size[1] == 32 and image.size[0] % 32 == 0
+    assert result.stdout == f"wrote {out}: {image.size[0]}x32 px = {image.size[0] // 32} tokens of 32 px\n"
+    one = subprocess.run(["rot-render", "show", "1", "-o", str(out)], capture_output=True, text=True, check=True)
+    assert one.stdout == f"wrote {out}: 32x32 px = 1 token of 32 px\n"  # not "1 tokens"
 
 
 @pytest.mark.parametrize("text, named", [

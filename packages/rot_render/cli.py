@@ -147,7 +147,7 @@ def show(
         rgb[:, ::token_px] = (255, 0, 0)
         image = Image.fromarray(rgb)
     image.save(output)
-    typer.echo(f"wrote {output}: {pixels.shape[1]}x{pixels.shape[0]} px = {pixels.shape[1] // token_px} tokens of {token_px} px")
+    typer.echo(f"wrote {output}: {pixels.shape[1]}x{pixels.shape[0]} px = {_count(pixels.shape[1] // token_px, 'token')} of {token_px} px")
 
 
 @app.command()
