@@ -23,17 +23,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "packages")]
+from rot_data.records import load_records
+from rot_render.encoder import PACKED, VisionEncoder
+from rot_render.render import RenderSettings, render_line
+from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, text_config_of
+from rot_train.batches import RoTCollator, pad, question_ids
+from rot_train.generate import generate_rot
+from rot_train.model import RoTModel
+from rot_train.tiny import bpe_tokenizer, tiny_vlm_config
 
-from rot_data.records import load_records  # noqa: E402
-from rot_render.encoder import PACKED, VisionEncoder  # noqa: E402
-from rot_render.render import RenderSettings, render_line  # noqa: E402
-from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, text_config_of  # noqa: E402
-from rot_train.batches import RoTCollator, pad, question_ids  # noqa: E402
-from rot_train.generate import generate_rot  # noqa: E402
-from rot_train.model import RoTModel  # noqa: E402
-from rot_train.tiny import bpe_tokenizer, tiny_vlm_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the project is installed (pip install -e .) or on PYTHONPATH
 
 
 def qwen3_vl_4b_config():

@@ -25,13 +25,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ROOT / "packages"
-sys.path[:0] = [str(PACKAGES)]
+from gpu_bench import build_rates, qwen3_vl_4b_config
+from rot_data.records import load_records
+from rot_train.tiny import bpe_tokenizer, save_random_vlm, tiny_vlm_config
 
-from gpu_bench import build_rates, qwen3_vl_4b_config  # noqa: E402
-from rot_data.records import load_records  # noqa: E402
-from rot_train.tiny import bpe_tokenizer, save_random_vlm, tiny_vlm_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ROOT / "packages"  # the project is installed (pip install -e .) or on PYTHONPATH (pipelines/device_env.sh)
 
 GPU = torch.cuda.is_available()
 CONFIGS = PACKAGES / "rot_train" / "configs"

@@ -101,6 +101,19 @@ def test_rot_train_never_imports_rot_render():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_no_code_edits_sys_path():
+    """Imports work because the project is installed (or PYTHONPATH names packages/), never by editing sys.path."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    edits = [f"{path.relative_to(root)}:{number}" for folder in ("packages", "benchmarks", "tests", "pipelines")
+             for path in sorted((root / folder).rglob("*.py"))
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             if re.search(r"sys\.path\s*(\[.*\]\s*)?(=|\.insert|\.append|\.extend|\+=)", line)]
+    assert not edits, edits
+
+
 def official_stage2_loss(model, batch, row):
     """The official CoTCompressor forward for one sample: a rollout *with* gradients (the latent fed back as the
     next input is detached, the KV cache keeps its graph), then the answer pass over the undetached latents."""
