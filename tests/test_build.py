@@ -18,6 +18,8 @@ from rot_render.pipeline import BuildConfig, BuildError, build
 from rot_data.records import load_records
 from rot_render.render import RenderSettings, render_line
 
+pytestmark = pytest.mark.slow  # Ray / DeepSpeed launcher runs: pytest -m 'not slow' skips them
+
 
 def _ids(out: Path) -> list[str]:
     return [i for p in sorted(out.glob("shard-*.parquet")) for i in pq.read_table(p, columns=["id"])["id"].to_pylist()]

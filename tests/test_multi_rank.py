@@ -5,11 +5,14 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from rot_train.export import load_export
 from tests.test_training import ROOT, _launch, _losses
+
+pytestmark = pytest.mark.slow  # Ray / DeepSpeed launcher runs: pytest -m 'not slow' skips them
 
 ARGS = ["--epochs", "1", "--lr", "1e-3", "--warmup-steps", "1", "--head-width", "32", "--max-latents", "12",
         "--save-every", "3", "--log-ids"]

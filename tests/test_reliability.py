@@ -11,6 +11,8 @@ from rot_render import shards
 from rot_render.pipeline import BuildConfig, build
 from rot_train.shard_stream import ShardError, ShardSet
 
+pytestmark = pytest.mark.slow  # Ray / DeepSpeed launcher runs: pytest -m 'not slow' skips them
+
 
 def _flip_byte(path: Path, where: float = 0.5) -> None:
     """Flip one bit in the middle of the file: inside the embedding pages, where pyarrow alone reads on without error."""

@@ -12,6 +12,8 @@ import torch
 from rot_train.export import load_export
 from rot_train.train import TrainConfig, run
 
+pytestmark = pytest.mark.slow  # Ray / DeepSpeed launcher runs: pytest -m 'not slow' skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(micro_batch=4, grad_accum=2, head_width=32, max_latents=12, warmup_steps=1, num_workers=1, epochs=2)
 
