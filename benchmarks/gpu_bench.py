@@ -28,7 +28,7 @@ from rot_render.encoder import PACKED, VisionEncoder
 from rot_render.render import RenderSettings, render_line
 from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, text_config_of
 from rot_train.batches import RoTCollator, pad, question_ids
-from rot_train.generate import generate_rot
+from rot_eval.generate import generate_rot
 from rot_train.model import RoTModel
 from rot_train.tiny import bpe_tokenizer, tiny_vlm_config
 

@@ -68,23 +68,23 @@ if part eval; then  # checkpoints are chosen on valid; the table is on test
   for run_dir in stage2 sft-cot sft-nocot; do
     [ -d "$W/$run_dir-s$SEED/export" ] || { log "skip $run_dir-s$SEED: not trained"; continue; }
     for split in valid test; do
-      run python3 -m rot_train.eval_cli run --checkpoint "$W/$run_dir-s$SEED/export" $EVAL --split "$split" --out "$OUT/$run_dir-s$SEED-$split"
+      run python3 -m rot_eval.cli run --checkpoint "$W/$run_dir-s$SEED/export" $EVAL --split "$split" --out "$OUT/$run_dir-s$SEED-$split"
     done
   done
 fi
 for ablation in nostage1 detached tiny; do
   if part "$ablation"; then
-    run python3 -m rot_train.eval_cli run --checkpoint "$W/$ablation-s$SEED/export" $EVAL --split test --out "$OUT/$ablation-s$SEED-test"
+    run python3 -m rot_eval.cli run --checkpoint "$W/$ablation-s$SEED/export" $EVAL --split test --out "$OUT/$ablation-s$SEED-test"
   fi
 done
 if part controls; then  # zeros / another question's latents / the true visual embeddings in the latents' place
   for control in zeros shuffled truth; do
-    run python3 -m rot_train.eval_cli run --checkpoint "$W/stage2-s$SEED/export" $EVAL --split test --control "$control" \
+    run python3 -m rot_eval.cli run --checkpoint "$W/stage2-s$SEED/export" $EVAL --split test --control "$control" \
         --truth-shards "$W/test-shards" --out "$OUT/stage2-s$SEED-test-$control"
   done
 fi
 if part readback; then  # the latents read back as text by the anchor
-  run python3 -m rot_train.eval_cli readback --checkpoint "$W/stage2-s$SEED/export" --dataset "$SET" --data-dir "$DATA" --shards "$W/shards" \
+  run python3 -m rot_eval.cli readback --checkpoint "$W/stage2-s$SEED/export" --dataset "$SET" --data-dir "$DATA" --shards "$W/shards" \
       --reader "$ANCHOR" ${LIMIT:+--limit $LIMIT} --out "$OUT/readback-s$SEED"
 fi
 ls "$OUT"

@@ -1,6 +1,6 @@
 import pytest
 
-from rot_train.answers import final_segment, is_correct, parse_number
+from rot_eval.answers import final_segment, is_correct, parse_number
 
 
 @pytest.mark.parametrize("text, value", [

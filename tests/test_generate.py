@@ -8,7 +8,7 @@ import torch
 
 from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone
 from rot_train.export import export, load_export
-from rot_train.generate import generate_rot, generate_text
+from rot_eval.generate import generate_rot, generate_text
 from rot_train.model import RoTModel
 from rot_train.shard_stream import ShardSet
 from rot_train.train import TrainConfig
@@ -107,7 +107,7 @@ def test_viz_writes_the_three_pictures_and_nearest_text(exported, tiny_shards, t
 
 
 def test_controls_feed_the_given_latents(exported, tiny_shards, shared_data, tmp_path):
-    from rot_train.evaluate import evaluate
+    from rot_eval.evaluate import evaluate
 
     model, tokenizer, _ = load_export(exported)
     own = generate_rot(model, tokenizer, QUESTIONS, latents=4, max_answer_tokens=3)
@@ -132,7 +132,7 @@ def test_controls_feed_the_given_latents(exported, tiny_shards, shared_data, tmp
 
 
 def test_readback_scores_latents_per_position(exported, tiny_shards, micro_anchor, tmp_path):
-    from rot_train.readback import read_back
+    from rot_eval.readback import read_back
 
     summary = read_back(str(exported), "gsm8k", tiny_shards, tmp_path, split="train", reader=str(micro_anchor),
                         latents=6, limit=2, batch_size=2)
@@ -142,7 +142,7 @@ def test_readback_scores_latents_per_position(exported, tiny_shards, micro_ancho
 
 
 def test_position_scores_place_characters_under_their_token():
-    from rot_train.readback import position_scores
+    from rot_eval.readback import position_scores
 
     render = {"font_size": 20, "padding": 4, "font_file": "DejaVuSans.ttf"}
     cot = "5 5 5 6 1 + 0 0 6 4 9 0"

@@ -184,7 +184,7 @@ def test_bad_shards_end_with_a_one_line_error(tiny_shards, tiny_qwen3_vl, tmp_pa
 
 @pytest.mark.parametrize("mode", ["sft-cot", "sft-nocot"])
 def test_sft_baselines_train_with_the_same_trainer_and_evaluate(tiny_shards, tiny_qwen3_vl, tmp_path, mode):
-    from rot_train.evaluate import evaluate
+    from rot_eval.evaluate import evaluate
 
     out = tmp_path / mode
     summary, model = run(TrainConfig(stage=2, mode=mode, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(out),

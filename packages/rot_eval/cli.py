@@ -30,7 +30,7 @@ def run_eval(
 ) -> None:
     """Generate for every question; write per-example predictions and a summary."""
     from rot_data.records import RecordError
-    from rot_train.evaluate import evaluate
+    from rot_eval.evaluate import evaluate
 
     try:
         summary = evaluate(checkpoint, dataset, out, split, data_dir, latents, dynamic_threshold, batch_size,
@@ -48,7 +48,7 @@ def run_eval(
 @app.command()
 def table(runs: List[Path] = typer.Argument(..., help="evaluation output folders (each with summary.json)")) -> None:
     """Print the paper-style markdown table (Pass@1 %, Avg, Avg #L, s/sample) across runs."""
-    from rot_train.evaluate import table as make_table
+    from rot_eval.evaluate import table as make_table
 
     missing = [r for r in runs if not (r / "summary.json").exists()]
     if missing:
@@ -67,9 +67,9 @@ def viz(
 ) -> None:
     """Save the latent heatmap, the token-similarity matrix and per-token statistics for one question."""
     from rot_train.export import DEFAULT_INFERENCE_LATENTS, load_export
-    from rot_train.generate import generate_rot
+    from rot_eval.generate import generate_rot
     from rot_train.shard_stream import ShardSet
-    from rot_train.viz import draw, nearest_text
+    from rot_eval.viz import draw, nearest_text
 
     model, tokenizer, config = load_export(checkpoint)
     latents = latents or config.get("inference_latents", DEFAULT_INFERENCE_LATENTS)
@@ -95,7 +95,7 @@ def readback(
 ) -> None:
     """Read a RoT model's latents back as text with the anchor VLM; score them per latent position."""
     from rot_data.records import RecordError
-    from rot_train.readback import read_back
+    from rot_eval.readback import read_back
 
     try:
         summary = read_back(checkpoint, dataset, shards, out, split, data_dir, reader, latents, limit)

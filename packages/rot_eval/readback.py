@@ -19,9 +19,9 @@ from tqdm import tqdm
 from rot_data.edit_distance import edit_distance
 from rot_data.records import load_records
 from rot_train.export import DEFAULT_INFERENCE_LATENTS, load_export
-from rot_train.generate import generate_rot
+from rot_eval.generate import generate_rot
 from rot_train.shard_stream import ShardSet
-from rot_train.viz import token_of_characters
+from rot_eval.viz import token_of_characters
 
 
 def matched_characters(truth: str, transcript: str) -> list[bool]:

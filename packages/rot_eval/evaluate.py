@@ -9,9 +9,9 @@ import torch
 from tqdm import tqdm
 
 from rot_data.records import load_records
-from rot_train.answers import final_segment, is_correct
+from rot_eval.answers import final_segment, is_correct
 from rot_train.export import DEFAULT_INFERENCE_LATENTS, load_export
-from rot_train.generate import generate_rot, generate_text, timed
+from rot_eval.generate import generate_rot, generate_text, timed
 
 
 def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data_dir: Path | None = None,
