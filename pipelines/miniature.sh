@@ -63,7 +63,7 @@ if part tiny; then  # control: the untrained 'tiny' tower's embeddings as target
       --init "$W/tiny-stage1-s$SEED/export" --out "$W/tiny-s$SEED"
 fi
 cd ..
-EVAL="--dataset $SET --data-dir $DATA ${LIMIT:+--limit $LIMIT}"
+EVAL="--dataset $SET --data-dir $DATA --batch-size 256 ${LIMIT:+--limit $LIMIT}"  # a decode step costs the same at 64 or 256 rows
 if part eval; then  # checkpoints are chosen on valid; the table is on test
   for run_dir in stage2 sft-cot sft-nocot; do
     [ -d "$W/$run_dir-s$SEED/export" ] || { log "skip $run_dir-s$SEED: not trained"; continue; }
