@@ -10,6 +10,7 @@ manifest is written last.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from rot_render.render import RenderSettings, check_font, drawing_problem, line_
 
 STATS = "build-stats.txt"
 OOM_RETRIES = 3  # retries of a task killed by Ray's memory monitor (Ray's default: unbounded)
+WRITE_RETRIES = 2  # a shard writer task whose worker died is run again (the write is atomic: a rename at the end)
 
 
 class BuildError(RuntimeError):
@@ -232,7 +234,10 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
         shards=summaries,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
-    shards.write_manifest(config.out, manifest)
+    try:
+        shards.write_manifest(config.out, manifest)
+    except OSError as error:
+        raise _disk_error(error, config.out) from None
     manifest["run"] = {  # printed in the summary, not stored: it differs between a build and its resume
         "encoded_rows": len(todo), "resumed_shards": len(done), "reencoded_damaged": damaged, "encode_seconds": encode_seconds,
         "steady_images_per_s": steady_rate,
@@ -286,30 +291,61 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    write_shard = ray.remote(num_cpus=1, scheduling_strategy=here)(write_shard_from_blocks)
+    write_shard = ray.remote(num_cpus=1, scheduling_strategy=here, max_retries=WRITE_RETRIES)(write_shard_from_blocks)
     pending: dict[int, list] = {}  # shard -> object refs of the encoded blocks holding its rows
     writes: dict[int, object] = {}
     arrived = np.zeros(len(plan), dtype=np.int64)
     arrivals = []  # (seconds, rows so far) per encoded batch
-    with tqdm(total=len(todo), unit="row", desc="render+encode", disable=not progress) as bar:
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            block = ray.put(batch)  # the one copy the driver makes; writer tasks read it without copying
-            shard_of_row = batch.column("shard").to_numpy()
-            indices, counts = np.unique(shard_of_row, return_counts=True)
-            for index, count in zip(indices.tolist(), counts.tolist()):
-                pending.setdefault(index, []).append(block)
-                arrived[index] += count
-                if arrived[index] == len(plan[index]):  # complete: off to a writer task
-                    writes[index] = write_shard.remote(config.out / shards.shard_name(index), index, build_fingerprint,
-                                                       dim, config.dtype, *pending.pop(index))
-            bar.update(batch.num_rows)
-            arrivals.append((time.perf_counter(), batch.num_rows + (arrivals[-1][1] if arrivals else 0)))
-    written = dict(zip(writes, ray.get(list(writes.values()))))
+    try:
+        with tqdm(total=len(todo), unit="row", desc="render+encode", disable=not progress) as bar:
+            _collect(ray, dataset, config, plan, build_fingerprint, dim, write_shard, pending, writes, arrived, arrivals, bar)
+        written = dict(zip(writes, ray.get(list(writes.values()))))
+    except ray.exceptions.RayTaskError as error:  # a writer task's error
+        _settle(ray, writes)
+        if isinstance(error.cause, OSError) and error.cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_error(error.cause, config.out) from None
+        raise
+    for leftover in config.out.glob(".shard-*.tmp-*"):  # of a writer task killed mid-write and run again
+        leftover.unlink(missing_ok=True)
     arrivals.append((time.perf_counter(), arrivals[-1][1] if arrivals else 0))  # the last shard written
     (config.out / STATS).write_text(dataset.stats() + "\n")  # where the time went, operator by operator
     if pending:
         raise BuildError(f"shards {sorted(pending)} did not receive all their rows; re-run the same command to resume")
     return steady_rate(arrivals), written
+
+
+def _collect(ray, dataset, config, plan, build_fingerprint, dim, write_shard, pending, writes, arrived, arrivals, bar):
+    """Take the encoded batches as they come; hand each shard whose rows have all arrived to a writer task."""
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        block = ray.put(batch)  # the one copy the driver makes; writer tasks read it without copying
+        shard_of_row = batch.column("shard").to_numpy()
+        indices, counts = np.unique(shard_of_row, return_counts=True)
+        for index, count in zip(indices.tolist(), counts.tolist()):
+            pending.setdefault(index, []).append(block)
+            arrived[index] += count
+            if arrived[index] == len(plan[index]):  # complete: off to a writer task
+                writes[index] = write_shard.remote(config.out / shards.shard_name(index), index, build_fingerprint,
+                                                   dim, config.dtype, *pending.pop(index))
+        bar.update(batch.num_rows)
+        arrivals.append((time.perf_counter(), batch.num_rows + (arrivals[-1][1] if arrivals else 0)))
+
+
+def _settle(ray, writes: dict) -> None:
+    """Let the other writer tasks end before the build stops (their shards are kept; a failed one is not reported
+    again by Ray as an unhandled error at exit)."""
+    for ref in writes.values():
+        try:
+            ray.get(ref)
+        except Exception:
+            pass
+
+
+def _disk_error(error: OSError, out: Path) -> Exception:
+    """A full disk (or quota) in one line that says what to do; any other OSError as it is."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return error
+    return BuildError(f"no space left on the device of {out} ({os.strerror(error.errno)}); the finished shards are kept "
+                      "and nothing half-written is: free space, then re-run the same command to resume")
 
 
 def steady_rate(arrivals: list[tuple[float, int]]) -> float:

@@ -65,8 +65,14 @@ def fingerprint(settings: dict) -> str:
 
 
 def _atomic_write(path: Path, write) -> None:
+    """Write under a temporary name, then rename: the final name only ever holds a whole file. A write that fails
+    (a full disk) removes its temporary file; one killed outright leaves it for the next build to remove."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(temporary)
+    try:
+        write(temporary)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     os.replace(temporary, path)
 
 

@@ -57,6 +57,7 @@ def app_for(stage: int, mode: str = "rot") -> typer.Typer:
         shuffle_buffer: int = typer.Option(d["shuffle_buffer"]),
         num_workers: int = typer.Option(d["num_workers"], help="data-loader worker processes per rank"),
         save_every: int = typer.Option(d["save_every"], help="checkpoint every N optimizer steps (0: only at the end)"),
+        keep_checkpoints: int = typer.Option(d["keep_checkpoints"], help="keep the N newest checkpoints in <out>/checkpoints, delete older ones (0: keep all)"),
         resume: bool = typer.Option(d["resume"], help="continue from the latest checkpoint in <out>/checkpoints"),
         log_ids: bool = typer.Option(d["log_ids"], help="write the ids each rank consumed to ids-rank<N>.jsonl"),
         local_rank: int = typer.Option(0, "--local_rank", "--local-rank", hidden=True, help="set by the deepspeed launcher"),
@@ -68,7 +69,7 @@ def app_for(stage: int, mode: str = "rot") -> typer.Typer:
                              lm_weight=lm_weight, head_width=head_width, lora_r=lora_r, lora_alpha=lora_alpha,
                              lora_dropout=lora_dropout, lora_targets=list(lora_targets), full_finetune=full_finetune,
                              gradient_checkpointing=gradient_checkpointing, seed=seed, shuffle_buffer=shuffle_buffer,
-                             num_workers=num_workers, save_every=save_every, resume=resume, log_ids=log_ids)
+                             num_workers=num_workers, save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume, log_ids=log_ids)
         try:
             run(config)
         except (ShardError, FileNotFoundError, ValueError) as error:

@@ -57,6 +57,7 @@ class TrainConfig:
     shuffle_buffer: int = 1024
     num_workers: int = 1
     save_every: int = 0
+    keep_checkpoints: int = 2  # the newest N checkpoints stay in <out>/checkpoints, older ones are deleted; 0: keep all
     resume: bool = False
     log_ids: bool = False
 
@@ -202,6 +203,32 @@ def _resume_tag(checkpoints: Path, world_size: int, rank: int, ds_config: dict, 
     return universal
 
 
+def _commit_checkpoint(checkpoints: Path, tag: str, keep: int) -> None:
+    """Point `latest` at a complete checkpoint (written to disk, then renamed over the old pointer: a kill leaves
+    the old one or the new one, never a torn file), then delete all but the ``keep`` newest (0: keep all)."""
+    import shutil
+
+    for path in (checkpoints / tag).rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as file:
+                os.fsync(file.fileno())
+    temporary = checkpoints / f".latest.tmp-{os.getpid()}"
+    with open(temporary, "w") as file:
+        file.write(tag)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, checkpoints / "latest")
+    if keep < 1:
+        return
+    newest = int(tag.removeprefix("step"))
+    steps = sorted((int(p.name.removeprefix("step")) for p in checkpoints.glob("step*")
+                    if p.is_dir() and p.name.removeprefix("step").isdigit()), reverse=True)
+    older = [s for s in steps if s <= newest][keep:]  # a partial one beyond `latest` (a killed save) is redone next time
+    for old_step in older:
+        shutil.rmtree(checkpoints / f"step{old_step}", ignore_errors=True)
+        shutil.rmtree(checkpoints / f"step{old_step}_universal", ignore_errors=True)
+
+
 def _optimizer_state_beside_weights(optimizer) -> None:
     """A universal checkpoint restores Adam's step counters on the CPU; the fused CUDA AdamW wants every
     state tensor on its parameter's device (found moving a 2-GPU checkpoint to 1 GPU). Walk the state itself:
@@ -245,6 +272,8 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     import deepspeed
     from tqdm import tqdm
 
+    if cfg.keep_checkpoints < 0:
+        raise ValueError(f"--keep-checkpoints {cfg.keep_checkpoints} must be 0 (keep every checkpoint) or more")
     rank, world_size, device = init_distributed()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -297,7 +326,13 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
                  "shards_dim": shard_set.dim,
                  "token_rows": token_rows(model.lm, list(token_ids.values())), "torch_rng": torch.get_rng_state(),
                  "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}  # lets ds_to_universal convert it
-        engine.save_checkpoint(str(checkpoints), tag=f"step{step}", client_state=state, exclude_frozen_parameters=True)
+        # DeepSpeed would write `latest` on rank 0 before the other ranks finish their files, and in place: a kill
+        # then could leave it naming a half-written checkpoint, or empty. It is written here once every rank is done.
+        engine.save_checkpoint(str(checkpoints), tag=f"step{step}", client_state=state, exclude_frozen_parameters=True,
+                               save_latest=False)  # ends with a barrier: every rank's files are written
+        if rank == 0:
+            _commit_checkpoint(checkpoints, f"step{step}", cfg.keep_checkpoints)
+        torch.distributed.barrier()
 
     engine.train()
     started, samples, sums, micro_steps = time.perf_counter(), 0, {}, 0
