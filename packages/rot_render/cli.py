@@ -104,8 +104,10 @@ def build_summary(manifest: dict, out: Path, stats: Path) -> str:
     run = manifest["run"]
     if run["encoded_rows"]:
         rate = run["encoded_rows"] / run["encode_seconds"] if run["encode_seconds"] else 0.0
+        steady = (f"{run['steady_images_per_s']:.1f} images/s once the encoders were up" if run["steady_images_per_s"]
+                  else "too few blocks to time the encoders alone")  # a rate of 0 would read as a stalled encoder
         this_run = (f"encoded {_count(run['encoded_rows'], 'row')} this run ({_count(run['resumed_shards'], 'shard')} kept "
-                    f"from before) at {rate:.1f} images/s ({run['steady_images_per_s']:.1f} images/s once the encoders were up) "
+                    f"from before) at {rate:.1f} images/s ({steady}) "
                     f"on {_count(run['encoders'], 'encoder')}, {_count(run['gpus'], 'GPU')}")
     else:  # a rate of 0 rows would read as a stalled encoder
         this_run = f"nothing to encode: {_count(run['resumed_shards'], 'shard')} kept from before, checksums checked"

@@ -284,7 +284,7 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
         EncodeBatch,
         fn_constructor_kwargs={"encoder": config.encoder, "expected_sha256": expected_sha256, "dtype": config.dtype,
                                "height": render.height, "attn_implementation": config.attn_implementation},
-        batch_format="pyarrow", batch_size=batch_size, concurrency=num_encoders,
+        batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_encoders),
         num_gpus=1 if n_gpus else 0, num_cpus=0 if n_gpus else 1,
     )
     # shard files are written by Ray tasks on this node, so compressing and hashing them overlaps with encoding
