@@ -298,7 +298,18 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
     arrivals = []  # (seconds, rows so far) per encoded batch
     try:
         with tqdm(total=len(todo), unit="row", desc="render+encode", disable=not progress) as bar:
-            _collect(ray, dataset, config, plan, build_fingerprint, dim, write_shard, pending, writes, arrived, arrivals, bar)
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                block = ray.put(batch)  # the one copy the driver makes; writer tasks read it without copying
+                shard_of_row = batch.column("shard").to_numpy()
+                indices, counts = np.unique(shard_of_row, return_counts=True)
+                for index, count in zip(indices.tolist(), counts.tolist()):
+                    pending.setdefault(index, []).append(block)
+                    arrived[index] += count
+                    if arrived[index] == len(plan[index]):  # complete: off to a writer task
+                        writes[index] = write_shard.remote(config.out / shards.shard_name(index), index, build_fingerprint,
+                                                           dim, config.dtype, *pending.pop(index))
+                bar.update(batch.num_rows)
+                arrivals.append((time.perf_counter(), batch.num_rows + (arrivals[-1][1] if arrivals else 0)))
         written = dict(zip(writes, ray.get(list(writes.values()))))
     except ray.exceptions.RayTaskError as error:  # a writer task's error
         _settle(ray, writes)
@@ -312,22 +323,6 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
     if pending:
         raise BuildError(f"shards {sorted(pending)} did not receive all their rows; re-run the same command to resume")
     return steady_rate(arrivals), written
-
-
-def _collect(ray, dataset, config, plan, build_fingerprint, dim, write_shard, pending, writes, arrived, arrivals, bar):
-    """Take the encoded batches as they come; hand each shard whose rows have all arrived to a writer task."""
-    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        block = ray.put(batch)  # the one copy the driver makes; writer tasks read it without copying
-        shard_of_row = batch.column("shard").to_numpy()
-        indices, counts = np.unique(shard_of_row, return_counts=True)
-        for index, count in zip(indices.tolist(), counts.tolist()):
-            pending.setdefault(index, []).append(block)
-            arrived[index] += count
-            if arrived[index] == len(plan[index]):  # complete: off to a writer task
-                writes[index] = write_shard.remote(config.out / shards.shard_name(index), index, build_fingerprint,
-                                                   dim, config.dtype, *pending.pop(index))
-        bar.update(batch.num_rows)
-        arrivals.append((time.perf_counter(), batch.num_rows + (arrivals[-1][1] if arrivals else 0)))
 
 
 def _settle(ray, writes: dict) -> None:
