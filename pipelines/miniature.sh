@@ -1,30 +1,50 @@
 #!/usr/bin/env bash
 # The miniature reproduction of RoT on N x N multiplication (issue 13): every table row is one command below,
-# through the project's own commands (rot-render, the deepspeed launcher, rot-eval). Run it in parts
-# (PARTS=data,stage1,stage2,sft,eval,controls,readback; profile: the trainer's step timed; the ablations: nostage1, tiny, detached) so each piece fits a 10-minute GPU call; a part reads
-# what the earlier parts left in $W.
-#   On the GPU machine (carry .whl for ray/deepspeed):  N=4 SEED=0 PARTS=data,stage1,stage2 bash pipelines/miniature.sh
+# through the project's own commands (rot-render, the deepspeed launcher, rot-eval). Run it in parts so each piece
+# fits a 10-minute GPU call; a part reads what the earlier parts left in $W. Parts:
+#   data        generated training rows (held-out questions excluded) -> shards, and the test set's shards
+#   stage1      RoT Stage I: the head, LLM frozen
+#   stage2      RoT Stage II as the official code trains it (answer loss only, official gradient)
+#   vision      Stage II keeping Stage I's vision loss (MSE x10 on every latent)
+#   curriculum  Stage II with the vision loss and a curriculum: the latents start as the true visual embeddings
+#               (teacher forcing) and are handed to the model's own rollout 4 at a time every CSTEPS steps
+#   curriculum-lora  the same with LoRA on every projection (r 64): the export that ships
+#   sft         the baselines SFT-CoT and SFT-noCoT (same rows, same steps, full fine-tuning)
+#   nostage1 / tiny / detached   controls: Stage II from a random head, the untrained tower's targets, latents.detach()
+#   eval        rot-eval on valid and test for every run in EVAL_RUNS that exists
+#   controls    zeros / another question's latents / the true embeddings in the latents' place (run CONTROL_RUN)
+#   readback    the latents of CONTROL_RUN read back as text by the anchor
+#   profile     the trainer's step timed (eager rollout vs CUDA graph)
+#   On the GPU machine (carry .whl for ray/deepspeed):  N=4 SEED=0 PARTS=data,stage1,stage2,eval bash pipelines/miniature.sh
+#   Parts side by side on a 4-GPU machine: PARTS=data first, then one process per GPU with GPU=<index> set.
 #   On this CPU, at smoke scale:  SMOKE=1 ANCHOR=<a micro anchor folder> bash pipelines/miniature.sh
 # Knobs: N (digits), SEED, ANCHOR (encoder and backbone: 'anchor' = the shipped one), DATA (shared data), W (work dir),
-# STEPS1/STEPS2 (optimizer steps of Stage I / Stage II and the SFT baselines), MB (micro-batch), LIMIT (eval rows).
+# ROWS (generated training rows), EPOCHS (Stage II / SFT epochs over them), STEPS1 (Stage I steps), CSTEPS (optimizer
+# steps per curriculum stage), MB (micro-batch), LIMIT (eval rows), GPU (pin this process's parts to one GPU).
 set -euo pipefail
 [ -f pipelines/device_env.sh ] && [ -z "${SMOKE:-}" ] && source pipelines/device_env.sh
 export PYTHONPATH=$PWD/packages${PYTHONPATH:+:$PYTHONPATH}
 N=${N:-4}; SEED=${SEED:-0}; ANCHOR=${ANCHOR:-anchor}; DATA=$(realpath "${DATA:-../shared/data}")
 W=$(realpath -m "${W:-/tmp/miniature-${N}x${N}}"); OUT=${OUT:-$W/out}; mkdir -p "$W" "$OUT"
-STEPS1=${STEPS1:-300}; STEPS2=${STEPS2:-600}; MB=${MB:-256}; LIMIT=${LIMIT:-}
+STEPS1=${STEPS1:-300}; MB=${MB:-256}; ROWS=${ROWS:-102400}; EPOCHS=${EPOCHS:-3}; CSTEPS=${CSTEPS:-100}; LIMIT=${LIMIT:-}
 PARTS=${PARTS:-data,stage1,stage2,sft,eval,controls,readback}
-if [ -n "${SMOKE:-}" ]; then STEPS1=2; STEPS2=2; MB=4; LIMIT=4; fi
+EVAL_RUNS=${EVAL_RUNS:-stage2 vision curriculum curriculum-lora sft-cot sft-nocot nostage1 detached tiny}; CONTROL_RUN=${CONTROL_RUN:-stage2}
+if [ -n "${SMOKE:-}" ]; then STEPS1=2; MB=4; ROWS=16; EPOCHS=1; CSTEPS=1; LIMIT=4; fi
 SET=icot_mult_${N}x${N}
-DS="python3 -m deepspeed.launcher.runner --num_gpus 1"  # the launcher (also where --target installs left no 'deepspeed' script)
+if [ -n "${GPU:-}" ]; then  # one GPU for this process: runs on other GPUs go on beside it
+  DS="python3 -m deepspeed.launcher.runner --include localhost:$GPU --master_port $((29500 + GPU))"
+else
+  DS="python3 -m deepspeed.launcher.runner --num_gpus 1"  # the launcher (also where --target installs left no 'deepspeed' script)
+fi
 part() { [[ ",$PARTS," == *",$1,"* ]]; }
 log() { echo "== $*" | tee -a "$OUT/commands.txt"; }
-run() { log "$*"; "$@"; }
+run() { local shown="$*"; log "${shown#on_gpu }"; "$@"; }
+on_gpu() { if [ -n "${GPU:-}" ]; then CUDA_VISIBLE_DEVICES=$GPU "$@"; else "$@"; fi; }
 TRAIN="--backbone $ANCHOR --micro-batch $MB --grad-accum 1 --seed $SEED --warmup-steps 20 --head-width 512 --num-workers 2"
-ROWS2=$((STEPS2 * MB))
+STAGE2="$TRAIN --epochs $EPOCHS --lr 3e-4 --full-finetune"
 
-if part data; then  # training rows: one epoch of Stage II; held-out questions never generated
-  run python3 -m rot_render.cli multiplication --n "$N" --count "$ROWS2" --seed "$SEED" --out "$W/train.txt" \
+if part data; then  # training rows; held-out questions are never generated
+  run python3 -m rot_render.cli multiplication --n "$N" --count "$ROWS" --seed "$SEED" --out "$W/train.txt" \
       --exclude "$DATA/$SET/valid.txt" --exclude "$DATA/$SET/test_bigbench.txt"
   run python3 -m rot_render.cli build --dataset "$W/train.txt" --encoder "$ANCHOR" --out "$W/shards"
   run python3 -m rot_render.cli build --dataset "$SET" --split test --data-dir "$DATA" --encoder "$ANCHOR" --out "$W/test-shards"
@@ -34,57 +54,60 @@ if part stage1; then  # RoT Stage I: head only, LLM frozen (vision MSE x10 + LM 
   run $DS rot_train/stage1.py --shards "$W/shards" $TRAIN --max-steps "$STEPS1" --lr 1e-3 --out "$W/stage1-s$SEED"
 fi
 if part profile; then  # the trainer's step at this size (issue 13.6): eager rollout vs CUDA graph, Stage I and II
-  (cd .. && run python3 benchmarks/rot_step_profile.py --shards "$W/shards" --backbone "$ANCHOR" --micro-batch "$MB" \
+  (cd .. && run on_gpu python3 benchmarks/rot_step_profile.py --shards "$W/shards" --backbone "$ANCHOR" --micro-batch "$MB" \
       --init "$W/stage1-s$SEED/export" > "$OUT/profile-s$SEED.txt" 2>&1) || echo "profile failed: see $OUT/profile-s$SEED.txt"
   grep -E "^(loader|stage)" "$OUT/profile-s$SEED.txt" || true
 fi
-if part stage2; then  # RoT Stage II: the LLM fine-tuned, head frozen, official gradient through the latents
-  run $DS rot_train/stage2.py --shards "$W/shards" $TRAIN --epochs 1 --lr 3e-4 --full-finetune \
-      --init "$W/stage1-s$SEED/export" --out "$W/stage2-s$SEED"
+if part stage2; then  # RoT Stage II as the official code trains it: head frozen, answer loss, official gradient
+  run $DS rot_train/stage2.py --shards "$W/shards" $STAGE2 --init "$W/stage1-s$SEED/export" --out "$W/stage2-s$SEED"
 fi
-if part sft; then  # the baselines, same rows and at least as many steps, full fine-tuning
+if part vision; then  # Stage II keeping the vision loss on every latent
+  run $DS rot_train/stage2.py --shards "$W/shards" $STAGE2 --vision-weight 10 --init "$W/stage1-s$SEED/export" --out "$W/vision-s$SEED"
+fi
+if part curriculum; then  # Stage II with the vision loss, latents handed from teacher forcing to the rollout 4 at a time
+  run $DS rot_train/stage2.py --shards "$W/shards" $STAGE2 --vision-weight 10 --curriculum-steps "$CSTEPS" --curriculum-stride 4 \
+      --init "$W/stage1-s$SEED/export" --out "$W/curriculum-s$SEED"
+fi
+if part curriculum-lora; then  # the same with LoRA (r 64 on every projection) instead of full fine-tuning: an export of a few MB
+  LORA="--lora-r 64 --lora-alpha 128"; for m in q k v o gate up down; do LORA="$LORA --lora-targets ${m}_proj"; done
+  run $DS rot_train/stage2.py --shards "$W/shards" $TRAIN --epochs "$EPOCHS" --lr 1e-3 $LORA --vision-weight 10 \
+      --curriculum-steps "$CSTEPS" --curriculum-stride 4 --init "$W/stage1-s$SEED/export" --out "$W/curriculum-lora-s$SEED"
+fi
+if part sft; then  # the baselines, same rows and steps, full fine-tuning
   for mode in sft-cot sft-nocot; do
-    run $DS rot_train/sft.py --mode "$mode" --shards "$W/shards" $TRAIN --epochs 1 --lr 3e-4 --full-finetune --out "$W/$mode-s$SEED"
+    run $DS rot_train/sft.py --mode "$mode" --shards "$W/shards" $STAGE2 --out "$W/$mode-s$SEED"
   done
 fi
 if part nostage1; then  # control: Stage II from a random head (a Stage I run with learning rate 0 exports it)
   run $DS rot_train/stage1.py --shards "$W/shards" $TRAIN --max-steps 1 --lr 0 --out "$W/random-head-s$SEED"
-  run $DS rot_train/stage2.py --shards "$W/shards" $TRAIN --epochs 1 --lr 3e-4 --full-finetune \
-      --init "$W/random-head-s$SEED/export" --out "$W/nostage1-s$SEED"
+  run $DS rot_train/stage2.py --shards "$W/shards" $STAGE2 --init "$W/random-head-s$SEED/export" --out "$W/nostage1-s$SEED"
 fi
 if part detached; then  # ablation: Stage II with latents.detach() in the answer pass (the previous trainer)
-  run $DS rot_train/stage2.py --shards "$W/shards" $TRAIN --epochs 1 --lr 3e-4 --full-finetune --latent-gradient detached \
-      --init "$W/stage1-s$SEED/export" --out "$W/detached-s$SEED"
+  run $DS rot_train/stage2.py --shards "$W/shards" $STAGE2 --latent-gradient detached --init "$W/stage1-s$SEED/export" --out "$W/detached-s$SEED"
 fi
 if part tiny; then  # control: the untrained 'tiny' tower's embeddings as targets (an adapter maps 64 -> the LLM's size)
   (cd .. && run python3 -m rot_render.cli build --dataset "$W/train.txt" --encoder tiny --out "$W/shards-tiny")
   run $DS rot_train/stage1.py --shards "$W/shards-tiny" $TRAIN --max-steps "$STEPS1" --lr 1e-3 --out "$W/tiny-stage1-s$SEED"
-  run $DS rot_train/stage2.py --shards "$W/shards-tiny" $TRAIN --epochs 1 --lr 3e-4 --full-finetune \
-      --init "$W/tiny-stage1-s$SEED/export" --out "$W/tiny-s$SEED"
+  run $DS rot_train/stage2.py --shards "$W/shards-tiny" $STAGE2 --init "$W/tiny-stage1-s$SEED/export" --out "$W/tiny-s$SEED"
 fi
 cd ..
 EVAL="--dataset $SET --data-dir $DATA --batch-size 256 ${LIMIT:+--limit $LIMIT}"  # a decode step costs the same at 64 or 256 rows
 if part eval; then  # checkpoints are chosen on valid; the table is on test
-  for run_dir in stage2 sft-cot sft-nocot; do
-    [ -d "$W/$run_dir-s$SEED/export" ] || { log "skip $run_dir-s$SEED: not trained"; continue; }
+  for run_dir in $EVAL_RUNS; do
+    [ -d "$W/$run_dir-s$SEED/export" ] || continue
     for split in valid test; do
-      run python3 -m rot_eval.cli run --checkpoint "$W/$run_dir-s$SEED/export" $EVAL --split "$split" --out "$OUT/$run_dir-s$SEED-$split"
+      run on_gpu python3 -m rot_eval.cli run --checkpoint "$W/$run_dir-s$SEED/export" $EVAL --split "$split" --out "$OUT/$run_dir-s$SEED-$split"
     done
   done
 fi
-for ablation in nostage1 detached tiny; do
-  if part "$ablation"; then
-    run python3 -m rot_eval.cli run --checkpoint "$W/$ablation-s$SEED/export" $EVAL --split test --out "$OUT/$ablation-s$SEED-test"
-  fi
-done
 if part controls; then  # zeros / another question's latents / the true visual embeddings in the latents' place
   for control in zeros shuffled truth; do
-    run python3 -m rot_eval.cli run --checkpoint "$W/stage2-s$SEED/export" $EVAL --split test --control "$control" \
-        --truth-shards "$W/test-shards" --out "$OUT/stage2-s$SEED-test-$control"
+    run on_gpu python3 -m rot_eval.cli run --checkpoint "$W/$CONTROL_RUN-s$SEED/export" $EVAL --split test --control "$control" \
+        --truth-shards "$W/test-shards" --out "$OUT/$CONTROL_RUN-s$SEED-test-$control"
   done
 fi
 if part readback; then  # the latents read back as text by the anchor
-  run python3 -m rot_eval.cli readback --checkpoint "$W/stage2-s$SEED/export" --dataset "$SET" --data-dir "$DATA" --shards "$W/shards" \
-      --reader "$ANCHOR" ${LIMIT:+--limit $LIMIT} --out "$OUT/readback-s$SEED"
+  run on_gpu python3 -m rot_eval.cli readback --checkpoint "$W/$CONTROL_RUN-s$SEED/export" --dataset "$SET" --data-dir "$DATA" \
+      --shards "$W/shards" --reader "$ANCHOR" ${LIMIT:+--limit $LIMIT} --out "$OUT/readback-s$SEED"
 fi
 ls "$OUT"

@@ -114,20 +114,23 @@ def test_no_code_edits_sys_path():
     assert not edits, edits
 
 
-def official_stage2_loss(model, batch, row):
+def official_stage2_loss(model, batch, row, rolled_out=None):
     """The official CoTCompressor forward for one sample: a rollout *with* gradients (the latent fed back as the
-    next input is detached, the KV cache keeps its graph), then the answer pass over the undetached latents."""
+    next input is detached, the KV cache keeps its graph), then the answer pass over the undetached latents.
+    With ``rolled_out`` (the curriculum), only that many latents are rolled out; the true embeddings follow."""
     prefix = batch["prefix_ids"][row][batch["prefix_mask"][row].bool()]
     suffix = batch["suffix_ids"][row][batch["suffix_mask"][row].bool()]
     n = int(batch["n_latents"][row])
+    k = n if rolled_out is None else min(rolled_out, n)
     output = model.decoder(inputs_embeds=model.embed(prefix[None]), use_cache=True)
     latents = []
-    for step in range(n):
+    for step in range(k):
         latent = model.head(output.last_hidden_state[:, -1])
         latents.append(latent)
-        if step < n - 1:
+        if step < k - 1:
             output = model.decoder(inputs_embeds=model.latent_inputs(latent.detach())[:, None],
                                    past_key_values=output.past_key_values, use_cache=True)
+    latents += [batch["targets"][row, i][None] for i in range(k, n)]
     inputs = torch.cat([model.embed(prefix[None]), model.latent_inputs(torch.stack(latents, 1)), model.embed(suffix[None])], 1)
     hidden = model.decoder(inputs_embeds=inputs).last_hidden_state[0]
     start = len(prefix) + n - 1  # the last latent predicts <img_end>
@@ -154,3 +157,39 @@ def test_stage2_gradient_matches_the_official_forward_sample_by_sample(rot_setup
     model.latent_gradient = "official"
     matches = all(torch.allclose(a, b, atol=2e-5, rtol=2e-3) for a, b in zip(batched, official))
     assert matches == (latent_gradient == "official")  # the detached variant misses the path through the latents
+
+
+@pytest.mark.parametrize("rolled_out", [0, 3])
+def test_curriculum_rolls_out_the_first_latents_and_teacher_forces_the_rest(rot_setup, rolled_out):
+    """Stage II's curriculum: the first ``rolled_out`` latents are the model's own (official gradient through them),
+    the rest are the true visual embeddings; loss and gradients equal the sample-by-sample reference."""
+    model, batch = rot_setup
+    model.lm.requires_grad_(True)
+    model.head.requires_grad_(False)
+    parameters = [p for p in model.lm.parameters()]
+    model.zero_grad()
+    batched_loss = model(batch, stage=2, vision_weight=0.0, lm_weight=1.0, rolled_out=rolled_out)["lm"]
+    batched_loss.backward()
+    batched = [p.grad.clone() for p in parameters]
+    model.zero_grad()
+    reference = torch.stack([official_stage2_loss(model, batch, i, rolled_out) for i in range(len(batch["ids"]))]).mean()
+    reference.backward()
+    official = [p.grad.clone() for p in parameters]
+    model.zero_grad()
+    full = model(batch, stage=2, vision_weight=0.0, lm_weight=1.0)["lm"]  # every latent rolled out: another loss
+    model.lm.requires_grad_(False)
+    torch.testing.assert_close(batched_loss, reference, atol=1e-5, rtol=1e-4)
+    assert all(torch.allclose(a, b, atol=2e-5, rtol=2e-3) for a, b in zip(batched, official))
+    assert not torch.allclose(full, batched_loss)
+
+
+def test_curriculum_schedule_and_its_errors():
+    from rot_train.train import TrainConfig
+
+    config = TrainConfig(stage=2, shards="s", backbone="b", out="o", curriculum_steps=10, curriculum_stride=4)
+    assert [config.rolled_out(step) for step in (0, 9, 10, 25, 70)] == [0, 0, 4, 8, 28]
+    assert TrainConfig(stage=2, shards="s", backbone="b", out="o").rolled_out(5) is None  # off: the official forward
+    with pytest.raises(ValueError, match="Stage II option"):
+        TrainConfig(stage=1, shards="s", backbone="b", out="o", curriculum_steps=10)
+    with pytest.raises(ValueError, match="--curriculum-stride 0"):
+        TrainConfig(stage=2, shards="s", backbone="b", out="o", curriculum_steps=10, curriculum_stride=0)

@@ -256,17 +256,27 @@ class RoTModel(nn.Module):
         per_sample = (per_slot * target_mask).sum(1) / target_mask.sum(1).clamp(min=1)
         return (per_sample * batch["weights"]).sum() / batch["weights"].sum().clamp(min=1e-8)
 
-    def forward(self, batch, stage: int, vision_weight: float, lm_weight: float, hidden_roll=None):
-        """Losses of one micro-batch; ``hidden_roll`` lets a caller supply the rollout (the benchmark's official loop)."""
+    def forward(self, batch, stage: int, vision_weight: float, lm_weight: float, hidden_roll=None,
+                rolled_out: int | None = None):
+        """Losses of one micro-batch; ``hidden_roll`` lets a caller supply the rollout (the benchmark's official loop).
+
+        ``rolled_out`` (Stage II's curriculum): only the first ``rolled_out`` latents are the model's own rollout;
+        the later slots hold the true visual embeddings (teacher forcing), as the CoT stays text after Coconut's
+        first latents. None: every latent is rolled out (the official forward)."""
         n_slots = batch["targets"].shape[1]
         if n_slots == 0:  # the SFT baselines: question -> text, no latents
             hidden, mask = self.teacher_forced(batch, batch["targets"].to(self.embed_dtype))
             loss = self.lm_loss(batch, hidden, mask)
             return {"loss": loss, "lm": loss.detach()}
-        if hidden_roll is None:
-            hidden_roll = self.rollout_hidden(batch["prefix_ids"], batch["prefix_mask"], n_slots)
-        latents = self.head(hidden_roll)  # Stage I: grad flows into the head; Stage II: the head is frozen
-        losses = {"latent_norm": latents.detach().float().norm(dim=-1).mean()}
+        n_rolled = n_slots if rolled_out is None else max(0, min(rolled_out, n_slots))
+        if n_rolled < n_slots and stage != 2:
+            raise ValueError("the latent curriculum is a Stage II option: Stage I trains the head on the full rollout")
+        truth = batch["targets"][:, n_rolled:].to(self.embed_dtype)
+        if hidden_roll is None and n_rolled:
+            hidden_roll = self.rollout_hidden(batch["prefix_ids"], batch["prefix_mask"], n_rolled)
+        # Stage I: grad flows into the head; Stage II: the head is frozen
+        latents = self.head(hidden_roll) if n_rolled else truth[:, :0]
+        losses = {"latent_norm": latents.detach().float().norm(dim=-1).mean() if n_rolled else latents.new_zeros(()).float()}
         total = latents.new_zeros((), dtype=torch.float32)
         if stage == 1:
             losses["mse"] = self.vision_loss(batch, latents)
@@ -274,10 +284,11 @@ class RoTModel(nn.Module):
         if lm_weight > 0 or stage == 2:
             if stage == 1:
                 answer_latents = latents
-            elif self.latent_gradient == "official":
-                answer_latents = self.head(self.latent_hidden(batch, latents.detach()))
+            elif self.latent_gradient == "official" and n_rolled:
+                inputs = torch.cat([latents.detach(), truth], 1)  # what the rollout fed back, then the teacher-forced rest
+                answer_latents = torch.cat([self.head(self.latent_hidden(batch, inputs))[:, :n_rolled], truth], 1)
             else:
-                answer_latents = latents.detach()
+                answer_latents = torch.cat([latents.detach(), truth], 1)
             hidden, mask = self.teacher_forced(batch, answer_latents)
             losses["lm"] = self.lm_loss(batch, hidden, mask)
             total = total + lm_weight * losses["lm"]

@@ -45,6 +45,11 @@ class TrainConfig:
     inference_latents: int | None = None  # latent budget recorded for inference; None: the shards' mean per row
     latent_gradient: str = "official"  # Stage II: "official" (answer loss reaches the LLM through the latents) or "detached"
     vision_weight: float | None = None  # None: the stage's official value (STAGE_DEFAULTS)
+    # Stage II's latent curriculum (0: off, the official forward): the first `curriculum_steps` optimizer steps feed
+    # every latent slot the true visual embedding, then every `curriculum_steps` steps `curriculum_stride` more
+    # leading slots become the model's own rollout, until all are
+    curriculum_steps: int = 0
+    curriculum_stride: int = 4
     lm_weight: float = 1.0
     head_width: int = 2048
     lora_r: int = 16
@@ -65,6 +70,15 @@ class TrainConfig:
         for key, value in STAGE_DEFAULTS[self.stage].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.curriculum_steps < 0 or self.curriculum_stride < 1:
+            raise ValueError(f"--curriculum-steps {self.curriculum_steps} / --curriculum-stride {self.curriculum_stride}: "
+                             "use steps >= 0 (0: off) and a stride >= 1")
+        if self.curriculum_steps and (self.stage != 2 or self.mode != "rot"):
+            raise ValueError("--curriculum-steps is a Stage II option (stage2.py): Stage I trains the head on the full rollout")
+
+    def rolled_out(self, step: int) -> int | None:
+        """Leading latents the model rolls out itself at optimizer step ``step`` (None: all of them)."""
+        return self.curriculum_stride * (step // self.curriculum_steps) if self.curriculum_steps else None
 
 
 # The official configuration's per-stage values: Stage I trains the head on MSE x10 + LM loss, Stage II (and
@@ -350,7 +364,8 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
             tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             if engine.zero_optimization_stage() == 3:
                 tensors = _same_latent_slots_on_every_rank(tensors)
-            losses = engine(tensors, stage=cfg.stage, vision_weight=cfg.vision_weight, lm_weight=cfg.lm_weight)
+            losses = engine(tensors, stage=cfg.stage, vision_weight=cfg.vision_weight, lm_weight=cfg.lm_weight,
+                            rolled_out=cfg.rolled_out(step))
             engine.backward(losses["loss"])
             engine.step()
             samples += int(batch["weights"].sum()) * world_size
@@ -361,6 +376,8 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
                 continue
             step += 1
             values = {k: v / cfg.grad_accum for k, v in _mean_over_ranks(sums).items()}
+            if cfg.curriculum_steps:
+                values["rolled_out"] = cfg.rolled_out(step - 1)
             values.update(lr=engine.get_lr()[0], epoch=epoch, embedding_norm=embedding_norm, samples_per_s=samples / (time.perf_counter() - started))
             metrics.write(step, values)
             progress.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "mse", "lm") if k in values})
