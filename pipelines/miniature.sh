@@ -32,7 +32,8 @@ EVAL_RUNS=${EVAL_RUNS:-stage2 vision curriculum curriculum-lora sft-cot sft-noco
 if [ -n "${SMOKE:-}" ]; then STEPS1=2; MB=4; ROWS=16; EPOCHS=1; CSTEPS=1; LIMIT=4; fi
 SET=icot_mult_${N}x${N}
 if [ -n "${GPU:-}" ]; then  # one GPU for this process: runs on other GPUs go on beside it
-  DS="python3 -m deepspeed.launcher.runner --include localhost:$GPU --master_port $((29500 + GPU))"
+  PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')  # two runs may share a GPU
+  DS="python3 -m deepspeed.launcher.runner --include localhost:$GPU --master_port $PORT"
 else
   DS="python3 -m deepspeed.launcher.runner --num_gpus 1"  # the launcher (also where --target installs left no 'deepspeed' script)
 fi
