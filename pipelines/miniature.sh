@@ -2,7 +2,7 @@
 # The miniature reproduction of RoT on N x N multiplication (issue 13): every table row is one command below,
 # through the project's own commands (rot-render, the deepspeed launcher, rot-eval). Run it in parts so each piece
 # fits a 10-minute GPU call; a part reads what the earlier parts left in $W. Parts:
-#   data        generated training rows (held-out questions excluded) -> shards, and the test set's shards
+#   data        generated training rows (held-out questions excluded) -> shards
 #   stage1      RoT Stage I: the head, LLM frozen
 #   stage2      RoT Stage II as the official code trains it (answer loss only, official gradient)
 #   vision      Stage II keeping Stage I's vision loss (MSE x10 on every latent)
@@ -12,7 +12,7 @@
 #   sft         the baselines SFT-CoT and SFT-noCoT (same rows, same steps, full fine-tuning)
 #   nostage1 / tiny / detached   controls: Stage II from a random head, the untrained tower's targets, latents.detach()
 #   eval        rot-eval on valid and test for every run in EVAL_RUNS that exists
-#   controls    zeros / another question's latents / the true embeddings in the latents' place (run CONTROL_RUN)
+#   controls    zeros / another question's latents / the true embeddings (the test set's shards) in the latents' place (run CONTROL_RUN)
 #   readback    the latents of CONTROL_RUN read back as text by the anchor
 #   profile     the trainer's step timed (eager rollout vs CUDA graph)
 #   On the GPU machine (carry .whl for ray/deepspeed):  N=4 SEED=0 PARTS=data,stage1,stage2,eval bash pipelines/miniature.sh
@@ -48,7 +48,6 @@ if part data; then  # training rows; held-out questions are never generated
   run python3 -m rot_render.cli multiplication --n "$N" --count "$ROWS" --seed "$SEED" --out "$W/train.txt" \
       --exclude "$DATA/$SET/valid.txt" --exclude "$DATA/$SET/test_bigbench.txt"
   run python3 -m rot_render.cli build --dataset "$W/train.txt" --encoder "$ANCHOR" --out "$W/shards"
-  run python3 -m rot_render.cli build --dataset "$SET" --split test --data-dir "$DATA" --encoder "$ANCHOR" --out "$W/test-shards"
 fi
 cd packages
 if part stage1; then  # RoT Stage I: head only, LLM frozen (vision MSE x10 + LM loss)
@@ -102,6 +101,8 @@ if part eval; then  # checkpoints are chosen on valid; the table is on test
   done
 fi
 if part controls; then  # zeros / another question's latents / the true visual embeddings in the latents' place
+  [ -f "$W/test-shards/manifest.json" ] || run python3 -m rot_render.cli build --dataset "$SET" --split test --data-dir "$DATA" \
+      --encoder "$ANCHOR" --out "$W/test-shards"
   for control in zeros shuffled truth; do
     run on_gpu python3 -m rot_eval.cli run --checkpoint "$W/$CONTROL_RUN-s$SEED/export" $EVAL --split test --control "$control" \
         --truth-shards "$W/test-shards" --out "$OUT/$CONTROL_RUN-s$SEED-test-$control"
