@@ -30,7 +30,7 @@ from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, text_confi
 from rot_train.batches import RoTCollator, pad, question_ids
 from rot_eval.generate import generate_rot
 from rot_train.model import RoTModel
-from rot_train.tiny import bpe_tokenizer, tiny_vlm_config
+from rot_fixtures.tiny import bpe_tokenizer, tiny_vlm_config
 
 ROOT = Path(__file__).resolve().parents[1]  # the project is installed (pip install -e .) or on PYTHONPATH
 

@@ -4,8 +4,8 @@ ZeRO-3 on 2 GPUs against 1 GPU at the same global batch, with checkpoints moved 
     python benchmarks/multi_gpu.py --size 4b --out multi_gpu.json     # on a 2-GPU machine
     python benchmarks/multi_gpu.py --size tiny                         # the same runs on CPU ranks (gloo)
 
-Everything goes through the user's commands (``rot-render build``, the deepspeed launcher with
-``rot_train/stage1.py`` / ``stage2.py``). The 4b size is the Qwen3-VL-4B configuration with random
+Everything goes through the user's commands (``rot-render build``, ``deepspeed --module rot_train stage1`` /
+``stage2``). The 4b size is the Qwen3-VL-4B configuration with random
 weights (see gpu_bench.py). JSON is rewritten after every part, so a run cut short keeps what it measured.
 """
 
@@ -27,13 +27,12 @@ import torch
 
 from gpu_bench import build_rates, qwen3_vl_4b_config
 from rot_data.records import load_records
-from rot_train.tiny import bpe_tokenizer, save_random_vlm, tiny_vlm_config
+from rot_fixtures.tiny import bpe_tokenizer, save_random_vlm, tiny_vlm_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ROOT / "packages"  # the project is installed (pip install -e .) or on PYTHONPATH (pipelines/device_env.sh)
 
 GPU = torch.cuda.is_available()
-CONFIGS = PACKAGES / "rot_train" / "configs"
 
 
 def environment() -> dict:
@@ -108,12 +107,12 @@ def compare_shards(a: Path, b: Path) -> dict:
 # ---------------------------------------------------------------- training runs
 def launch(stage: int, gpus: int, zero: int, out: Path, common: list[str], work: Path, timeout: int, device: int | None = None,
            extra: list[str] = ()) -> dict:
-    """One `deepspeed rot_train/stage<N>.py` run; ``device`` pins a 1-GPU run to that GPU (two can run side by side)."""
+    """One `deepspeed --module rot_train stage<N>` run; ``device`` pins a 1-GPU run to that GPU (two can run side by side)."""
     micro = {1: 16, 2: 8} if GPU else {1: 4, 2: 2}
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port())]
     launcher += ["--include", f"localhost:{device}"] if GPU and device is not None else ["--num_gpus", str(gpus)]
-    args = launcher + [f"rot_train/stage{stage}.py", *common, "--micro-batch", str(micro[gpus]), "--grad-accum", "2",
-                       "--ds-config", str(CONFIGS / f"zero{zero}.json"), "--out", str(out), *extra]
+    args = launcher + ["--module", "rot_train", f"stage{stage}", *common, "--micro-batch", str(micro[gpus]), "--grad-accum", "2",
+                       "--zero", str(zero), "--out", str(out), *extra]
     result = command(args, work / f"{out.parent.name}-{out.name}.log", timeout)
     result.update(read_run(out))
     return result

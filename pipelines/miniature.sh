@@ -33,9 +33,9 @@ if [ -n "${SMOKE:-}" ]; then STEPS1=2; MB=4; ROWS=16; EPOCHS=1; CSTEPS=1; LIMIT=
 SET=icot_mult_${N}x${N}
 if [ -n "${GPU:-}" ]; then  # one GPU for this process: runs on other GPUs go on beside it
   PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')  # two runs may share a GPU
-  DS="python3 -m deepspeed.launcher.runner --include localhost:$GPU --master_port $PORT"
+  DS="python3 -m deepspeed.launcher.runner --include localhost:$GPU --master_port $PORT --module rot_train"
 else
-  DS="python3 -m deepspeed.launcher.runner --num_gpus 1"  # the launcher (also where --target installs left no 'deepspeed' script)
+  DS="python3 -m deepspeed.launcher.runner --num_gpus 1 --module rot_train"  # the launcher (also where --target installs left no 'deepspeed' script)
 fi
 part() { [[ ",$PARTS," == *",$1,"* ]]; }
 log() { echo "== $*" | tee -a "$OUT/commands.txt"; }
@@ -49,48 +49,46 @@ if part data; then  # training rows; held-out questions are never generated
       --exclude "$DATA/$SET/valid.txt" --exclude "$DATA/$SET/test_bigbench.txt"
   run python3 -m rot_render.cli build --dataset "$W/train.txt" --encoder "$ANCHOR" --out "$W/shards"
 fi
-cd packages
 if part stage1; then  # RoT Stage I: head only, LLM frozen (vision MSE x10 + LM loss)
-  run $DS rot_train/stage1.py --shards "$W/shards" $TRAIN --max-steps "$STEPS1" --lr 1e-3 --out "$W/stage1-s$SEED"
+  run $DS stage1 --shards "$W/shards" $TRAIN --max-steps "$STEPS1" --lr 1e-3 --out "$W/stage1-s$SEED"
 fi
 if part profile; then  # the trainer's step at this size (issue 13.6): eager rollout vs CUDA graph, Stage I and II
-  (cd .. && run on_gpu python3 benchmarks/rot_step_profile.py --shards "$W/shards" --backbone "$ANCHOR" --micro-batch "$MB" \
+  (run on_gpu python3 benchmarks/rot_step_profile.py --shards "$W/shards" --backbone "$ANCHOR" --micro-batch "$MB" \
       --init "$W/stage1-s$SEED/export" > "$OUT/profile-s$SEED.txt" 2>&1) || echo "profile failed: see $OUT/profile-s$SEED.txt"
   grep -E "^(loader|stage)" "$OUT/profile-s$SEED.txt" || true
 fi
 if part stage2; then  # RoT Stage II as the official code trains it: head frozen, answer loss, official gradient
-  run $DS rot_train/stage2.py --shards "$W/shards" $STAGE2 --init "$W/stage1-s$SEED/export" --out "$W/stage2-s$SEED"
+  run $DS stage2 --shards "$W/shards" $STAGE2 --init "$W/stage1-s$SEED/export" --out "$W/stage2-s$SEED"
 fi
 if part vision; then  # Stage II keeping the vision loss on every latent
-  run $DS rot_train/stage2.py --shards "$W/shards" $STAGE2 --vision-weight 10 --init "$W/stage1-s$SEED/export" --out "$W/vision-s$SEED"
+  run $DS stage2 --shards "$W/shards" $STAGE2 --vision-weight 10 --init "$W/stage1-s$SEED/export" --out "$W/vision-s$SEED"
 fi
 if part curriculum; then  # Stage II with the vision loss, latents handed from teacher forcing to the rollout 4 at a time
-  run $DS rot_train/stage2.py --shards "$W/shards" $STAGE2 --vision-weight 10 --curriculum-steps "$CSTEPS" --curriculum-stride 4 \
+  run $DS stage2 --shards "$W/shards" $STAGE2 --vision-weight 10 --curriculum-steps "$CSTEPS" --curriculum-stride 4 \
       --init "$W/stage1-s$SEED/export" --out "$W/curriculum-s$SEED"
 fi
 if part curriculum-lora; then  # the same with LoRA (r 64 on every projection) instead of full fine-tuning: an export of a few MB
   LORA="--lora-r 64 --lora-alpha 128"; for m in q k v o gate up down; do LORA="$LORA --lora-targets ${m}_proj"; done
-  run $DS rot_train/stage2.py --shards "$W/shards" $TRAIN --epochs "$EPOCHS" --lr 1e-3 $LORA --vision-weight 10 \
+  run $DS stage2 --shards "$W/shards" $TRAIN --epochs "$EPOCHS" --lr 1e-3 $LORA --vision-weight 10 \
       --curriculum-steps "$CSTEPS" --curriculum-stride 4 --init "$W/stage1-s$SEED/export" --out "$W/curriculum-lora-s$SEED"
 fi
 if part sft; then  # the baselines, same rows and steps, full fine-tuning
   for mode in sft-cot sft-nocot; do
-    run $DS rot_train/sft.py --mode "$mode" --shards "$W/shards" $STAGE2 --out "$W/$mode-s$SEED"
+    run $DS sft --mode "$mode" --shards "$W/shards" $STAGE2 --out "$W/$mode-s$SEED"
   done
 fi
 if part nostage1; then  # control: Stage II from a random head (a Stage I run with learning rate 0 exports it)
-  run $DS rot_train/stage1.py --shards "$W/shards" $TRAIN --max-steps 1 --lr 0 --out "$W/random-head-s$SEED"
-  run $DS rot_train/stage2.py --shards "$W/shards" $STAGE2 --init "$W/random-head-s$SEED/export" --out "$W/nostage1-s$SEED"
+  run $DS stage1 --shards "$W/shards" $TRAIN --max-steps 1 --lr 0 --out "$W/random-head-s$SEED"
+  run $DS stage2 --shards "$W/shards" $STAGE2 --init "$W/random-head-s$SEED/export" --out "$W/nostage1-s$SEED"
 fi
 if part detached; then  # ablation: Stage II with latents.detach() in the answer pass (the previous trainer)
-  run $DS rot_train/stage2.py --shards "$W/shards" $STAGE2 --latent-gradient detached --init "$W/stage1-s$SEED/export" --out "$W/detached-s$SEED"
+  run $DS stage2 --shards "$W/shards" $STAGE2 --latent-gradient detached --init "$W/stage1-s$SEED/export" --out "$W/detached-s$SEED"
 fi
 if part tiny; then  # control: the untrained 'tiny' tower's embeddings as targets (an adapter maps 64 -> the LLM's size)
-  (cd .. && run python3 -m rot_render.cli build --dataset "$W/train.txt" --encoder tiny --out "$W/shards-tiny")
-  run $DS rot_train/stage1.py --shards "$W/shards-tiny" $TRAIN --max-steps "$STEPS1" --lr 1e-3 --out "$W/tiny-stage1-s$SEED"
-  run $DS rot_train/stage2.py --shards "$W/shards-tiny" $STAGE2 --init "$W/tiny-stage1-s$SEED/export" --out "$W/tiny-s$SEED"
+  run python3 -m rot_render.cli build --dataset "$W/train.txt" --encoder tiny --out "$W/shards-tiny"
+  run $DS stage1 --shards "$W/shards-tiny" $TRAIN --max-steps "$STEPS1" --lr 1e-3 --out "$W/tiny-stage1-s$SEED"
+  run $DS stage2 --shards "$W/shards-tiny" $STAGE2 --init "$W/tiny-stage1-s$SEED/export" --out "$W/tiny-s$SEED"
 fi
-cd ..
 EVAL="--dataset $SET --data-dir $DATA --batch-size 256 ${LIMIT:+--limit $LIMIT}"  # a decode step costs the same at 64 or 256 rows
 if part eval; then  # checkpoints are chosen on valid; the table is on test
   for run_dir in $EVAL_RUNS; do

@@ -37,7 +37,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen3_vl(tmp_path_factory) -> Path:
     """A whole tiny Qwen3-VL model (vision tower + language model, hidden 64) saved as a HF checkpoint."""
-    from rot_train.tiny import save_tiny_vlm
+    from rot_fixtures.tiny import save_tiny_vlm
 
     return save_tiny_vlm(tmp_path_factory.mktemp("tiny-qwen3-vl"), "qwen3_vl", hidden_size=64, seed=0)
 
@@ -45,7 +45,7 @@ def tiny_qwen3_vl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
     """A tiny Qwen2.5-VL (legacy 'visual.' / 'model.layers.' keys), hidden 48: a second backbone size."""
-    from rot_train.tiny import save_tiny_vlm
+    from rot_fixtures.tiny import save_tiny_vlm
 
     return save_tiny_vlm(tmp_path_factory.mktemp("tiny-qwen2_5-vl"), "qwen2_5_vl", hidden_size=48, seed=1)
 

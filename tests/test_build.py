@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rot_render import shards
+from rot_data import shards
 from rot_render.encoder import VisionEncoder
 from rot_render.pipeline import BuildConfig, BuildError, build
 from rot_data.records import load_records
@@ -69,7 +69,8 @@ def test_build_writes_verified_shards_and_resumes_without_rewriting(tmp_path):
     (out / "shard-00001.parquet").write_bytes(b"corrupt")
     result = _cli("inspect", str(out), check=False)
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: {out / 'shard-00001.parquet'} checksum differs from the manifest; re-run the same rot-render build command to remake it"
+    assert result.stderr.strip() == (f"error: {out / 'shard-00001.parquet'} does not match its checksum in {out / 'manifest.json'} (corrupt or changed); "
+                                     "re-run the same rot-render build command to remake it")
 
 
 def test_killed_build_resumes_and_every_id_appears_once(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rot_data.records import load_records
-from rot_render import shards
+from rot_data import shards
 from rot_render.pipeline import BuildConfig, build
 
 pytestmark = pytest.mark.slow  # Ray builds and trainer processes: pytest -m 'not slow' skips them
@@ -162,7 +162,7 @@ TINY = dict(micro_batch=4, grad_accum=2, head_width=32, max_latents=12, warmup_s
 
 
 def _trainer(shards_path, backbone, out, *extra, **options):
-    """`python rot_train/stage1.py ...` as its own process (a one-process group), in its own session."""
+    """`python -m rot_train stage1 ...` as its own process (a one-process group), in its own session."""
     import subprocess
     import sys
 
@@ -170,7 +170,7 @@ def _trainer(shards_path, backbone, out, *extra, **options):
     for key, value in dict(TINY, **options).items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    return subprocess.Popen([sys.executable, "rot_train/stage1.py", *args, *extra], cwd=ROOT / "packages",
+    return subprocess.Popen([sys.executable, "-m", "rot_train", "stage1", *args, *extra],
                             env=dict(env, DS_ACCELERATOR="cpu"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

@@ -87,6 +87,10 @@ def test_eval_run_writes_predictions_summary_and_the_table(exported, shared_data
         assert len(rows) == 6 and all(r["latents"] == 4 and isinstance(r["correct"], bool) for r in rows)
         summary = json.loads((out / "summary.json").read_text())
         assert summary["examples"] == 6 and summary["mean_reasoning_tokens"] == 4.0
+        low, high = summary["accuracy_95ci"]
+        assert low <= summary["accuracy"] <= high and "95% interval" in result.stdout
+        correct_first = sum(r["extracted"].split()[:1] == r["gold"].split()[:1] for r in rows) / 6  # a number per answer
+        assert summary["per_answer_token"] == [correct_first]
         runs.append(out)
     table = subprocess.run(["rot-eval", "table", *map(str, runs)], capture_output=True, text=True, check=True).stdout
     lines = table.strip().splitlines()
@@ -148,3 +152,11 @@ def test_position_scores_place_characters_under_their_token():
     cot = "5 5 5 6 1 + 0 0 6 4 9 0"
     assert position_scores(cot, cot, render, 32, 8) == [(2, 2), (1, 1), (2, 2), (1, 1), (2, 2), (2, 2), (2, 2), (0, 0)]
     assert position_scores(cot, "5 5 5 6 1", render, 32, 8)[:5] == [(2, 2), (1, 1), (2, 2), (0, 1), (0, 2)]
+
+
+def test_wilson_interval_known_values():
+    from rot_eval.evaluate import wilson_interval
+
+    assert wilson_interval(0, 1000) == [0.0, pytest.approx(0.00383, abs=1e-5)]
+    assert wilson_interval(50, 100) == [pytest.approx(0.4038, abs=1e-4), pytest.approx(0.5962, abs=1e-4)]
+    assert wilson_interval(1000, 1000)[1] == 1.0 and wilson_interval(1000, 1000)[0] == pytest.approx(0.99617, abs=1e-5)

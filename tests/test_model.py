@@ -95,9 +95,9 @@ def test_stage1_loss_reaches_only_the_head(rot_setup):
     assert all(p.grad is None for p in model.lm.parameters())
 
 
-def test_rot_train_never_imports_rot_render_or_rot_eval():
+def test_rot_train_never_imports_rot_render_rot_eval_or_the_fixtures():
     code = ("import sys, rot_train.train, rot_train.launch, rot_train.export, rot_train.shard_stream; "
-            "bad = [m for m in sys.modules if m.startswith(('rot_render', 'rot_eval'))]; assert not bad, bad")
+            "bad = [m for m in sys.modules if m.startswith(('rot_render', 'rot_eval', 'rot_fixtures'))]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

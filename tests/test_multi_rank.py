@@ -23,7 +23,7 @@ ONE = ["--micro-batch", "4", "--grad-accum", "2"]
 
 def _stage1(shards, backbone, out, ranks, *extra):
     args = ["--shards", str(shards), "--backbone", str(backbone), "--out", str(out), *ARGS, *(TWO if ranks == 2 else ONE), *extra]
-    return _launch("stage1.py", *args, ranks=ranks)
+    return _launch("stage1", *args, ranks=ranks)
 
 
 def _resume_copy(source: Path, target: Path, tag: str = "step3") -> None:
@@ -91,7 +91,7 @@ def test_zero3_partitions_matches_zero2_exports_whole_weights_and_resumes_on_one
     stage2 = tmp_path / "stage2-zero3"
     args = ["--shards", str(tiny_shards), "--backbone", str(tiny_qwen3_vl), "--out", str(stage2), "--init", str(two / "export"),
             *ARGS, *TWO, "--max-steps", "3", "--ds-config", str(zero3)]  # 3: the warm-up gives the first steps lr 0
-    _launch("stage2.py", *args, ranks=2)
+    _launch("stage2", *args, ranks=2)
     model, _, exported = load_export(stage2 / "export")
     lora = [p for n, p in model.lm.named_parameters() if "lora_B" in n]
     assert exported["weights"] == "lora" and lora and all(p.abs().sum() > 0 for p in lora)  # trained, not empty slices

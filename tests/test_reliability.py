@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rot_data.records import load_records
-from rot_render import shards
+from rot_data import shards
 from rot_render.pipeline import BuildConfig, build
 from rot_train.shard_stream import ShardError, ShardSet
 
@@ -32,9 +32,12 @@ def test_rebuild_reencodes_a_damaged_shard_instead_of_rehashing_it(tiny_shards, 
     damaged = copy / "shard-00001.parquet"
     _flip_byte(damaged)
     # the build's checker and the trainer's reader both refuse it
-    assert shards.verify(copy) == [f"{damaged} checksum differs from the manifest; re-run the same rot-render build command to remake it"]
-    with pytest.raises(ShardError, match="does not match its checksum"):
+    problem = (f"{damaged} does not match its checksum in {copy / 'manifest.json'} (corrupt or changed); "
+               "re-run the same rot-render build command to remake it")
+    assert shards.verify(copy) == [problem]  # inspect and the trainer say the same, from the same function
+    with pytest.raises(ShardError) as error:
         ShardSet.open(copy)
+    assert str(error.value) == problem
     with pytest.raises(ShardError, match=r"shard-00001.parquet cannot be read \(.*\); delete it and re-run"):
         ShardSet.open(copy, verify=False).read_rows(1)  # the pages' CRC catches it even without the manifest
 

@@ -73,7 +73,7 @@ def test_bad_shard_sets_are_refused_with_the_file_and_the_fix(tiny_shards, tmp_p
     broken = tmp_path / "broken"
     shutil.copytree(tiny_shards, broken)
     (broken / "shard-00001.parquet").unlink()
-    with pytest.raises(ShardError, match=r"shard-00001.parquet is missing; re-run rot-render build"):
+    with pytest.raises(ShardError, match=r"shard-00001.parquet is missing; re-run the same rot-render build command"):
         ShardSet.open(broken)
     shutil.copy(tiny_shards / "shard-00000.parquet", broken / "shard-00001.parquet")
     with pytest.raises(ShardError, match=r"shard-00001.parquet does not match its checksum"):

@@ -24,16 +24,22 @@ def _clean_env(**extra):
     return dict(env, DS_ACCELERATOR="cpu", **extra)
 
 
-def _launch(script, *args, ranks=1):
-    """`deepspeed rot_train/<script>` exactly as a user runs it, ``ranks`` processes."""
+def _launch(command, *args, ranks=1, cwd=None):
+    """`deepspeed --module rot_train <command>` exactly as a user runs it, ``ranks`` processes, from a directory
+    outside the project (the README's form); ``command`` ending in .py: `deepspeed rot_train/<command>` from packages/."""
     import socket
+    import tempfile
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = _clean_env()
-    command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), f"rot_train/{script}", *args]
-    result = subprocess.run(command, cwd=ROOT / "packages", env=env, capture_output=True, text=True, timeout=900)
+    launcher = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port)]
+    if command.endswith(".py"):
+        launcher, cwd = launcher + [f"rot_train/{command}"], ROOT / "packages"
+    else:
+        launcher, cwd = launcher + ["--module", "rot_train", command], cwd or tempfile.gettempdir()
+    result = subprocess.run([*launcher, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -52,15 +58,15 @@ def _args(shards, backbone, out, **extra):
 
 def test_deepspeed_stage1_then_stage2_resume_continues_the_same_loss_sequence(tiny_shards, tiny_qwen3_vl, tmp_path):
     stage1 = tmp_path / "stage1"
-    result = _launch("stage1.py", *_args(tiny_shards, tiny_qwen3_vl, stage1, max_steps=4))
+    result = _launch("stage1", *_args(tiny_shards, tiny_qwen3_vl, stage1, max_steps=4))
     assert "stage 1 done: 4 steps" in result.stdout
     assert (stage1 / "export" / "head.safetensors").exists() and (stage1 / "loss.png").exists()
 
     init = ["--init", str(stage1 / "export")]
     whole, first, second = tmp_path / "whole", tmp_path / "part", tmp_path / "part"
-    _launch("stage2.py", *_args(tiny_shards, tiny_qwen3_vl, whole, max_steps=8), *init)
-    _launch("stage2.py", *_args(tiny_shards, tiny_qwen3_vl, first, max_steps=5), *init)  # "interrupted" after step 5
-    _launch("stage2.py", *_args(tiny_shards, tiny_qwen3_vl, second, max_steps=8), *init, "--resume")
+    _launch("stage2", *_args(tiny_shards, tiny_qwen3_vl, whole, max_steps=8), *init)
+    _launch("stage2", *_args(tiny_shards, tiny_qwen3_vl, first, max_steps=5), *init)  # "interrupted" after step 5
+    _launch("stage2.py", *_args(tiny_shards, tiny_qwen3_vl, second, max_steps=8), *init, "--resume")  # the script form
     uninterrupted, resumed = _losses(whole), _losses(second)
     assert len(uninterrupted) == len(resumed) == 8
     assert resumed[:5] == uninterrupted[:5]
@@ -129,8 +135,7 @@ def test_one_shard_set_trains_two_backbones_of_different_sizes(tiny_shards, tiny
 
 def _cli_error(args):
     env = _clean_env()
-    result = subprocess.run([sys.executable, "rot_train/stage1.py", *args], cwd=ROOT / "packages", env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "rot_train", "stage1", *args], env=env, capture_output=True, text=True)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     return result.stderr.strip().splitlines()[-1]
@@ -139,14 +144,14 @@ def _cli_error(args):
 def test_bad_shards_end_with_a_one_line_error(tiny_shards, tiny_qwen3_vl, tmp_path):
     import shutil
 
-    from rot_render import shards as writer
+    from rot_data import shards as writer
 
     common = ["--backbone", str(tiny_qwen3_vl), "--out", str(tmp_path / "run")]
     missing = tmp_path / "missing"
     shutil.copytree(tiny_shards, missing)
     (missing / "shard-00002.parquet").unlink()
     assert _cli_error(["--shards", str(missing), *common]) == \
-        f"error: {missing / 'shard-00002.parquet'} is missing; re-run rot-render build with --out {missing} to remake it"
+        f"error: {missing / 'shard-00002.parquet'} is missing; re-run the same rot-render build command (--out {missing}) to remake it"
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_shards, corrupt)
@@ -180,6 +185,11 @@ def test_bad_shards_end_with_a_one_line_error(tiny_shards, tiny_qwen3_vl, tmp_pa
                        "--head-width", "32"]) == (
         f"error: {head / 'checkpoints'} was trained on shards {fingerprint} (dim 64), {other} are {fingerprint} (dim 32); "
         "resume with the same --shards or start a new --out")
+    # a fresh run into the folder of an earlier one (its losses were appended to the earlier run's metrics.jsonl)
+    assert _cli_error(["--shards", str(tiny_shards), "--backbone", str(tiny_qwen3_vl), "--out", str(head),
+                       "--head-width", "32"]) == (
+        f"error: {head} holds an earlier run (metrics.jsonl / checkpoints): pass --resume to continue it, "
+        "or choose another --out (or delete that folder)")
 
 
 @pytest.mark.parametrize("mode", ["sft-cot", "sft-nocot"])
@@ -220,13 +230,28 @@ def test_command_line_defaults_are_the_dataclass_defaults(stage):
     import typer
     from dataclasses import fields
 
-    from rot_train.launch import app_for
+    from rot_train.launch import app
     from rot_train.train import TrainConfig
 
     config = TrainConfig(stage=stage, shards="s", backbone="b", out="o")
     names = {f.name for f in fields(TrainConfig)} - {"stage", "shards", "backbone", "out"}
-    options = {p.name: p.default for p in typer.main.get_command(app_for(stage)).params if p.name in names}
+    command = typer.main.get_command(app).commands[f"stage{stage}"]
+    options = {p.name: p.default for p in command.params if p.name in names}
     assert set(options) == names
     for name, default in options.items():
         assert (list(default) if isinstance(default, tuple) else default) == getattr(config, name), name
     assert config.vision_weight == (10.0 if stage == 1 else 0.0)
+
+
+def test_zero_stage_is_chosen_by_name_or_file():
+    from rot_train.launch import defaults, zero_config
+    from rot_train.train import CONFIGS
+
+    default = defaults(1)["deepspeed_config"]
+    assert zero_config(None, default) == default == str(CONFIGS / "zero2.json")
+    assert zero_config(3, default) == str(CONFIGS / "zero3.json")
+    assert zero_config(None, "mine.json") == "mine.json"
+    with pytest.raises(ValueError, match="--zero 1: use 2 or 3"):
+        zero_config(1, default)
+    with pytest.raises(ValueError, match="pass one of them"):
+        zero_config(3, "mine.json")

@@ -39,7 +39,9 @@ def run_eval(
         message = str(error).replace(" or pass --on-error skip", "")  # rot-eval has no --on-error: every row is evaluated
         typer.secho(f"error: {message}", fg="red", err=True)
         raise typer.Exit(1)
-    typer.echo(f"{summary['method']} on {dataset} [{split}]: accuracy {100 * summary['accuracy']:.2f}% over "
+    low, high = summary["accuracy_95ci"]
+    typer.echo(f"{summary['method']} on {dataset} [{split}]: accuracy {100 * summary['accuracy']:.2f}% "
+               f"(95% interval {100 * low:.1f}-{100 * high:.1f}%) over "
                f"{summary['examples']} examples, mean #L {summary['mean_reasoning_tokens']:.1f}, "
                f"{summary['seconds_per_sample']:.4f} s/sample ({summary['samples_per_s']:.1f} samples/s, "
                f"batch {batch_size}, {summary['device']}); predictions in {out / 'predictions.jsonl'}")
@@ -64,8 +66,11 @@ def viz(
     out: Path = typer.Option(Path("viz")),
     latents: Optional[int] = typer.Option(None, help="latent budget (default: the one recorded in the export)"),
     shards: Optional[Path] = typer.Option(None, help="a shard set: also list the rendered CoT text nearest to each latent"),
+    reader: Optional[str] = typer.Option(None, help="a VLM that reads the latents back as text ('anchor': the tower's own VLM)"),
+    cot: Optional[str] = typer.Option(None, help="the question's true CoT: the read-back picture marks what matches it"),
 ) -> None:
-    """Save the latent heatmap, the token-similarity matrix and per-token statistics for one question."""
+    """Save the latent heatmap, the token-similarity matrix and per-token statistics for one question (and, with
+    --reader, what the latents read as)."""
     from rot_train.export import DEFAULT_INFERENCE_LATENTS, load_export
     from rot_eval.generate import generate_rot
     from rot_train.shard_stream import ShardSet
@@ -78,7 +83,16 @@ def viz(
     if shards:
         (out / "nearest.md").write_text(nearest_text(result.latents, ShardSet.open(shards)))
         paths.append(out / "nearest.md")
-    typer.echo(f"answer: {result.text!r} after {len(result.latents)} latents\nwrote " + ", ".join(str(p) for p in paths))
+    read_as = ""
+    if reader:
+        from rot_anchor import read
+        from rot_eval.readback import draw_transcript
+
+        vlm, vlm_tokenizer = read.load(reader)
+        (transcript,) = read.transcribe(vlm, vlm_tokenizer, [result.latents], max_new_tokens=max(64, 4 * len(cot or "")))
+        paths.append(draw_transcript(transcript, out / "readback.png", cot, title=f"the latents of '{question[:50]}' read by {reader}"))
+        read_as = f"\nthe latents read as: {' '.join(transcript.split())!r}"
+    typer.echo(f"answer: {result.text!r} after {len(result.latents)} latents{read_as}\nwrote " + ", ".join(str(p) for p in paths))
 
 
 @app.command()

@@ -36,7 +36,7 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
         raise ValueError(f"--control applies to RoT exports; {checkpoint} is an {mode} baseline")
     truth = _truth_embeddings(truth_shards) if control == "truth" else None
     out.mkdir(parents=True, exist_ok=True)
-    correct, reasoning_tokens, seconds = 0, 0, 0.0
+    correct, reasoning_tokens, seconds, by_position = 0, 0, 0.0, []
     with open(out / "predictions.jsonl", "w") as predictions:
         for start in tqdm(range(0, len(records), batch_size), desc=f"eval {dataset}", unit="batch"):
             batch = records[start:start + batch_size]
@@ -53,6 +53,11 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
                 ok = is_correct(result.text, record.answer)
                 n_reasoning = len(result.latents) if mode == "rot" else _cot_tokens(tokenizer, result.text, mode)
                 correct += ok
+                for position, (want, got) in enumerate(_aligned(record.answer, final_segment(result.text))):
+                    if position == len(by_position):
+                        by_position.append([0, 0])
+                    by_position[position][0] += want == got
+                    by_position[position][1] += 1
                 reasoning_tokens += n_reasoning
                 predictions.write(json.dumps({
                     "id": record.id, "question": record.question, "gold": record.answer, "prediction": result.text,
@@ -62,6 +67,9 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
     summary = {
         "checkpoint": str(checkpoint), "method": {"rot": "RoT", "sft-cot": "SFT with CoT", "sft-nocot": "SFT without CoT"}[mode],
         "dataset": dataset, "split": split, "examples": len(records), "accuracy": correct / len(records),
+        "accuracy_95ci": wilson_interval(correct, len(records)),
+        # per answer token (multiplication: digits, least significant first): where a wrong answer goes wrong
+        "per_answer_token": [ok / total for ok, total in by_position],
         "mean_reasoning_tokens": reasoning_tokens / len(records), "seconds_per_sample": seconds / len(records),
         "samples_per_s": len(records) / seconds if seconds else 0.0, "batch_size": batch_size, "device": device,
         "latents": latents if mode == "rot" else None, "dynamic_threshold": dynamic_threshold, "control": control,
@@ -71,6 +79,22 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
 
 
 CONTROLS = (None, "zeros", "shuffled", "truth")
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> list[float]:
+    """The 95% Wilson score interval of an accuracy (sound at 0% and 100%, unlike p +- 1.96 sd)."""
+    if trials == 0:
+        return [0.0, 1.0]
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * ((p * (1 - p) / trials + z * z / (4 * trials * trials)) ** 0.5) / (1 + z * z / trials)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def _aligned(gold: str, predicted: str) -> list[tuple[str, str | None]]:
+    """Gold and predicted answer tokens (split on spaces) side by side; a missing predicted token is None."""
+    got = predicted.split()
+    return [(want, got[i] if i < len(got) else None) for i, want in enumerate(gold.split())]
 
 
 def _truth_embeddings(folder: Path) -> dict[str, torch.Tensor]:

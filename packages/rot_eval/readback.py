@@ -95,3 +95,34 @@ def _plot(summary: dict, png: Path) -> None:
     figure.tight_layout()
     figure.savefig(png, dpi=110)
     plt.close(figure)
+
+
+def draw_transcript(transcript: str, png: Path, truth: str | None = None, title: str = "") -> Path:
+    """The latents' transcript as a picture: with the true CoT above it, the transcript's characters that match
+    the truth (aligned as in the scores) are green and the others red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    transcript = " ".join(transcript.split())
+    rows = [("read back", transcript, None)]
+    if truth is not None:
+        truth = " ".join(truth.split())
+        matched = [False] * len(transcript)
+        for block in difflib.SequenceMatcher(None, truth, transcript, autojunk=False).get_matching_blocks():
+            matched[block.b:block.b + block.size] = [True] * block.size
+        rows = [("true CoT", truth, None), ("read back", transcript, matched)]
+    width = max(len(text) for _, text, _ in rows)
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.11 * width + 1.5), 0.5 * len(rows) + 0.6))
+    axis.set(xlim=(-12, width), ylim=(-0.5, len(rows) - 0.5), title=title)
+    axis.axis("off")
+    for y, (label, text, matched) in enumerate(reversed(rows)):
+        axis.text(-1, y, label, ha="right", va="center", fontsize=9)
+        for x, char in enumerate(text):
+            colour = "black" if matched is None else ("tab:green" if matched[x] else "tab:red")
+            axis.text(x, y, char, ha="center", va="center", family="monospace", fontsize=9, color=colour)
+    figure.tight_layout()
+    figure.savefig(png, dpi=110)
+    plt.close(figure)
+    return png

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 import rot_anchor
-from rot_render import shards
+from rot_data import shards
 from rot_data.records import RecordError
 from rot_render.render import RenderSettings
 

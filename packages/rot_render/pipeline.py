@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 import rot_anchor
 from rot_data.checksums import file_sha256
-from rot_render import shards
+from rot_data import shards
 from rot_render.encoder import PACKED, VisionEncoder, read_encoder_source
 from rot_data.records import bad_row, load_records
 from rot_render.render import RenderSettings, check_font, drawing_problem, line_text, render_fitted
@@ -217,8 +217,8 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
     encode_seconds, steady_rate, written = 0.0, 0.0, {}
     if todo:
         encode_started = time.perf_counter()
-        steady_rate, written = _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpus, todo, plan,
-                                        build_fingerprint, encoder_info["dim"], progress)
+        steady_rate, written = _encode_and_write(ray, BuildPlan(config, render, token_px, expected_sha256, build_fingerprint,
+                                                                encoder_info["dim"], plan, todo, num_encoders, n_gpus), progress)
         encode_seconds = time.perf_counter() - encode_started
 
     summaries = [written[i] if i in written else kept[i] for i in range(n_shards)]
@@ -272,20 +272,38 @@ def _drawable(records: list, render: RenderSettings, on_error: str, skipped: lis
     return kept
 
 
-def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpus, todo, plan, build_fingerprint, dim,
-             progress):
+@dataclass
+class BuildPlan:
+    """What the Ray job encodes and where it goes, worked out before any encoding starts."""
+
+    config: BuildConfig
+    render: RenderSettings  # resolved to the encoder's token size
+    token_px: int
+    expected_sha256: str  # the encoder weights every actor must load
+    fingerprint: str  # of the build's settings: every shard records it
+    dim: int  # embedding size
+    shard_rows: list  # shard i holds these records, in this order
+    todo: list[dict]  # the rows of the shards not kept from before, with their shard and position
+    num_encoders: int
+    n_gpus: int
+
+
+def _encode_and_write(ray, plan: BuildPlan, progress: bool) -> tuple[float, dict]:
+    """Render (CPU tasks) and encode (GPU actors) the plan's rows; each shard is written by a Ray task as soon as its
+    last row arrives. Returns the steady encoding rate and each written shard's summary."""
     from tqdm import tqdm
 
-    batch_size = min(config.batch_size, max(1, math.ceil(len(todo) / num_encoders)))
+    config, render, token_px, todo = plan.config, plan.render, plan.token_px, plan.todo
+    batch_size = min(config.batch_size, max(1, math.ceil(len(todo) / plan.num_encoders)))
     dataset = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / 32)))
     dataset = dataset.map_batches(render_batch, fn_kwargs={"settings": render, "token_px": token_px},
                                   batch_format="pyarrow", batch_size=min(32, batch_size))  # small: many CPU tasks in parallel
     dataset = dataset.map_batches(
         EncodeBatch,
-        fn_constructor_kwargs={"encoder": config.encoder, "expected_sha256": expected_sha256, "dtype": config.dtype,
+        fn_constructor_kwargs={"encoder": config.encoder, "expected_sha256": plan.expected_sha256, "dtype": config.dtype,
                                "height": render.height, "attn_implementation": config.attn_implementation},
-        batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_encoders),
-        num_gpus=1 if n_gpus else 0, num_cpus=0 if n_gpus else 1,
+        batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=plan.num_encoders),
+        num_gpus=1 if plan.n_gpus else 0, num_cpus=0 if plan.n_gpus else 1,
     )
     # shard files are written by Ray tasks on this node, so compressing and hashing them overlaps with encoding
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -294,7 +312,7 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
     write_shard = ray.remote(num_cpus=1, scheduling_strategy=here, max_retries=WRITE_RETRIES)(write_shard_from_blocks)
     pending: dict[int, list] = {}  # shard -> object refs of the encoded blocks holding its rows
     writes: dict[int, object] = {}
-    arrived = np.zeros(len(plan), dtype=np.int64)
+    arrived = np.zeros(len(plan.shard_rows), dtype=np.int64)
     arrivals = []  # (seconds, rows so far) per encoded batch
     try:
         with tqdm(total=len(todo), unit="row", desc="render+encode", disable=not progress) as bar:
@@ -305,9 +323,9 @@ def _run_ray(ray, config, render, token_px, expected_sha256, num_encoders, n_gpu
                 for index, count in zip(indices.tolist(), counts.tolist()):
                     pending.setdefault(index, []).append(block)
                     arrived[index] += count
-                    if arrived[index] == len(plan[index]):  # complete: off to a writer task
-                        writes[index] = write_shard.remote(config.out / shards.shard_name(index), index, build_fingerprint,
-                                                           dim, config.dtype, *pending.pop(index))
+                    if arrived[index] == len(plan.shard_rows[index]):  # complete: off to a writer task
+                        writes[index] = write_shard.remote(config.out / shards.shard_name(index), index, plan.fingerprint,
+                                                           plan.dim, config.dtype, *pending.pop(index))
                 bar.update(batch.num_rows)
                 arrivals.append((time.perf_counter(), batch.num_rows + (arrivals[-1][1] if arrivals else 0)))
         written = dict(zip(writes, ray.get(list(writes.values()))))

@@ -1,16 +1,33 @@
-"""Command line of ``stage1.py`` and ``stage2.py`` (the same options; the stage sets the defaults)."""
+"""The ``rot-train`` command: ``stage1``, ``stage2`` and ``sft`` (the baselines), one set of options.
+
+Run it under the DeepSpeed launcher from any directory: ``deepspeed --module rot_train stage2 --shards ...``
+(``python -m rot_train stage2 ...`` runs one process without the launcher). ``deepspeed rot_train/stage2.py ...``
+from ``packages/`` runs the same command.
+"""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import MISSING, fields
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 
 import rot_anchor
 
 from rot_train.shard_stream import ShardError
-from rot_train.train import STAGE_DEFAULTS, TrainConfig, run
+from rot_train.train import CONFIGS, STAGE_DEFAULTS, TrainConfig, run
+
+HELP = {"stage1": "RoT Stage I: train the projection head, LLM frozen.",
+        "stage2": "RoT Stage II: LoRA on the LLM (or --full-finetune), head frozen.",
+        "sft": "SFT baselines (question -> CoT -> answer, or question -> answer) with the Stage II settings."}
+app = typer.Typer(add_completion=False)
+
+
+@app.callback(help="Train RoT from shards (rot-render build) under the DeepSpeed launcher, from any directory: "
+              "deepspeed --module rot_train stage2 --shards ... (python -m rot_train ... runs one process).")
+def launcher_options(local_rank: int = typer.Option(0, "--local_rank", "--local-rank", hidden=True)) -> None:
+    """``deepspeed --module`` passes ``--local_rank=N`` before the subcommand; the rank is read from LOCAL_RANK."""
 
 
 def defaults(stage: int) -> dict:
@@ -19,22 +36,29 @@ def defaults(stage: int) -> dict:
     return {**values, **STAGE_DEFAULTS[stage]}
 
 
-def app_for(stage: int, mode: str = "rot") -> typer.Typer:
-    app = typer.Typer(add_completion=False)
+def zero_config(zero: int | None, deepspeed_config: str) -> str:
+    """The DeepSpeed config file: ``--zero 2|3`` names one of rot_train/configs, ``--ds-config`` any file."""
+    if zero is None:
+        return deepspeed_config
+    if zero not in (2, 3):
+        raise ValueError(f"--zero {zero}: use 2 or 3 (rot_train/configs/zero2.json, zero3.json), or --ds-config <file>")
+    if deepspeed_config != defaults(1)["deepspeed_config"]:
+        raise ValueError("--zero and --ds-config both name a DeepSpeed config: pass one of them")
+    return str(CONFIGS / f"zero{zero}.json")
+
+
+def train_command(stage: int, mode: str = "rot") -> Callable:
+    """The command's function for one stage (its options' defaults are that stage's)."""
     d = defaults(stage)
 
-    title = {1: "RoT Stage I: train the projection head, LLM frozen", 2: "RoT Stage II: LoRA on the LLM, head frozen"}[stage]
-    if mode != "rot":
-        title = "SFT baselines (question -> CoT -> answer, or question -> answer) with the Stage II settings"
-
-    @app.command(help=title + ".")
     def main(
         shards: str = typer.Option(..., help="shard folder written by rot-render build"),
         backbone: str = typer.Option(rot_anchor.NAME, help="'anchor' (the shipped pretrained VLM), or a hub id or folder: a Qwen-VL checkpoint (language model only is loaded) or any causal LM"),
         out: str = typer.Option(..., help="run folder: checkpoints/, export/, metrics.jsonl, tensorboard/, loss.png"),
         init: Optional[str] = typer.Option(None, help="Stage II: the Stage I export folder (<stage1 --out>/export)"),
         mode: str = typer.Option(mode, help="rot, or the baselines sft-cot / sft-nocot (LoRA, same settings, no latents)"),
-        deepspeed_config: str = typer.Option(d["deepspeed_config"], "--deepspeed-config", "--ds-config", help="zero2.json (default) or zero3.json in rot_train/configs, or your own"),
+        zero: Optional[int] = typer.Option(None, help="ZeRO stage 2 or 3: the DeepSpeed configs in rot_train/configs (default: 2)"),
+        deepspeed_config: str = typer.Option(d["deepspeed_config"], "--deepspeed-config", "--ds-config", help="a DeepSpeed config file of your own (instead of --zero)"),
         micro_batch: int = typer.Option(d["micro_batch"], help="samples per GPU per micro step"),
         grad_accum: int = typer.Option(d["grad_accum"], help="micro steps per optimizer step (global batch = micro x accum x GPUs)"),
         epochs: int = typer.Option(d["epochs"]),
@@ -64,6 +88,11 @@ def app_for(stage: int, mode: str = "rot") -> typer.Typer:
         log_ids: bool = typer.Option(d["log_ids"], help="write the ids each rank consumed to ids-rank<N>.jsonl"),
         local_rank: int = typer.Option(0, "--local_rank", "--local-rank", hidden=True, help="set by the deepspeed launcher"),
     ) -> None:
+        try:
+            deepspeed_config = zero_config(zero, deepspeed_config)
+        except ValueError as error:
+            typer.secho(f"error: {error}", fg="red", err=True)
+            raise typer.Exit(1)
         config = TrainConfig(stage=stage, shards=shards, backbone=backbone, out=out, init=init, mode=mode, deepspeed_config=deepspeed_config,
                              micro_batch=micro_batch, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr,
                              warmup_steps=warmup_steps, max_latents=max_latents, inference_latents=inference_latents,
@@ -79,4 +108,14 @@ def app_for(stage: int, mode: str = "rot") -> typer.Typer:
             typer.secho(f"error: {error}", fg="red", err=True)
             raise typer.Exit(1)
 
-    return app
+    return main
+
+
+app.command("stage1", help=HELP["stage1"])(train_command(1))
+app.command("stage2", help=HELP["stage2"])(train_command(2))
+app.command("sft", help=HELP["sft"])(train_command(2, mode="sft-cot"))
+
+
+def run_script(command: str) -> None:
+    """``rot_train/<command>.py``: the same command, for ``deepspeed rot_train/stage2.py ...`` from packages/."""
+    app(args=[command, *sys.argv[1:]], prog_name=f"rot_train/{command}.py")

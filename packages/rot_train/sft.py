@@ -1,6 +1,6 @@
-"""SFT baselines with the Stage II trainer and configs: ``deepspeed rot_train/sft.py --mode sft-cot|sft-nocot --shards S --backbone B --out runs/sft-cot``."""
+"""The SFT baselines (--mode sft-cot|sft-nocot): ``deepspeed rot_train/sft.py ...`` from packages/, the same as ``deepspeed --module rot_train sft ...``."""
 
-from rot_train.launch import app_for
+from rot_train.launch import run_script
 
 if __name__ == "__main__":
-    app_for(stage=2, mode="sft-cot")()
+    run_script("sft")

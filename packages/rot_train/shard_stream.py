@@ -1,4 +1,4 @@
-"""Read the shards of docs/shard-format.md for training (no import of rot_render: the format is the contract).
+"""Read the shards of docs/shard-format.md for training, through the format's own module (rot_data.shards).
 
 The order of an epoch is a pure function of (seed, epoch): shards in a seeded random order, rows
 passed through a seeded shuffle buffer. Every rank computes the same order from the manifest alone,
@@ -10,7 +10,6 @@ number of steps; those copies add nothing to the loss.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -21,8 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from rot_data.checksums import file_sha256
-from rot_data.shard_format import FORMAT, STORED_DTYPES
+from rot_data.shards import FORMAT, MANIFEST, STORED_DTYPES, ManifestError, read_manifest, rebuild_advice, shard_problems
 
 
 class ShardError(RuntimeError):
@@ -65,34 +63,31 @@ class ShardSet:
 
     @classmethod
     def open(cls, folder: Path | str, verify: bool = True) -> "ShardSet":
+        """The shard set in ``folder``, its manifest checked and (``verify``) every shard's SHA-256 compared with the
+        manifest's, by the same functions as ``rot-render inspect``."""
         folder = Path(folder)
-        manifest_path = folder / "manifest.json"
+        manifest_path = folder / MANIFEST
         if not folder.is_dir():
             raise ShardError(f"{folder} does not exist; build it first: rot-render build --dataset ... --out {folder}")
-        if not manifest_path.exists():
-            raise ShardError(f"{manifest_path} is missing: the build did not finish; re-run the same rot-render build command (it resumes)")
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as error:
-            raise ShardError(f"{manifest_path} is not valid JSON ({error.msg}); re-run rot-render build to rewrite it") from None
+            manifest = read_manifest(folder)
+        except ManifestError as error:
+            raise ShardError(rebuild_advice(error, folder)) from None
+        if manifest is None:
+            raise ShardError(f"{manifest_path} is missing: the build did not finish; re-run the same rot-render build command (it resumes)")
         if manifest.get("format") != FORMAT:
             raise ShardError(f"{manifest_path} has format {manifest.get('format')!r}, this trainer reads {FORMAT!r}; rebuild the shards with this version of rot-render")
         if not manifest.get("shards") or not manifest.get("rows"):
             raise ShardError(f"{manifest_path} lists no rows: the shard set is empty; rebuild it from a dataset with rows")
-        shard_set = cls(folder, manifest)
-        if verify:
-            for shard in manifest["shards"]:
-                path = folder / shard["name"]
-                if not path.exists():
-                    raise ShardError(f"{path} is missing; re-run rot-render build with --out {folder} to remake it")
-                if file_sha256(path) != shard["sha256"]:
-                    raise ShardError(f"{path} does not match its checksum in {manifest_path} (corrupt or changed); delete it and re-run rot-render build to remake it")
-        return shard_set
+        problems = shard_problems(folder, manifest) if verify else []
+        if problems:
+            raise ShardError(problems[0])
+        return cls(folder, manifest)
 
     def check_dim(self, expected_dim: int, where: str) -> None:
         """Refuse shards whose embedding size differs from what a trained head expects."""
         if self.dim != expected_dim:
-            raise ShardError(f"{self.folder / 'manifest.json'} has embedding dim {self.dim} but {where} was trained on dim "
+            raise ShardError(f"{self.folder / MANIFEST} has embedding dim {self.dim} but {where} was trained on dim "
                              f"{expected_dim}; use the shard set that {where} was trained on, or start again from Stage I")
 
     def read_rows(self, index: int, with_embeddings: bool = True) -> list[dict]:

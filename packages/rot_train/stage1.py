@@ -1,6 +1,6 @@
-"""Stage I (visual alignment): ``deepspeed rot_train/stage1.py --shards S --backbone B --out runs/stage1``."""
+"""Stage I (visual alignment): ``deepspeed rot_train/stage1.py ...`` from packages/, the same as ``deepspeed --module rot_train stage1 ...``."""
 
-from rot_train.launch import app_for
+from rot_train.launch import run_script
 
 if __name__ == "__main__":
-    app_for(stage=1)()
+    run_script("stage1")

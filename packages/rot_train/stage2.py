@@ -1,6 +1,6 @@
-"""Stage II (latent SFT): ``deepspeed rot_train/stage2.py --shards S --backbone B --init runs/stage1/export --out runs/stage2``."""
+"""Stage II (latent SFT): ``deepspeed rot_train/stage2.py ...`` from packages/, the same as ``deepspeed --module rot_train stage2 ...``."""
 
-from rot_train.launch import app_for
+from rot_train.launch import run_script
 
 if __name__ == "__main__":
-    app_for(stage=2)()
+    run_script("stage2")

@@ -282,92 +282,131 @@ def _same_latent_slots_on_every_rank(batch: dict) -> dict:
     return batch
 
 
+class Checkpoints:
+    """Saves the engine's state with the stream position in ``<out>/checkpoints`` and points ``latest`` at it."""
+
+    def __init__(self, engine, model, cfg: TrainConfig, shard_set: ShardSet, token_ids: dict, rank: int):
+        self.engine, self.model, self.cfg, self.shard_set, self.rank = engine, model, cfg, shard_set, rank
+        self.token_ids, self.folder = list(token_ids.values()), Path(cfg.out) / "checkpoints"
+
+    def save(self, step: int, epoch: int, next_batch: int) -> None:
+        state = {"step": step, "epoch": epoch, "next_batch": next_batch, "shards_fingerprint": self.shard_set.fingerprint,
+                 "shards_dim": self.shard_set.dim, "token_rows": token_rows(self.model.lm, self.token_ids),
+                 "torch_rng": torch.get_rng_state(),
+                 "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}  # lets ds_to_universal convert it
+        # DeepSpeed would write `latest` on rank 0 before the other ranks finish their files, and in place: a kill
+        # then could leave it naming a half-written checkpoint, or empty. It is written here once every rank is done.
+        self.engine.save_checkpoint(str(self.folder), tag=f"step{step}", client_state=state, exclude_frozen_parameters=True,
+                                    save_latest=False)  # ends with a barrier: every rank's files are written
+        if self.rank == 0:
+            _commit_checkpoint(self.folder, f"step{step}", self.cfg.keep_checkpoints)
+        torch.distributed.barrier()
+
+    def resume(self, tag: str) -> tuple[int, int, int]:
+        """Load checkpoint ``tag``; returns (step, epoch, next micro-batch)."""
+        _, state = self.engine.load_checkpoint(str(self.folder), tag=tag, load_module_strict=False)
+        _optimizer_state_beside_weights(self.engine.optimizer)
+        set_token_rows(self.model.lm, self.token_ids, state["token_rows"])
+        torch.set_rng_state(state["torch_rng"])
+        return state["step"], state["epoch"], state["next_batch"]
+
+
+def check_out_folder(cfg: TrainConfig) -> Path:
+    """A fresh run never writes into an earlier run's folder (its losses would be appended to that run's log)."""
+    if cfg.keep_checkpoints < 0:
+        raise ValueError(f"--keep-checkpoints {cfg.keep_checkpoints} must be 0 (keep every checkpoint) or more")
+    out = Path(cfg.out)
+    if not cfg.resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints" / "latest").exists()):
+        raise ValueError(f"{out} holds an earlier run (metrics.jsonl / checkpoints): pass --resume to continue it, "
+                         "or choose another --out (or delete that folder)")
+    return out
+
+
+def make_stream(cfg: TrainConfig, shard_set: ShardSet, tokenizer, token_ids: dict, rank: int, world_size: int) -> ShardStream:
+    """The micro-batches of this rank: RoT rows (question, targets, answer) or the baselines' text rows."""
+    if cfg.mode == "rot":
+        collate = RoTCollator(tokenizer, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.max_latents)
+    else:
+        collate = SFTCollator(tokenizer, with_cot=cfg.mode == "sft-cot", latent_dim=shard_set.dim)
+    return ShardStream(shard_set, collate, cfg.micro_batch, rank, world_size, cfg.seed, cfg.shuffle_buffer)
+
+
+def micro_batches(stream: ShardStream, cfg: TrainConfig, epoch: int, start_batch: int):
+    """One epoch's micro-batches from ``start_batch`` on, read by ``--num-workers`` loader processes."""
+    stream.set_position(epoch, start_batch)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
+                                       prefetch_factor=4 if cfg.num_workers else None,
+                                       generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG (dropout) alone
+
+
+def train_micro_step(engine, batch: dict, cfg: TrainConfig, step: int, device) -> dict:
+    """Forward, backward and (every ``grad_accum`` micro-steps, inside DeepSpeed) the optimizer step."""
+    tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if engine.zero_optimization_stage() == 3:
+        tensors = _same_latent_slots_on_every_rank(tensors)
+    losses = engine(tensors, stage=cfg.stage, vision_weight=cfg.vision_weight, lm_weight=cfg.lm_weight,
+                    rolled_out=cfg.rolled_out(step))
+    engine.backward(losses["loss"])
+    engine.step()
+    return losses
+
+
 def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
+    """Set up (shards, model, engine) -> resume -> epochs of micro-batches -> final checkpoint -> export."""
     import deepspeed
     from tqdm import tqdm
 
-    if cfg.keep_checkpoints < 0:
-        raise ValueError(f"--keep-checkpoints {cfg.keep_checkpoints} must be 0 (keep every checkpoint) or more")
+    # 1. set up: process group, shards, the model with this stage's trainable parameters, the batch stream
+    out = check_out_folder(cfg)
     rank, world_size, device = init_distributed()
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     shard_set = ShardSet.open(cfg.shards)
     ds_file = json.loads(Path(cfg.deepspeed_config).read_text())
     dtype = torch.bfloat16 if ds_file.get("bf16", {}).get("enabled") else torch.float32
     model, tokenizer, token_ids = build_model(cfg, device, dtype, shard_set)
-    if cfg.mode == "rot":
-        collate = RoTCollator(tokenizer, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.max_latents)
-    else:
-        collate = SFTCollator(tokenizer, with_cot=cfg.mode == "sft-cot", latent_dim=shard_set.dim)
-    stream = ShardStream(shard_set, collate, cfg.micro_batch, rank, world_size, cfg.seed, cfg.shuffle_buffer)
-    steps_per_epoch = stream.batches_per_epoch // cfg.grad_accum
-    total_steps = steps_per_epoch * cfg.epochs  # the LR schedule's length; --max-steps only stops early
-    stop_step = min(cfg.max_steps or total_steps, total_steps)
+    stream = make_stream(cfg, shard_set, tokenizer, token_ids, rank, world_size)
+    total_steps = stream.batches_per_epoch // cfg.grad_accum * cfg.epochs  # the LR schedule's length
+    stop_step = min(cfg.max_steps or total_steps, total_steps)  # --max-steps only stops early
     if total_steps < 1:
         raise ValueError(f"{shard_set.rows} rows give no optimizer step with micro batch {cfg.micro_batch} x accumulation "
                          f"{cfg.grad_accum} x {world_size} ranks; lower --micro-batch or --grad-accum")
-    # pitfall of latent methods: latents whose norm is far from the token embeddings' destabilise training
-    embedding_norm = float(model.lm.get_input_embeddings().weight.float().norm(dim=-1).mean())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    checkpoints = out / "checkpoints"
+
+    # 2. the DeepSpeed engine (and the checkpoint to resume from, checked against these shards first)
     ds_config = deepspeed_config(cfg, world_size, total_steps, device)
-    resume_tag = (_resume_tag(checkpoints, world_size, rank, ds_config, shard_set)
-                  if cfg.resume and (checkpoints / "latest").exists() else None)
+    latest = out / "checkpoints" / "latest"
+    resume_tag = _resume_tag(latest.parent, world_size, rank, ds_config, shard_set) if cfg.resume and latest.exists() else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     # a CUDA graph reads weights where they lie; ZeRO-3 gathers them into new buffers at every call
     model.use_cuda_graphs = device.type == "cuda" and engine.zero_optimization_stage() < 3
+    checkpoints = Checkpoints(engine, model, cfg, shard_set, token_ids, rank)
+    step, epoch, next_batch = checkpoints.resume(resume_tag) if resume_tag else (0, 0, 0)
+
+    # 3. what the run records: run.json, per-step metrics, optionally the ids each rank consumed
+    # pitfall of latent methods: latents whose norm is far from the token embeddings' destabilise training
+    embedding_norm = float(model.lm.get_input_embeddings().weight.float().norm(dim=-1).mean())
     run_info = {"config": asdict(cfg), "world_size": world_size,
                 "global_batch": cfg.micro_batch * cfg.grad_accum * world_size, "shards_fingerprint": shard_set.fingerprint,
                 "trainable_parameters": sum(p.numel() for p in trainable), "total_steps": total_steps, "device": str(device),
                 "embedding_row_norm": embedding_norm}
-    step, epoch, start_batch = 0, 0, 0
-    if resume_tag:
-        _, state = engine.load_checkpoint(str(checkpoints), tag=resume_tag, load_module_strict=False)
-        _optimizer_state_beside_weights(engine.optimizer)
-        step, epoch, start_batch = state["step"], state["epoch"], state["next_batch"]
-        set_token_rows(model.lm, list(token_ids.values()), state["token_rows"])
-        torch.set_rng_state(state["torch_rng"])
     if rank == 0:
         (out / "run.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
     metrics = MetricsLog(out, rank == 0)
     ids_log = open(out / f"ids-rank{rank}.jsonl", "a") if cfg.log_ids else None
     progress = tqdm(total=stop_step, initial=step, desc=cfg.mode if cfg.mode != "rot" else f"stage {cfg.stage}", disable=rank != 0, unit="step")
 
-    def save():
-        state = {"step": step, "epoch": epoch, "next_batch": next_batch, "shards_fingerprint": shard_set.fingerprint,
-                 "shards_dim": shard_set.dim,
-                 "token_rows": token_rows(model.lm, list(token_ids.values())), "torch_rng": torch.get_rng_state(),
-                 "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}  # lets ds_to_universal convert it
-        # DeepSpeed would write `latest` on rank 0 before the other ranks finish their files, and in place: a kill
-        # then could leave it naming a half-written checkpoint, or empty. It is written here once every rank is done.
-        engine.save_checkpoint(str(checkpoints), tag=f"step{step}", client_state=state, exclude_frozen_parameters=True,
-                               save_latest=False)  # ends with a barrier: every rank's files are written
-        if rank == 0:
-            _commit_checkpoint(checkpoints, f"step{step}", cfg.keep_checkpoints)
-        torch.distributed.barrier()
-
+    # 4. the loop: micro-steps accumulate into optimizer steps; each optimizer step is logged (and checkpointed)
     engine.train()
     started, samples, sums, micro_steps = time.perf_counter(), 0, {}, 0
-    next_batch = start_batch
     while step < stop_step and epoch < cfg.epochs:
-        stream.set_position(epoch, start_batch)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
-                                             prefetch_factor=4 if cfg.num_workers else None,
-                                             generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG (dropout) alone
-        for batch in loader:
+        for batch in micro_batches(stream, cfg, epoch, next_batch):
             next_batch = batch["batch_index"] + 1
             if ids_log:
                 ids_log.write(json.dumps({"epoch": epoch, "batch": batch["batch_index"],
                                           "ids": [i for i, w in zip(batch["ids"], batch["weights"].tolist()) if w > 0]}) + "\n")
-            tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            if engine.zero_optimization_stage() == 3:
-                tensors = _same_latent_slots_on_every_rank(tensors)
-            losses = engine(tensors, stage=cfg.stage, vision_weight=cfg.vision_weight, lm_weight=cfg.lm_weight,
-                            rolled_out=cfg.rolled_out(step))
-            engine.backward(losses["loss"])
-            engine.step()
+            losses = train_micro_step(engine, batch, cfg, step, device)
             samples += int(batch["weights"].sum()) * world_size
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().double()
@@ -378,26 +417,27 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
             values = {k: v / cfg.grad_accum for k, v in _mean_over_ranks(sums).items()}
             if cfg.curriculum_steps:
                 values["rolled_out"] = cfg.rolled_out(step - 1)
-            values.update(lr=engine.get_lr()[0], epoch=epoch, embedding_norm=embedding_norm, samples_per_s=samples / (time.perf_counter() - started))
+            values.update(lr=engine.get_lr()[0], epoch=epoch, embedding_norm=embedding_norm,
+                          samples_per_s=samples / (time.perf_counter() - started))
             metrics.write(step, values)
             progress.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "mse", "lm") if k in values})
             progress.update()
             sums = {}
             if cfg.save_every and step % cfg.save_every == 0:
-                save()
+                checkpoints.save(step, epoch, next_batch)
             if step >= stop_step:
                 break
-        else:
-            epoch, start_batch, next_batch = epoch + 1, 0, 0
-            continue
-        break
+        if step < stop_step:  # the epoch ran out: the next one starts at its first micro-batch
+            epoch, next_batch = epoch + 1, 0
     progress.close()
     elapsed = time.perf_counter() - started
-    save()
+
+    # 5. the end: a last checkpoint, the export (a collective under ZeRO-3), the summary and the loss picture
+    checkpoints.save(step, epoch, next_batch)
     summary = {"steps": step, "samples": samples, "seconds": elapsed, "samples_per_s": samples / max(elapsed, 1e-9),
                "global_batch": run_info["global_batch"],
                "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
-    exporting.export(model, tokenizer, out / "export", cfg, shard_set, token_ids, write=rank == 0)  # collective under ZeRO-3
+    exporting.export(model, tokenizer, out / "export", cfg, shard_set, token_ids, write=rank == 0)
     if rank == 0:
         exporting.plot_losses(out / "metrics.jsonl", out / "loss.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

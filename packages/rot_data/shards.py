@@ -1,4 +1,6 @@
-"""Write the shard format of docs/shard-format.md: Parquet files plus a manifest written last.
+"""The shard format of docs/shard-format.md, the one contract between the build (rot_render, the writer) and the
+trainer (rot_train, the reader): schema, names, fingerprint, manifest, checks. Parquet files plus a manifest
+written last.
 
 Every shard carries the build fingerprint in its Parquet metadata, so a re-run can tell a shard it
 may keep (same settings) from one made with other settings. Files are written under a temporary
@@ -21,8 +23,9 @@ import pyarrow.parquet as pq
 import torch
 
 from rot_data.checksums import file_sha256
-from rot_data.shard_format import FORMAT, STORED_DTYPES
 
+FORMAT = "rot-visual-embeddings/1"
+STORED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MANIFEST = "manifest.json"
 
 
@@ -143,18 +146,29 @@ def read_manifest(out: Path) -> dict | None:
 
 
 def verify(out: Path) -> list[str]:
-    """Problems with a finished shard set (empty list = every shard present and its checksum right)."""
+    """Problems with a finished shard set (empty list = every shard present and its checksum right); what
+    ``rot-render inspect`` prints and the trainer refuses to start on."""
     try:
         manifest = read_manifest(out)
     except ManifestError as error:
-        return [f"{error}; re-run the rot-render build command with --overwrite to rebuild {out}"]
+        return [rebuild_advice(error, out)]
     if manifest is None:
         return [f"{out / MANIFEST} is missing: the build did not finish; re-run the same rot-render build command to resume"]
+    return shard_problems(out, manifest)
+
+
+def rebuild_advice(error: ManifestError, out: Path) -> str:
+    return f"{error}; re-run the rot-render build command with --overwrite to rebuild {out}"
+
+
+def shard_problems(out: Path, manifest: dict) -> list[str]:
+    """Each listed shard that is missing or whose SHA-256 differs from the one the manifest recorded."""
     problems = []
     for shard in manifest["shards"]:
         path = out / shard["name"]
         if not path.exists():
-            problems.append(f"{path} is missing; re-run the build to remake it")
+            problems.append(f"{path} is missing; re-run the same rot-render build command (--out {out}) to remake it")
         elif file_sha256(path) != shard["sha256"]:
-            problems.append(f"{path} checksum differs from the manifest; re-run the same rot-render build command to remake it")
+            problems.append(f"{path} does not match its checksum in {out / MANIFEST} (corrupt or changed); "
+                            "re-run the same rot-render build command to remake it")
     return problems
