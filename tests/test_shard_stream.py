@@ -124,3 +124,14 @@ def test_a_shard_damaged_after_opening_stops_a_worker_with_one_line(tiny_shards,
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"{broken / 'shard-00000.parquet'} cannot be read (")
     assert message.endswith("); delete it and re-run rot-render build to remake it")
+
+
+def test_embedding_codec_round_trips_bit_exact_and_refuses_a_wrong_size():
+    from rot_data.shards import decode_embedding, embedding_bytes
+
+    embedding = torch.randn(5, 12)
+    for dtype, stored in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        data = embedding_bytes(embedding, dtype)
+        assert torch.equal(decode_embedding(data, 5, 12, dtype), embedding.to(stored).float())
+    with pytest.raises(ValueError, match=r"40 embedding bytes, not 120 \(5 tokens x dim 12, bf16\)"):
+        decode_embedding(b"\0" * 40, 5, 12, "bf16")

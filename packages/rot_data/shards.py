@@ -42,6 +42,16 @@ SCHEMA = pa.schema([
 ])
 
 
+THOUGHT_TAGS = ("<|begin_of_thought|>  ", "  <|end_of_thought|>")  # the official code's optional wrapping
+
+
+def drawn_text(cot: str, thought_tags: bool) -> str:
+    """The exact string a shard's line shows for a CoT (one line; the build's ``render.thought_tags``): the renderer
+    draws it and visualisation places characters on visual tokens with it, so the two always agree."""
+    text = " ".join(cot.split())
+    return f"{THOUGHT_TAGS[0]}{text}{THOUGHT_TAGS[1]}" if thought_tags else text
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
@@ -49,6 +59,14 @@ def shard_name(index: int) -> str:
 def embedding_bytes(embedding: torch.Tensor, dtype: str) -> bytes:
     """[n_tokens, d] -> little-endian row-major bytes of the stored dtype (bf16 kept bit-exact)."""
     return embedding_column(embedding, [len(embedding)], dtype)[0].as_py()
+
+
+def decode_embedding(data: bytes, n_tokens: int, dim: int, dtype: str) -> torch.Tensor:
+    """The inverse of ``embedding_bytes``: stored bytes -> [n_tokens, dim] float32; ValueError if the size is off."""
+    stored = STORED_DTYPES[dtype]
+    if len(data) != n_tokens * dim * stored.itemsize:
+        raise ValueError(f"{len(data)} embedding bytes, not {n_tokens * dim * stored.itemsize} ({n_tokens} tokens x dim {dim}, {dtype})")
+    return torch.frombuffer(bytearray(data), dtype=stored).view(n_tokens, dim).float()
 
 
 def embedding_column(packed: torch.Tensor, tokens_per_row: list[int], dtype: str) -> pa.Array:

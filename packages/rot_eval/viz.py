@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from rot_data.shards import drawn_text
+
 
 def _pyplot():
     import matplotlib
@@ -67,9 +69,7 @@ def token_of_characters(text: str, render: dict, token_px: int) -> tuple[str, li
 
     font_path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / render.get("font_file", "DejaVuSans.ttf")
     font = ImageFont.truetype(str(font_path), render["font_size"], layout_engine=ImageFont.Layout.BASIC)
-    line = " ".join(text.split())
-    if render.get("thought_tags"):
-        line = f"<|begin_of_thought|>  {line}  <|end_of_thought|>"
+    line = drawn_text(text, bool(render.get("thought_tags")))
     centres = [render["padding"] + font.getlength(line[:i]) + font.getlength(line[i]) / 2 for i in range(len(line))]
     return line, [int(x // token_px) for x in centres]
 

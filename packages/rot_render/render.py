@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from rot_data.shards import drawn_text
+
 
 def default_font_path() -> str:
     import matplotlib
@@ -67,11 +69,8 @@ def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
 
 
 def line_text(cot: str, settings: RenderSettings) -> str:
-    """The exact string drawn for a CoT: one line, optional thought tags."""
-    text = " ".join(cot.split())
-    if settings.thought_tags:
-        text = f"<|begin_of_thought|>  {text}  <|end_of_thought|>"
-    return text
+    """The exact string drawn for a CoT: one line, optional thought tags (the shard format's ``drawn_text``)."""
+    return drawn_text(cot, settings.thought_tags)
 
 
 def fit_line(cot: str, settings: RenderSettings, token_px: int) -> tuple[str, bool]:

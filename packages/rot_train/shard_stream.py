@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from rot_data.shards import FORMAT, MANIFEST, STORED_DTYPES, ManifestError, read_manifest, rebuild_advice, shard_problems
+from rot_data.shards import (FORMAT, MANIFEST, STORED_DTYPES, ManifestError, decode_embedding, read_manifest, rebuild_advice,
+                             shard_problems)
 
 
 class ShardError(RuntimeError):
@@ -104,12 +105,10 @@ class ShardSet:
 
     def embedding(self, row: dict) -> torch.Tensor:
         """The stored [n_tokens, dim] matrix of a row, as float32."""
-        expected = row["n_tokens"] * self.dim * self.dtype.itemsize
-        if len(row["embedding"]) != expected:
-            raise ShardError(f"row {row['id']} of {self.folder} has {len(row['embedding'])} embedding bytes, not {expected} "
-                             f"({row['n_tokens']} tokens x dim {self.dim}); rebuild the shard set with rot-render build --overwrite")
-        flat = torch.frombuffer(bytearray(row["embedding"]), dtype=self.dtype)
-        return flat.view(row["n_tokens"], self.dim).float()
+        try:
+            return decode_embedding(row["embedding"], row["n_tokens"], self.dim, self.manifest["embedding"]["dtype"])
+        except ValueError as error:
+            raise ShardError(f"row {row['id']} of {self.folder} has {error}; rebuild the shard set with rot-render build --overwrite") from None
 
 
 def epoch_order(shard_rows: list[int], seed: int, epoch: int, shuffle_buffer: int) -> list[tuple[int, int]]:
