@@ -160,3 +160,18 @@ def test_wilson_interval_known_values():
     assert wilson_interval(0, 1000) == [0.0, pytest.approx(0.00383, abs=1e-5)]
     assert wilson_interval(50, 100) == [pytest.approx(0.4038, abs=1e-4), pytest.approx(0.5962, abs=1e-4)]
     assert wilson_interval(1000, 1000)[1] == 1.0 and wilson_interval(1000, 1000)[0] == pytest.approx(0.99617, abs=1e-5)
+
+
+def test_eval_command_line_defaults_are_the_function_defaults():
+    """`rot-eval run` with no option evaluates as evaluate() does from the API (one source of defaults)."""
+    import inspect
+
+    import typer
+
+    from rot_eval.cli import app
+    from rot_eval.evaluate import evaluate
+
+    options = {p.name: p.default for p in typer.main.get_command(app).commands["run"].params}
+    signature = {name: p.default for name, p in inspect.signature(evaluate).parameters.items()
+                 if p.default is not inspect.Parameter.empty and name != "device"}
+    assert {name: options[name] for name in signature} == signature

@@ -95,3 +95,21 @@ def test_a_missing_or_broken_font_is_named(tmp_path):
     (tmp_path / "bad.ttf").write_bytes(b"not a font")
     with pytest.raises(ValueError, match=r"bad.ttf cannot be read as a font \(.*\); give a .ttf/.otf file"):
         check_font(str(tmp_path / "bad.ttf"))
+
+
+def test_build_command_line_defaults_are_the_dataclass_defaults():
+    """One source of defaults: `rot-render build` with no option builds what BuildConfig() and RenderSettings() say."""
+    from dataclasses import fields
+
+    import typer
+
+    from rot_render.cli import app
+    from rot_render.pipeline import BuildConfig
+
+    options = {p.name: p.default for p in typer.main.get_command(app).commands["build"].params}
+    config = {f.name: f.default for f in fields(BuildConfig) if f.name not in ("dataset", "out", "render", "attn_implementation")}
+    render = {"height": "height", "font_size": "font_size", "padding": "padding", "font": "font_path",
+              "thought_tags": "thought_tags", "max_tokens": "max_tokens"}
+    assert set(options) == set(config) | set(render) | {"dataset", "out"}
+    assert {name: options[name] for name in config} == config
+    assert {name: options[name] for name in render} == {name: getattr(RenderSettings(), field) for name, field in render.items()}
