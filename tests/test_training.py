@@ -73,6 +73,12 @@ def test_deepspeed_stage1_then_stage2_resume_continues_the_same_loss_sequence(ti
     torch.testing.assert_close(torch.tensor(resumed[5:]), torch.tensor(uninterrupted[5:]), rtol=1e-6, atol=0)
     assert len(set(uninterrupted)) > 1  # the losses move, so equality means something
 
+    # the API with the same options trains exactly as the command line (one source of defaults: Stage II's vision
+    # weight was once 10 from the API and 0 from the command line)
+    run(TrainConfig(stage=2, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(tmp_path / "api"),
+                    init=str(stage1 / "export"), lr=1e-3, max_steps=8, **TINY))
+    assert _losses(tmp_path / "api") == uninterrupted
+
     # export -> load round trip: the LoRA adapter, head and new tokens come back
     model, tokenizer, config = load_export(whole / "export")
     assert config["stage"] == 2 and config["weights"] == "lora"
