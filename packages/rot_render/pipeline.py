@@ -102,6 +102,12 @@ class EncodeBatch:
 def _start_ray(address: str | None):
     import ray
 
+    # Ray's lines that say nothing to a user of this job: the local cluster's token note, "progress bars disabled" beside
+    # our own bar, "execution finished" (levels set on those modules' loggers: Ray's own logging setup keeps them)
+    for name, level in (("ray._private.authentication.authentication_token_setup", logging.ERROR),
+                        ("ray.data._internal.progress", logging.ERROR),
+                        ("ray.data._internal.execution.streaming_executor", logging.WARNING)):
+        logging.getLogger(name).setLevel(level)
     if not ray.is_initialized():
         # a task the memory monitor kills is retried a few times, not forever (Ray's default): a build on an
         # exhausted node fails with Ray's out-of-memory message instead of waiting (a set value is kept)
