@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from rot_train.batches import pad, pad_token_id, question_ids
+from rot_train.export import DEFAULT_INFERENCE_LATENTS
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Generation:
 
 
 @torch.no_grad()
-def generate_rot(model, tokenizer, questions: list[str], latents: int = 32, dynamic_threshold: float | None = None,
+def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_INFERENCE_LATENTS, dynamic_threshold: float | None = None,
                  max_answer_tokens: int = 32, use_cache: bool = True, stop_at_eos: bool = True,
                  given_latents: torch.Tensor | None = None) -> list[Generation]:
     """``given_latents`` [B, n, latent_dim]: feed these instead of the model's own (the controls: zeros, another
