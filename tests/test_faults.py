@@ -227,3 +227,26 @@ def test_keep_checkpoints_rotates_old_ones_and_zero_keeps_all(tiny_shards, tiny_
     assert names(tmp_path / "run") == (["step4", "step5"], "step5")
     with pytest.raises(ValueError, match="--keep-checkpoints -1 must be 0"):
         run(TrainConfig(**common, max_steps=5, keep_checkpoints=-1))
+
+
+def test_encoder_actors_that_keep_dying_end_the_build_in_one_line_and_resume(reference, tmp_path):
+    """Restarts are bounded (issue 14.6): actors killed again and again end the build with a message instead of being
+    restarted forever (a build on an exhausted node); the same command then resumes to the same shards."""
+    import ray
+
+    from rot_render.pipeline import ENCODER_RESTARTS, STARTS, BuildError
+
+    out = tmp_path / "shards"
+    killer = _Killer(times=50, ready=ray.is_initialized, deadline=240)
+    killer.start()
+    with pytest.raises(BuildError) as error:
+        build(_config(out), progress=False)
+    killer.stop.set()
+    killer.join()
+    assert len(killer.killed) == ENCODER_RESTARTS + 1  # the first start and its restarts; the next start refuses
+    assert str(error.value) == (
+        f"the encoder actors died {ENCODER_RESTARTS + 1} times in this build (memory? the GPU? see Ray's lines above); "
+        f"the finished shards in {out} are kept: fix the cause, then re-run the same command to resume")
+    assert not (out / STARTS).exists()
+    build(_config(out), progress=False)
+    _same_shards(out, reference)

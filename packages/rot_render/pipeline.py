@@ -34,7 +34,13 @@ from rot_render.render import RenderSettings, check_font, drawing_problem, line_
 
 STATS = "build-stats.txt"
 OOM_RETRIES = 3  # retries of a task killed by Ray's memory monitor (Ray's default: unbounded)
+ENCODER_RESTARTS = 3  # encoder actors may die and be restarted by Ray this often in one build, not forever
+STARTS = ".encoder-starts"  # one line per encoder actor start, in the output folder (the actors count themselves)
 WRITE_RETRIES = 2  # a shard writer task whose worker died is run again (the write is atomic: a rename at the end)
+
+
+class EncoderDied(RuntimeError):
+    """Raised by an encoder actor started once more than the build's budget of restarts allows."""
 
 
 class BuildError(RuntimeError):
@@ -79,9 +85,16 @@ def write_shard_from_blocks(path: Path, shard_index: int, build_fingerprint: str
 class EncodeBatch:
     """Ray actor: holds the frozen tower on its GPU (or the CPU) and encodes a batch in one packed call."""
 
-    def __init__(self, encoder: str, expected_sha256: str, dtype: str, height: int, attn_implementation: str):
+    def __init__(self, encoder: str, expected_sha256: str, dtype: str, height: int, attn_implementation: str,
+                 starts_file: str, max_starts: int):
         import torch
 
+        # Ray restarts a dead actor forever (a finite max_restarts stalled 2-actor builds on 2 CPUs), so the actors
+        # count their own starts: past the budget the constructor fails, which Ray does not retry, and the build ends
+        with open(starts_file, "a") as starts:
+            starts.write(f"{os.getpid()}\n")
+        if len(Path(starts_file).read_text().splitlines()) > max_starts:
+            raise EncoderDied(f"encoder actors started {max_starts + 1} times")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.encoder = VisionEncoder.from_pretrained(encoder, device=device, attn_implementation=attn_implementation)
         if self.encoder.source.weights_sha256 != expected_sha256:
@@ -307,7 +320,8 @@ def _encode_and_write(ray, plan: BuildPlan, progress: bool) -> tuple[float, dict
     dataset = dataset.map_batches(
         EncodeBatch,
         fn_constructor_kwargs={"encoder": config.encoder, "expected_sha256": plan.expected_sha256, "dtype": config.dtype,
-                               "height": render.height, "attn_implementation": config.attn_implementation},
+                               "height": render.height, "attn_implementation": config.attn_implementation,
+                               "starts_file": str(config.out / STARTS), "max_starts": plan.num_encoders + ENCODER_RESTARTS},
         batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=plan.num_encoders),
         num_gpus=1 if plan.n_gpus else 0, num_cpus=0 if plan.n_gpus else 1,
     )
@@ -335,11 +349,18 @@ def _encode_and_write(ray, plan: BuildPlan, progress: bool) -> tuple[float, dict
                 bar.update(batch.num_rows)
                 arrivals.append((time.perf_counter(), batch.num_rows + (arrivals[-1][1] if arrivals else 0)))
         written = dict(zip(writes, ray.get(list(writes.values()))))
-    except ray.exceptions.RayTaskError as error:  # a writer task's error
+    except Exception as error:  # a writer task's error, or the encoder actors' restart budget spent
         _settle(ray, writes)
-        if isinstance(error.cause, OSError) and error.cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, OSError) \
+                and error.cause.errno in (errno.ENOSPC, errno.EDQUOT):
             raise _disk_error(error.cause, config.out) from None
+        if "EncoderDied" in f"{type(error).__name__} {error}":
+            raise BuildError(f"the encoder actors died {ENCODER_RESTARTS + 1} times in this build (memory? the GPU? see Ray's "
+                             f"lines above); the finished shards in {config.out} are kept: fix the cause, then re-run the "
+                             "same command to resume") from None
         raise
+    finally:
+        (config.out / STARTS).unlink(missing_ok=True)
     for leftover in config.out.glob(".shard-*.tmp-*"):  # of a writer task killed mid-write and run again
         leftover.unlink(missing_ok=True)
     arrivals.append((time.perf_counter(), arrivals[-1][1] if arrivals else 0))  # the last shard written
