@@ -193,3 +193,18 @@ def test_curriculum_schedule_and_its_errors():
         TrainConfig(stage=1, shards="s", backbone="b", out="o", curriculum_steps=10)
     with pytest.raises(ValueError, match="--curriculum-stride 0"):
         TrainConfig(stage=2, shards="s", backbone="b", out="o", curriculum_steps=10, curriculum_stride=0)
+
+
+def test_a_missing_backbone_folder_says_not_found_and_exports_store_resolved_paths(tmp_path, monkeypatch):
+    """Issue 14.5: a path that is not a folder is not sent to the hub (whose 'Repo id must be ...' misled), and an
+    export records a local backbone as an absolute path, so evaluating from another directory finds it."""
+    from rot_train.backbone import checkpoint_dir
+    from rot_train.export import portable_name
+
+    for name in ("./nope", "runs/a/b", "/no/such/folder"):
+        with pytest.raises(FileNotFoundError, match=f"--backbone {name}: not found \\(no such folder\\)"):
+            checkpoint_dir(name)
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert portable_name("ckpt") == str(tmp_path / "ckpt") and portable_name("./ckpt") == str(tmp_path / "ckpt")
+    assert portable_name("Qwen/Qwen3-VL-4B-Instruct") == "Qwen/Qwen3-VL-4B-Instruct" and portable_name("anchor") == "anchor"
