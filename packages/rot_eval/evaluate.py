@@ -50,10 +50,10 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
                 results, elapsed = timed(generate_text, model, tokenizer, questions, max_new_tokens=max_cot_tokens)
             seconds += elapsed
             for record, result in zip(batch, results):
-                ok = is_correct(result.text, record.answer)
+                ok, extracted = is_correct(result.text, record.answer), final_segment(result.text)
                 n_reasoning = len(result.latents) if mode == "rot" else _cot_tokens(tokenizer, result.text, mode)
                 correct += ok
-                for position, (want, got) in enumerate(_aligned(record.answer, final_segment(result.text))):
+                for position, (want, got) in enumerate(_aligned(record.answer, extracted)):
                     if position == len(by_position):
                         by_position.append([0, 0])
                     by_position[position][0] += want == got
@@ -61,7 +61,7 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
                 reasoning_tokens += n_reasoning
                 predictions.write(json.dumps({
                     "id": record.id, "question": record.question, "gold": record.answer, "prediction": result.text,
-                    "extracted": final_segment(result.text), "correct": ok,
+                    "extracted": extracted, "correct": ok,
                     ("latents" if mode == "rot" else "cot_tokens"): n_reasoning, "seconds": elapsed / len(batch),
                 }) + "\n")
     summary = {

@@ -24,12 +24,18 @@ from rot_train.shard_stream import ShardSet
 from rot_eval.viz import token_of_characters
 
 
+def aligned_matches(truth: str, transcript: str) -> tuple[list[bool], list[bool]]:
+    """For each character of ``truth`` and of ``transcript``: is it part of a matching block of the two (difflib)?"""
+    in_truth, in_transcript = [False] * len(truth), [False] * len(transcript)
+    for block in difflib.SequenceMatcher(None, truth, transcript, autojunk=False).get_matching_blocks():
+        in_truth[block.a:block.a + block.size] = [True] * block.size
+        in_transcript[block.b:block.b + block.size] = [True] * block.size
+    return in_truth, in_transcript
+
+
 def matched_characters(truth: str, transcript: str) -> list[bool]:
     """For each character of ``truth``: is it reproduced in ``transcript`` (aligned matching blocks)?"""
-    matched = [False] * len(truth)
-    for block in difflib.SequenceMatcher(None, truth, transcript, autojunk=False).get_matching_blocks():
-        matched[block.a:block.a + block.size] = [True] * block.size
-    return matched
+    return aligned_matches(truth, transcript)[0]
 
 
 def position_scores(cot: str, transcript: str, render: dict, token_px: int, n_positions: int) -> list[tuple[int, int]]:
@@ -109,9 +115,7 @@ def draw_transcript(transcript: str, png: Path, truth: str | None = None, title:
     rows = [("read back", transcript, None)]
     if truth is not None:
         truth = " ".join(truth.split())
-        matched = [False] * len(transcript)
-        for block in difflib.SequenceMatcher(None, truth, transcript, autojunk=False).get_matching_blocks():
-            matched[block.b:block.b + block.size] = [True] * block.size
+        matched = aligned_matches(truth, transcript)[1]
         rows = [("true CoT", truth, None), ("read back", transcript, matched)]
     width = max(len(text) for _, text, _ in rows)
     figure, axis = plt.subplots(figsize=(max(6.0, 0.11 * width + 1.5), 0.5 * len(rows) + 0.6))
