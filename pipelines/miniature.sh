@@ -9,6 +9,10 @@
 #   curriculum  Stage II with the vision loss and a curriculum: the latents start as the true visual embeddings
 #               (teacher forcing) and are handed to the model's own rollout 4 at a time every CSTEPS steps
 #   curriculum-lora  the same with LoRA on every projection (r 64): the export that ships
+#   reader      the curriculum plus the reader loss: a frozen copy of the anchor reads the predicted latents, and its
+#               cross-entropy on the drawn CoT (weight RW) rewards latents that read as the right characters
+#   reader-tf   the reader loss with the latents teacher-forced throughout (the model never trains on its own rollout)
+#   reader-lora the reader run with LoRA (r 64 on every projection)
 #   sft         the baselines SFT-CoT and SFT-noCoT (same rows, same steps, full fine-tuning)
 #   nostage1 / tiny / detached   controls: Stage II from a random head, the untrained tower's targets, latents.detach()
 #   eval        rot-eval on valid and test for every run in EVAL_RUNS that exists
@@ -20,15 +24,17 @@
 #   On this CPU, at smoke scale:  SMOKE=1 ANCHOR=<a micro anchor folder> bash pipelines/miniature.sh
 # Knobs: N (digits), SEED, ANCHOR (encoder and backbone: 'anchor' = the shipped one), DATA (shared data), W (work dir),
 # ROWS (generated training rows), EPOCHS (Stage II / SFT epochs over them), STEPS1 (Stage I steps), CSTEPS (optimizer
-# steps per curriculum stage), MB (micro-batch), LIMIT (eval rows), GPU (pin this process's parts to one GPU).
+# steps per curriculum stage), VW / RW (vision / reader loss weights of the reader runs), MB (micro-batch), LIMIT (eval
+# rows), GPU (pin this process's parts to one GPU).
 set -euo pipefail
 [ -f pipelines/device_env.sh ] && [ -z "${SMOKE:-}" ] && source pipelines/device_env.sh
 export PYTHONPATH=$PWD/packages${PYTHONPATH:+:$PYTHONPATH}
 N=${N:-4}; SEED=${SEED:-0}; ANCHOR=${ANCHOR:-anchor}; DATA=$(realpath "${DATA:-../shared/data}")
 W=$(realpath -m "${W:-/tmp/miniature-${N}x${N}}"); OUT=${OUT:-$W/out}; mkdir -p "$W" "$OUT"
 STEPS1=${STEPS1:-300}; MB=${MB:-256}; ROWS=${ROWS:-102400}; EPOCHS=${EPOCHS:-3}; CSTEPS=${CSTEPS:-100}; LIMIT=${LIMIT:-}
+VW=${VW:-10}; RW=${RW:-1}
 PARTS=${PARTS:-data,stage1,stage2,sft,eval,controls,readback}
-EVAL_RUNS=${EVAL_RUNS:-stage2 vision curriculum curriculum-lora sft-cot sft-nocot nostage1 detached tiny}; CONTROL_RUN=${CONTROL_RUN:-stage2}
+EVAL_RUNS=${EVAL_RUNS:-stage2 vision curriculum curriculum-lora reader reader-tf reader-lora sft-cot sft-nocot nostage1 detached tiny}; CONTROL_RUN=${CONTROL_RUN:-stage2}
 if [ -n "${SMOKE:-}" ]; then STEPS1=2; MB=4; ROWS=16; EPOCHS=1; CSTEPS=1; LIMIT=4; fi
 SET=icot_mult_${N}x${N}
 if [ -n "${GPU:-}" ]; then  # one GPU for this process: runs on other GPUs go on beside it
@@ -72,6 +78,18 @@ if part curriculum-lora; then  # the same with LoRA (r 64 on every projection) i
   run $DS stage2 --shards "$W/shards" $TRAIN --epochs "$EPOCHS" --lr 1e-3 $LORA --vision-weight 10 \
       --curriculum-steps "$CSTEPS" --curriculum-stride 4 --init "$W/stage1-s$SEED/export" --out "$W/curriculum-lora-s$SEED"
 fi
+READER="--vision-weight $VW --reader-weight $RW --init $W/stage1-s$SEED/export"
+if part reader; then  # the curriculum with the reader loss
+  run $DS stage2 --shards "$W/shards" $STAGE2 $READER --curriculum-steps "$CSTEPS" --curriculum-stride 4 --out "$W/reader-s$SEED"
+fi
+if part reader-tf; then  # the reader loss, every latent slot teacher-forced with the true embedding in every step
+  run $DS stage2 --shards "$W/shards" $STAGE2 $READER --curriculum-steps 1000000 --out "$W/reader-tf-s$SEED"
+fi
+if part reader-lora; then  # the reader run with LoRA (r 64 on every projection): an export of a few MB
+  LORA="--lora-r 64 --lora-alpha 128"; for m in q k v o gate up down; do LORA="$LORA --lora-targets ${m}_proj"; done
+  run $DS stage2 --shards "$W/shards" $TRAIN --epochs "$EPOCHS" --lr 1e-3 $LORA $READER --curriculum-steps "$CSTEPS" \
+      --curriculum-stride 4 --out "$W/reader-lora-s$SEED"
+fi
 if part sft; then  # the baselines, same rows and steps, full fine-tuning
   for mode in sft-cot sft-nocot; do
     run $DS sft --mode "$mode" --shards "$W/shards" $STAGE2 --out "$W/$mode-s$SEED"
@@ -108,6 +126,6 @@ if part controls; then  # zeros / another question's latents / the true visual e
 fi
 if part readback; then  # the latents read back as text by the anchor
   run on_gpu python3 -m rot_eval.cli readback --checkpoint "$W/$CONTROL_RUN-s$SEED/export" --dataset "$SET" --data-dir "$DATA" \
-      --shards "$W/shards" --reader "$ANCHOR" ${LIMIT:+--limit $LIMIT} --out "$OUT/readback-s$SEED"
+      --shards "$W/shards" --reader "$ANCHOR" ${LIMIT:+--limit $LIMIT} --out "$OUT/$CONTROL_RUN-s$SEED-readback"
 fi
 ls "$OUT"

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -208,3 +209,50 @@ def test_a_missing_backbone_folder_says_not_found_and_exports_store_resolved_pat
     monkeypatch.chdir(tmp_path)
     assert portable_name("ckpt") == str(tmp_path / "ckpt") and portable_name("./ckpt") == str(tmp_path / "ckpt")
     assert portable_name("Qwen/Qwen3-VL-4B-Instruct") == "Qwen/Qwen3-VL-4B-Instruct" and portable_name("anchor") == "anchor"
+
+
+@pytest.fixture(scope="module")
+def reader_setup(micro_anchor, tiny_shards):
+    """The micro anchor as backbone and as frozen reader (hidden 64 = the tiny shards' dim), a batch with a short row."""
+    from rot_train.batches import ReadingTurn
+
+    torch.manual_seed(0)
+    lm, tokenizer = load_backbone(str(micro_anchor), dtype=torch.float32)
+    ids = add_latent_tokens(lm, tokenizer)
+    model = RoTModel(lm, 64, ids[IMG_BEGIN], ids[IMG_END], head_width=32).eval()
+    model.reader = load_backbone(str(micro_anchor), dtype=torch.float32)[0].requires_grad_(False).eval()
+    collate = RoTCollator(tokenizer, ids[IMG_BEGIN], ids[IMG_END], reading=ReadingTurn(tokenizer, thought_tags=False))
+    batch = next(iter(ShardStream(ShardSet.open(tiny_shards), collate, micro_batch=4, shuffle_buffer=1)))
+    batch["n_latents"][1] -= 3  # a row with fewer latents: its last slots are holes
+    batch["target_mask"][1, int(batch["n_latents"][1]):] = 0
+    rows = pq.read_table(sorted(tiny_shards.glob("*.parquet")), columns=["id", "cot"]).to_pylist()
+    return model, tokenizer, batch, {r["id"]: r["cot"] for r in rows}
+
+
+def test_reader_loss_is_the_reader_transcribing_each_rows_latents(reader_setup):
+    """The batched reader loss (padding, holes, positions) equals the reader's cross-entropy on each row's own OCR
+    prompt (rot_anchor.read.reading_prompt) with the latents in the placeholders' place, and so do its gradients."""
+    from rot_anchor.model import IMAGE_PAD
+    from rot_anchor.read import reading_prompt
+    from rot_data.shards import drawn_text
+    from rot_train.batches import answer_ids
+
+    model, tokenizer, batch, cot_of = reader_setup
+    predicted = torch.randn(batch["targets"].shape, requires_grad=True)
+    batched = model.reader_loss(batch, predicted)
+    batched_grad, = torch.autograd.grad(batched, predicted)
+    cots = [cot_of[i] for i in batch["ids"]]
+    references = []
+    for i, n in enumerate(batch["n_latents"].tolist()):
+        prompt = reading_prompt(tokenizer, n)
+        ids = torch.tensor(prompt + answer_ids(tokenizer, drawn_text(cots[i], False)))
+        inputs = model.reader.get_input_embeddings()(ids).clone()
+        inputs[ids == tokenizer.convert_tokens_to_ids(IMAGE_PAD)] = predicted[i, :n]
+        logits = model.reader(inputs_embeds=inputs[None]).logits[0]
+        references.append(torch.nn.functional.cross_entropy(logits[len(prompt) - 1:-1], ids[len(prompt):]))
+    reference = torch.stack(references).mean()
+    reference_grad, = torch.autograd.grad(reference, predicted)
+    torch.testing.assert_close(batched, reference, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(batched_grad, reference_grad, atol=1e-6, rtol=1e-3)
+    assert batched_grad[1, int(batch["n_latents"][1]):].abs().sum() == 0  # holes are never read
+

@@ -3,6 +3,8 @@
 ``prefix_ids``: chat-templated question + <img_begin>, left-padded (so the rollout's last column is
 every row's newest position). ``suffix_ids``: <img_end> + answer + end-of-turn, right-padded.
 ``targets``: the stored visual embeddings (capped at ``max_latents`` if given), zero-padded.
+With a reader (Stage II's reader loss): ``read_prefix_ids`` / ``read_suffix_ids``, the anchor's OCR turn around the
+latent slots with the drawn CoT as the answer to score, which starts at suffix column ``read_from``.
 """
 
 from __future__ import annotations
@@ -36,11 +38,39 @@ def pad(sequences: list[list[int]], value: int, left: bool) -> tuple[torch.Tenso
     return ids, mask
 
 
+class ReadingTurn:
+    """The anchor's OCR prompt (``rot_anchor.read.reading_prompt``) cut around its visual rows, and the text a reader
+    should read there: the CoT exactly as the shard's line draws it."""
+
+    def __init__(self, tokenizer, thought_tags: bool):
+        from rot_anchor.model import IMAGE_PAD
+        from rot_anchor.read import reading_prompt
+
+        pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        ids = reading_prompt(tokenizer, 1)
+        if pad_id not in ids:
+            raise ValueError(f"--reader-weight reads latents in the anchor's OCR prompt, and this backbone's tokenizer has no "
+                             f"{IMAGE_PAD} token: use a backbone pretrained with that prompt (the anchor), or --reader-weight 0")
+        cut = ids.index(pad_id)
+        self.tokenizer, self.thought_tags, self.before, self.after = tokenizer, thought_tags, ids[:cut], ids[cut + 1:]
+
+    def __call__(self, rows: list[dict]) -> dict:
+        from rot_data.shards import drawn_text
+
+        pad_id = pad_token_id(self.tokenizer)
+        suffixes = [self.after + answer_ids(self.tokenizer, drawn_text(r["cot"], self.thought_tags)) for r in rows]
+        suffix_ids, suffix_mask = pad(suffixes, pad_id, left=False)
+        return {"read_prefix_ids": torch.tensor([self.before] * len(rows)), "read_suffix_ids": suffix_ids,
+                "read_suffix_mask": suffix_mask, "read_from": len(self.after)}
+
+
 class RoTCollator:
     reads_embeddings = True  # the stored visual latents are Stage I/II targets
 
-    def __init__(self, tokenizer, img_begin_id: int, img_end_id: int, max_latents: int | None = None):
+    def __init__(self, tokenizer, img_begin_id: int, img_end_id: int, max_latents: int | None = None,
+                 reading: ReadingTurn | None = None):
         self.tokenizer, self.img_begin_id, self.img_end_id, self.max_latents = tokenizer, img_begin_id, img_end_id, max_latents
+        self.reading = reading
 
     def __call__(self, rows: list[dict], embeddings: list[torch.Tensor]) -> dict:
         pad_id = pad_token_id(self.tokenizer)
@@ -52,9 +82,10 @@ class RoTCollator:
         for i, (embedding, n) in enumerate(zip(embeddings, n_latents.tolist())):
             targets[i, :n] = embedding[:n]
         target_mask = (torch.arange(slots)[None] < n_latents[:, None]).float()
-        return {"ids": [r["id"] for r in rows], "prefix_ids": prefix_ids, "prefix_mask": prefix_mask,
-                "suffix_ids": suffix_ids, "suffix_mask": suffix_mask, "n_latents": n_latents,
-                "targets": targets, "target_mask": target_mask}
+        batch = {"ids": [r["id"] for r in rows], "prefix_ids": prefix_ids, "prefix_mask": prefix_mask,
+                 "suffix_ids": suffix_ids, "suffix_mask": suffix_mask, "n_latents": n_latents,
+                 "targets": targets, "target_mask": target_mask}
+        return {**batch, **self.reading(rows)} if self.reading else batch
 
 
 class SFTCollator:

@@ -126,7 +126,7 @@ def plot_losses(metrics_file: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
-    keys = [k for k in ("loss", "mse", "lm", "latent_norm", "rolled_out") if any(k in r for r in rows)]
+    keys = [k for k in ("loss", "mse", "read", "lm", "latent_norm", "rolled_out") if any(k in r for r in rows)]
     if not rows or not keys:
         return
     figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))

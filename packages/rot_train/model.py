@@ -21,6 +21,11 @@ gradient comes from one more teacher-forced pass with gradients over ``[question
 latents]``: causal attention makes its hidden states equal to the rollout's, so ``head`` of them are the
 same latents, now with the official graph behind them (a test compares the gradients with a
 sample-by-sample reference of the official forward). ``"detached"`` feeds ``latents.detach()``.
+
+Stage II's optional reader loss (``reader_weight``): MSE to the visual embeddings rewards the mean glyph where the
+model is unsure (measured on 4x4 multiplication: computed digits came out as blurred 8s and 3s). A frozen copy of the
+backbone VLM, which reads its own tower's tokens as text, reads the predicted latents in its OCR prompt, and its
+cross-entropy on the drawn CoT is the loss: a latent is right when it reads as the right characters.
 """
 
 from __future__ import annotations
@@ -122,6 +127,7 @@ class RoTModel(nn.Module):
         self.img_begin_id, self.img_end_id = img_begin_id, img_end_id
         self.use_cuda_graphs = False  # the trainer turns it on where weights stay in place (CUDA, not ZeRO-3)
         self._graphs = None
+        self.reader = None  # Stage II's reader loss: a frozen causal LM that reads latents as text (set by the trainer)
 
     @property
     def decoder(self):
@@ -256,13 +262,33 @@ class RoTModel(nn.Module):
         per_sample = (per_slot * target_mask).sum(1) / target_mask.sum(1).clamp(min=1)
         return (per_sample * batch["weights"]).sum() / batch["weights"].sum().clamp(min=1e-8)
 
+    def reader_loss(self, batch, predicted):
+        """Cross-entropy of the frozen reader transcribing ``predicted`` (the latents' slots, holes masked) in its OCR
+        turn ``read_prefix [latents] read_suffix`` as the drawn CoT; per sample, then over samples, like ``lm_loss``."""
+        embed = self.reader.get_input_embeddings()
+        n_slots = predicted.shape[1]
+        slot_mask = (torch.arange(n_slots, device=predicted.device)[None] < batch["n_latents"][:, None]).to(batch["read_suffix_mask"])
+        inputs = torch.cat([embed(batch["read_prefix_ids"]), predicted.to(embed.weight.dtype), embed(batch["read_suffix_ids"])], 1)
+        mask = torch.cat([torch.ones_like(batch["read_prefix_ids"]), slot_mask, batch["read_suffix_mask"]], 1)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.reader.get_decoder()(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
+                                           use_cache=False).last_hidden_state
+        # the suffix is contiguous: its position j is predicted by the one before it; the text starts at read_from
+        first = hidden.shape[1] - batch["read_suffix_ids"].shape[1] + batch["read_from"]
+        logits = self.reader.get_output_embeddings()(hidden[:, first - 1:-1]).float()
+        labels, label_mask = batch["read_suffix_ids"][:, batch["read_from"]:], batch["read_suffix_mask"][:, batch["read_from"]:]
+        per_token = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none") * label_mask
+        per_sample = per_token.sum(1) / label_mask.sum(1).clamp(min=1)
+        return (per_sample * batch["weights"]).sum() / batch["weights"].sum().clamp(min=1e-8)
+
     def forward(self, batch, stage: int, vision_weight: float, lm_weight: float, hidden_roll=None,
-                rolled_out: int | None = None):
+                rolled_out: int | None = None, reader_weight: float = 0.0):
         """Losses of one micro-batch; ``hidden_roll`` lets a caller supply the rollout (the benchmark's official loop).
 
         ``rolled_out`` (Stage II's curriculum): only the first ``rolled_out`` latents are the model's own rollout;
         the later slots hold the true visual embeddings (teacher forcing), as the CoT stays text after Coconut's
-        first latents. None: every latent is rolled out (the official forward)."""
+        first latents. None: every latent is rolled out (the official forward). ``reader_weight`` (Stage II): weight of
+        the frozen reader's cross-entropy on the drawn CoT, read from the latents the model predicts in every slot."""
         n_slots = batch["targets"].shape[1]
         if n_slots == 0:  # the SFT baselines: question -> text, no latents
             hidden, mask = self.teacher_forced(batch, batch["targets"].to(self.embed_dtype))
@@ -292,10 +318,15 @@ class RoTModel(nn.Module):
             hidden, mask = self.teacher_forced(batch, answer_latents)
             losses["lm"] = self.lm_loss(batch, hidden, mask)
             total = total + lm_weight * losses["lm"]
-            if stage == 2 and vision_weight > 0:
+            if stage == 2 and (vision_weight > 0 or reader_weight > 0):
+                # each slot's prediction of the next latent, from the latents before it (rolled out or true)
                 prefix_len = batch["prefix_ids"].shape[1]
                 predicted = self.head(hidden[:, prefix_len - 1: prefix_len - 1 + n_slots])
-                losses["mse"] = self.vision_loss(batch, predicted)
-                total = total + vision_weight * losses["mse"]
+                if vision_weight > 0:
+                    losses["mse"] = self.vision_loss(batch, predicted)
+                    total = total + vision_weight * losses["mse"]
+                if reader_weight > 0:
+                    losses["read"] = self.reader_loss(batch, predicted)
+                    total = total + reader_weight * losses["read"]
         losses["loss"] = total
         return losses

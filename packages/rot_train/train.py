@@ -19,7 +19,7 @@ import torch
 
 from rot_train import export as exporting
 from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone, set_token_rows, token_rows
-from rot_train.batches import RoTCollator, SFTCollator
+from rot_train.batches import ReadingTurn, RoTCollator, SFTCollator
 from rot_train.model import RoTModel
 from rot_train.shard_stream import ShardSet, ShardStream
 
@@ -50,6 +50,8 @@ class TrainConfig:
     # leading slots become the model's own rollout, until all are
     curriculum_steps: int = 0
     curriculum_stride: int = 4
+    # Stage II: weight of a frozen copy of the backbone VLM reading the predicted latents as the drawn CoT (cross-entropy)
+    reader_weight: float = 0.0
     lm_weight: float = 1.0
     head_width: int = 2048
     lora_r: int = 16
@@ -75,6 +77,9 @@ class TrainConfig:
                              "use steps >= 0 (0: off) and a stride >= 1")
         if self.curriculum_steps and (self.stage != 2 or self.mode != "rot"):
             raise ValueError("--curriculum-steps is a Stage II option (stage2.py): Stage I trains the head on the full rollout")
+        if self.reader_weight and (self.stage != 2 or self.mode != "rot" or self.max_latents):
+            raise ValueError("--reader-weight is a Stage II option (stage2.py) for uncapped latents: the reader reads the "
+                             "whole line, so drop --max-latents")
 
     def rolled_out(self, step: int) -> int | None:
         """Leading latents the model rolls out itself at optimizer step ``step`` (None: all of them)."""
@@ -139,6 +144,11 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, shar
     model = RoTModel(lm, shard_set.dim, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.head_width,
                      cfg.latent_gradient).to(device, dtype)
     lm.requires_grad_(False)
+    if cfg.reader_weight:  # an untouched copy of the backbone reads the latents; it is never trained nor saved
+        model.reader = load_backbone(cfg.backbone, dtype=dtype, device=device)[0].requires_grad_(False)
+        if model.reader.config.hidden_size != shard_set.dim:
+            raise ValueError(f"--reader-weight: the backbone reads visual tokens of size {model.reader.config.hidden_size}, "
+                             f"the shards hold {shard_set.dim}; the reader must be the VLM whose tower built the shards")
     if cfg.mode not in ("rot", "sft-cot", "sft-nocot") or (cfg.mode != "rot" and cfg.stage != 2):
         raise ValueError(f"--mode {cfg.mode}: use rot (Stage I or II) or sft-cot / sft-nocot (rot_train/sft.py)")
     if cfg.stage == 2:
@@ -325,7 +335,8 @@ def check_out_folder(cfg: TrainConfig) -> Path:
 def make_stream(cfg: TrainConfig, shard_set: ShardSet, tokenizer, token_ids: dict, rank: int, world_size: int) -> ShardStream:
     """The micro-batches of this rank: RoT rows (question, targets, answer) or the baselines' text rows."""
     if cfg.mode == "rot":
-        collate = RoTCollator(tokenizer, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.max_latents)
+        reading = ReadingTurn(tokenizer, shard_set.manifest["render"]["thought_tags"]) if cfg.reader_weight else None
+        collate = RoTCollator(tokenizer, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.max_latents, reading)
     else:
         collate = SFTCollator(tokenizer, with_cot=cfg.mode == "sft-cot", latent_dim=shard_set.dim)
     return ShardStream(shard_set, collate, cfg.micro_batch, rank, world_size, cfg.seed, cfg.shuffle_buffer)
@@ -345,7 +356,7 @@ def train_micro_step(engine, batch: dict, cfg: TrainConfig, step: int, device) -
     if engine.zero_optimization_stage() == 3:
         tensors = _same_latent_slots_on_every_rank(tensors)
     losses = engine(tensors, stage=cfg.stage, vision_weight=cfg.vision_weight, lm_weight=cfg.lm_weight,
-                    rolled_out=cfg.rolled_out(step))
+                    rolled_out=cfg.rolled_out(step), reader_weight=cfg.reader_weight)
     engine.backward(losses["loss"])
     engine.step()
     return losses
@@ -420,7 +431,7 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
             values.update(lr=engine.get_lr()[0], epoch=epoch, embedding_norm=embedding_norm,
                           samples_per_s=samples / (time.perf_counter() - started))
             metrics.write(step, values)
-            progress.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "mse", "lm") if k in values})
+            progress.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "mse", "read", "lm") if k in values})
             progress.update()
             sums = {}
             if cfg.save_every and step % cfg.save_every == 0:
