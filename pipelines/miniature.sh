@@ -25,14 +25,15 @@
 # Knobs: N (digits), SEED, ANCHOR (encoder and backbone: 'anchor' = the shipped one), DATA (shared data), W (work dir),
 # ROWS (generated training rows), EPOCHS (Stage II / SFT epochs over them), STEPS1 (Stage I steps), CSTEPS (optimizer
 # steps per curriculum stage), VW / RW (vision / reader loss weights of the reader runs), MB (micro-batch), LIMIT (eval
-# rows), GPU (pin this process's parts to one GPU).
+# rows), GPU (pin this process's parts to one GPU); for the reader runs EXTRA (more trainer options, e.g. --train-head)
+# and TAG (a suffix to the run's name, so variants sit side by side).
 set -euo pipefail
 [ -f pipelines/device_env.sh ] && [ -z "${SMOKE:-}" ] && source pipelines/device_env.sh
 export PYTHONPATH=$PWD/packages${PYTHONPATH:+:$PYTHONPATH}
 N=${N:-4}; SEED=${SEED:-0}; ANCHOR=${ANCHOR:-anchor}; DATA=$(realpath "${DATA:-../shared/data}")
 W=$(realpath -m "${W:-/tmp/miniature-${N}x${N}}"); OUT=${OUT:-$W/out}; mkdir -p "$W" "$OUT"
 STEPS1=${STEPS1:-300}; MB=${MB:-256}; ROWS=${ROWS:-102400}; EPOCHS=${EPOCHS:-3}; CSTEPS=${CSTEPS:-100}; LIMIT=${LIMIT:-}
-VW=${VW:-10}; RW=${RW:-1}
+VW=${VW:-10}; RW=${RW:-1}; EXTRA=${EXTRA:-}; TAG=${TAG:-}
 PARTS=${PARTS:-data,stage1,stage2,sft,eval,controls,readback}
 EVAL_RUNS=${EVAL_RUNS:-stage2 vision curriculum curriculum-lora reader reader-tf reader-lora sft-cot sft-nocot nostage1 detached tiny}; CONTROL_RUN=${CONTROL_RUN:-stage2}
 if [ -n "${SMOKE:-}" ]; then STEPS1=2; MB=4; ROWS=16; EPOCHS=1; CSTEPS=1; LIMIT=4; fi
@@ -78,17 +79,17 @@ if part curriculum-lora; then  # the same with LoRA (r 64 on every projection) i
   run $DS stage2 --shards "$W/shards" $TRAIN --epochs "$EPOCHS" --lr 1e-3 $LORA --vision-weight 10 \
       --curriculum-steps "$CSTEPS" --curriculum-stride 4 --init "$W/stage1-s$SEED/export" --out "$W/curriculum-lora-s$SEED"
 fi
-READER="--vision-weight $VW --reader-weight $RW --init $W/stage1-s$SEED/export"
+READER="--vision-weight $VW --reader-weight $RW --init $W/stage1-s$SEED/export $EXTRA"
 if part reader; then  # the curriculum with the reader loss
-  run $DS stage2 --shards "$W/shards" $STAGE2 $READER --curriculum-steps "$CSTEPS" --curriculum-stride 4 --out "$W/reader-s$SEED"
+  run $DS stage2 --shards "$W/shards" $STAGE2 $READER --curriculum-steps "$CSTEPS" --curriculum-stride 4 --out "$W/reader$TAG-s$SEED"
 fi
 if part reader-tf; then  # the reader loss, every latent slot teacher-forced with the true embedding in every step
-  run $DS stage2 --shards "$W/shards" $STAGE2 $READER --curriculum-steps 1000000 --out "$W/reader-tf-s$SEED"
+  run $DS stage2 --shards "$W/shards" $STAGE2 $READER --curriculum-steps 1000000 --out "$W/reader-tf$TAG-s$SEED"
 fi
 if part reader-lora; then  # the reader run with LoRA (r 64 on every projection): an export of a few MB
   LORA="--lora-r 64 --lora-alpha 128"; for m in q k v o gate up down; do LORA="$LORA --lora-targets ${m}_proj"; done
   run $DS stage2 --shards "$W/shards" $TRAIN --epochs "$EPOCHS" --lr 1e-3 $LORA $READER --curriculum-steps "$CSTEPS" \
-      --curriculum-stride 4 --out "$W/reader-lora-s$SEED"
+      --curriculum-stride 4 --out "$W/reader-lora$TAG-s$SEED"
 fi
 if part sft; then  # the baselines, same rows and steps, full fine-tuning
   for mode in sft-cot sft-nocot; do

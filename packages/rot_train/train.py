@@ -52,6 +52,7 @@ class TrainConfig:
     curriculum_stride: int = 4
     # Stage II: weight of a frozen copy of the backbone VLM reading the predicted latents as the drawn CoT (cross-entropy)
     reader_weight: float = 0.0
+    train_head: bool = False  # Stage II: keep training the projection head (the official Stage II freezes it)
     lm_weight: float = 1.0
     head_width: int = 2048
     lora_r: int = 16
@@ -156,8 +157,8 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, shar
             raise ValueError("--init is required for Stage II: pass the export folder a Stage I run wrote (<stage1 --out>/export)")
         if cfg.mode == "rot":
             exporting.load_head(model, cfg.init, shard_set)
-        model.head.requires_grad_(False)
-        model.adapter.requires_grad_(False)
+        model.head.requires_grad_(cfg.train_head)
+        model.adapter.requires_grad_(cfg.train_head)
         if cfg.full_finetune:
             lm.requires_grad_(True)
         else:
