@@ -220,7 +220,7 @@ def reader_setup(micro_anchor, tiny_shards):
     lm, tokenizer = load_backbone(str(micro_anchor), dtype=torch.float32)
     ids = add_latent_tokens(lm, tokenizer)
     model = RoTModel(lm, 64, ids[IMG_BEGIN], ids[IMG_END], head_width=32).eval()
-    model.reader = load_backbone(str(micro_anchor), dtype=torch.float32)[0].requires_grad_(False).eval()
+    model.set_reader(load_backbone(str(micro_anchor), dtype=torch.float32)[0])
     collate = RoTCollator(tokenizer, ids[IMG_BEGIN], ids[IMG_END], reading=ReadingTurn(tokenizer, thought_tags=False))
     batch = next(iter(ShardStream(ShardSet.open(tiny_shards), collate, micro_batch=4, shuffle_buffer=1)))
     batch["n_latents"][1] -= 3  # a row with fewer latents: its last slots are holes

@@ -1,6 +1,7 @@
 """Stage I and Stage II through DeepSpeed on this CPU (gloo): launcher runs, resume, what each stage may change."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -261,3 +262,32 @@ def test_zero_stage_is_chosen_by_name_or_file():
         zero_config(1, default)
     with pytest.raises(ValueError, match="pass one of them"):
         zero_config(3, "mine.json")
+
+
+def test_stage2_reader_loss_and_trained_head_are_logged_exported_and_leave_the_reader_untouched(micro_anchor, tiny_shards,
+                                                                                             tiny_qwen3_vl, tmp_path):
+    """Stage II with --reader-weight and --train-head (the miniature's recipe): the reader's loss is logged and falls,
+    the head moves away from Stage I's and the export carries the moved head; the reader is the untouched backbone and
+    no checkpoint or export holds it. A backbone without the anchor's reading prompt is refused in one line."""
+    from safetensors.torch import load_file
+
+    from rot_train.backbone import load_backbone
+
+    common = dict(shards=str(tiny_shards), backbone=str(micro_anchor), **dict(TINY, max_latents=None, epochs=4))
+    run(TrainConfig(stage=1, out=str(tmp_path / "s1"), max_steps=1, **common))
+    _, model = run(TrainConfig(stage=2, out=str(tmp_path / "s2"), init=str(tmp_path / "s1" / "export"), lr=3e-3,
+                               full_finetune=True, train_head=True, reader_weight=1.0, curriculum_steps=1000, **common))
+    read = _losses(tmp_path / "s2", "read")
+    assert len(read) == 24 and sum(read[-4:]) < sum(read[:4]), read
+    stage1_head = load_file(tmp_path / "s1" / "export" / "head.safetensors")
+    exported_head = load_file(tmp_path / "s2" / "export" / "head.safetensors")
+    assert not torch.equal(stage1_head["head.fc_out.weight"], exported_head["head.fc_out.weight"])
+    torch.testing.assert_close(model.head.fc_out.weight.float(), exported_head["head.fc_out.weight"], atol=0, rtol=0)
+    original, _ = load_backbone(str(micro_anchor), dtype=torch.float32)
+    for (name, kept), (_, reader) in zip(original.named_parameters(), model.reader.named_parameters()):
+        assert torch.equal(kept.to(reader.dtype), reader), name
+    saved = [name for path in (tmp_path / "s2").rglob("*.pt") for name in torch.load(path, weights_only=False).get("module", {})]
+    assert saved and not any(name.startswith("reader.") for name in saved)
+    with pytest.raises(ValueError, match=re.escape("tokenizer has no <|image_pad|> token")):
+        run(TrainConfig(stage=2, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(tmp_path / "x"),
+                        init=str(tmp_path / "s1" / "export"), reader_weight=1.0, **dict(TINY, max_latents=None)))

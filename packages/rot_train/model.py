@@ -127,7 +127,12 @@ class RoTModel(nn.Module):
         self.img_begin_id, self.img_end_id = img_begin_id, img_end_id
         self.use_cuda_graphs = False  # the trainer turns it on where weights stay in place (CUDA, not ZeRO-3)
         self._graphs = None
-        self.reader = None  # Stage II's reader loss: a frozen causal LM that reads latents as text (set by the trainer)
+        self.reader = None  # Stage II's reader loss: a frozen causal LM that reads latents as text (``set_reader``)
+
+    def set_reader(self, reader) -> None:
+        """Hold the reader outside the module tree: DeepSpeed then never partitions, trains or checkpoints it (a
+        registered frozen copy still left its tied output weight in every checkpoint)."""
+        object.__setattr__(self, "reader", reader.requires_grad_(False).eval())
 
     @property
     def decoder(self):

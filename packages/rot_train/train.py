@@ -146,7 +146,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, shar
                      cfg.latent_gradient).to(device, dtype)
     lm.requires_grad_(False)
     if cfg.reader_weight:  # an untouched copy of the backbone reads the latents; it is never trained nor saved
-        model.reader = load_backbone(cfg.backbone, dtype=dtype, device=device)[0].requires_grad_(False)
+        model.set_reader(load_backbone(cfg.backbone, dtype=dtype, device=device)[0])
         if model.reader.config.hidden_size != shard_set.dim:
             raise ValueError(f"--reader-weight: the backbone reads visual tokens of size {model.reader.config.hidden_size}, "
                              f"the shards hold {shard_set.dim}; the reader must be the VLM whose tower built the shards")
