@@ -13,6 +13,8 @@
 #               cross-entropy on the drawn CoT (weight RW) rewards latents that read as the right characters
 #   reader-tf   the reader loss with the latents teacher-forced throughout (the model never trains on its own rollout)
 #   reader-lora the reader run with LoRA (r 64 on every projection)
+#   rollout     the reader-tf run (same TAG) trained on with every latent its own rollout (the official forward),
+#               head trained: the teacher-forced model learns to continue from its own latents
 #   sft         the baselines SFT-CoT and SFT-noCoT (same rows, same steps, full fine-tuning)
 #   nostage1 / tiny / detached   controls: Stage II from a random head, the untrained tower's targets, latents.detach()
 #   eval        rot-eval on valid and test for every run in EVAL_RUNS that exists
@@ -35,7 +37,7 @@ W=$(realpath -m "${W:-/tmp/miniature-${N}x${N}}"); OUT=${OUT:-$W/out}; mkdir -p 
 STEPS1=${STEPS1:-300}; MB=${MB:-256}; ROWS=${ROWS:-102400}; EPOCHS=${EPOCHS:-3}; CSTEPS=${CSTEPS:-100}; LIMIT=${LIMIT:-}
 VW=${VW:-10}; RW=${RW:-1}; EXTRA=${EXTRA:-}; TAG=${TAG:-}
 PARTS=${PARTS:-data,stage1,stage2,sft,eval,controls,readback}
-EVAL_RUNS=${EVAL_RUNS:-stage2 vision curriculum curriculum-lora reader reader-tf reader-lora sft-cot sft-nocot nostage1 detached tiny}; CONTROL_RUN=${CONTROL_RUN:-stage2}
+EVAL_RUNS=${EVAL_RUNS:-stage2 vision curriculum curriculum-lora reader reader-tf reader-lora rollout sft-cot sft-nocot nostage1 detached tiny}; CONTROL_RUN=${CONTROL_RUN:-stage2}
 if [ -n "${SMOKE:-}" ]; then STEPS1=2; MB=4; ROWS=16; EPOCHS=1; CSTEPS=1; LIMIT=4; fi
 SET=icot_mult_${N}x${N}
 if [ -n "${GPU:-}" ]; then  # one GPU for this process: runs on other GPUs go on beside it
@@ -90,6 +92,11 @@ if part reader-lora; then  # the reader run with LoRA (r 64 on every projection)
   LORA="--lora-r 64 --lora-alpha 128"; for m in q k v o gate up down; do LORA="$LORA --lora-targets ${m}_proj"; done
   run $DS stage2 --shards "$W/shards" $TRAIN --epochs "$EPOCHS" --lr 1e-3 $LORA $READER --curriculum-steps "$CSTEPS" \
       --curriculum-stride 4 --out "$W/reader-lora$TAG-s$SEED"
+fi
+if part rollout; then  # train the teacher-forced model on its own rollouts (the export is the backbone to start from)
+  FROM="$W/reader-tf$TAG-s$SEED/export"
+  run $DS stage2 --shards "$W/shards" $STAGE2 --backbone "$FROM" --init "$FROM" --train-head --vision-weight "$VW" \
+      --out "$W/rollout$TAG-s$SEED"
 fi
 if part sft; then  # the baselines, same rows and steps, full fine-tuning
   for mode in sft-cot sft-nocot; do

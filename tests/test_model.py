@@ -35,16 +35,23 @@ def test_new_tokens_have_norm_sqrt_hidden(tiny_qwen3_vl):
     assert tokenizer.convert_ids_to_tokens(ids[IMG_END]) == IMG_END
 
 
-@pytest.fixture(scope="module")
-def rot_setup(tiny_qwen3_vl, tiny_shards):
+def model_and_batch(backbone, shards, n_short: int, reading=None, max_latents=None):
+    """A RoT model on ``backbone`` (head width 32) and a first batch of 4 rows in which row 1 has only ``n_short``
+    latents (rows of different latent counts in one batch)."""
     torch.manual_seed(0)
-    lm, tokenizer = load_backbone(str(tiny_qwen3_vl), dtype=torch.float32)
+    lm, tokenizer = load_backbone(str(backbone), dtype=torch.float32)
     ids = add_latent_tokens(lm, tokenizer)
     model = RoTModel(lm, 64, ids[IMG_BEGIN], ids[IMG_END], head_width=32).eval()
-    collate = RoTCollator(tokenizer, ids[IMG_BEGIN], ids[IMG_END], max_latents=12)
-    batch = next(iter(ShardStream(ShardSet.open(tiny_shards), collate, micro_batch=4, shuffle_buffer=1)))
-    batch["n_latents"][1] = 5  # rows of different latent counts in one batch
-    batch["target_mask"][1, 5:] = 0
+    collate = RoTCollator(tokenizer, ids[IMG_BEGIN], ids[IMG_END], max_latents, reading(tokenizer) if reading else None)
+    batch = next(iter(ShardStream(ShardSet.open(shards), collate, micro_batch=4, shuffle_buffer=1)))
+    batch["n_latents"][1] = n_short
+    batch["target_mask"][1, n_short:] = 0
+    return model, tokenizer, batch
+
+
+@pytest.fixture(scope="module")
+def rot_setup(tiny_qwen3_vl, tiny_shards):
+    model, _, batch = model_and_batch(tiny_qwen3_vl, tiny_shards, n_short=5, max_latents=12)
     return model, batch
 
 
@@ -216,15 +223,9 @@ def reader_setup(micro_anchor, tiny_shards):
     """The micro anchor as backbone and as frozen reader (hidden 64 = the tiny shards' dim), a batch with a short row."""
     from rot_train.batches import ReadingTurn
 
-    torch.manual_seed(0)
-    lm, tokenizer = load_backbone(str(micro_anchor), dtype=torch.float32)
-    ids = add_latent_tokens(lm, tokenizer)
-    model = RoTModel(lm, 64, ids[IMG_BEGIN], ids[IMG_END], head_width=32).eval()
+    model, tokenizer, batch = model_and_batch(micro_anchor, tiny_shards, n_short=20,
+                                              reading=lambda tokenizer: ReadingTurn(tokenizer, thought_tags=False))
     model.set_reader(load_backbone(str(micro_anchor), dtype=torch.float32)[0])
-    collate = RoTCollator(tokenizer, ids[IMG_BEGIN], ids[IMG_END], reading=ReadingTurn(tokenizer, thought_tags=False))
-    batch = next(iter(ShardStream(ShardSet.open(tiny_shards), collate, micro_batch=4, shuffle_buffer=1)))
-    batch["n_latents"][1] -= 3  # a row with fewer latents: its last slots are holes
-    batch["target_mask"][1, int(batch["n_latents"][1]):] = 0
     rows = pq.read_table(sorted(tiny_shards.glob("*.parquet")), columns=["id", "cot"]).to_pylist()
     return model, tokenizer, batch, {r["id"]: r["cot"] for r in rows}
 

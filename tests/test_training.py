@@ -268,7 +268,8 @@ def test_stage2_reader_loss_and_trained_head_are_logged_exported_and_leave_the_r
                                                                                              tiny_qwen3_vl, tmp_path):
     """Stage II with --reader-weight and --train-head (the miniature's recipe): the reader's loss is logged and falls,
     the head moves away from Stage I's and the export carries the moved head; the reader is the untouched backbone and
-    no checkpoint or export holds it. A backbone without the anchor's reading prompt is refused in one line."""
+    no checkpoint or export holds it. The export trains on as a backbone. A backbone without the anchor's reading prompt
+    is refused in one line."""
     from safetensors.torch import load_file
 
     from rot_train.backbone import load_backbone
@@ -288,6 +289,14 @@ def test_stage2_reader_loss_and_trained_head_are_logged_exported_and_leave_the_r
         assert torch.equal(kept.to(reader.dtype), reader), name
     saved = [name for path in (tmp_path / "s2").rglob("*.pt") for name in torch.load(path, weights_only=False).get("module", {})]
     assert saved and not any(name.startswith("reader.") for name in saved)
+    # a full fine-tuning export is a backbone to train on (--backbone <export> --init <export>); at lr 0 nothing moves
+    _, continued = run(TrainConfig(stage=2, out=str(tmp_path / "s3"), init=str(tmp_path / "s2" / "export"), lr=0.0, max_steps=1,
+                                   full_finetune=True, train_head=True, **dict(common, backbone=str(tmp_path / "s2" / "export"))))
+    for (name, trained), (_, started) in zip(model.lm.named_parameters(), continued.lm.named_parameters()):
+        assert torch.equal(trained, started), name
+    with pytest.raises(ValueError, match="is a trained RoT export: continue it without the reader loss"):
+        run(TrainConfig(stage=2, out=str(tmp_path / "s4"), init=str(tmp_path / "s2" / "export"), reader_weight=1.0,
+                        full_finetune=True, **dict(common, backbone=str(tmp_path / "s2" / "export"))))
     with pytest.raises(ValueError, match=re.escape("tokenizer has no <|image_pad|> token")):
         run(TrainConfig(stage=2, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(tmp_path / "x"),
                         init=str(tmp_path / "s1" / "export"), reader_weight=1.0, **dict(TINY, max_latents=None)))

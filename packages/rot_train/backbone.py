@@ -66,14 +66,20 @@ def text_config_of(vlm_config):
 
 def load_backbone(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
     """(causal LM, tokenizer) for a hub id or local folder ('anchor': the shipped pretrained VLM); VLM checkpoints
-    give their language model only."""
+    give their language model only; a RoT export of a full fine-tuning run gives its trained LM (to train on)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import rot_anchor
 
     folder = checkpoint_dir(rot_anchor.resolve(name))
+    tokenizer_folder = folder
+    if (folder / "rot_config.json").exists():  # a RoT export: train on from its fully fine-tuned LM (--init <export>)
+        if not (folder / "model").is_dir():
+            raise ValueError(f"--backbone {name} is a LoRA export: pass its base backbone and --init {name}, "
+                             "or an export of a --full-finetune run")
+        folder, tokenizer_folder = folder / "model", folder / "tokenizer"
     config = AutoConfig.from_pretrained(str(folder))
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
     if config.model_type not in TEXT_ARCHITECTURE:
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device), tokenizer
     tensors = _text_tensors(folder)

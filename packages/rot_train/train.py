@@ -146,6 +146,9 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, shar
                      cfg.latent_gradient).to(device, dtype)
     lm.requires_grad_(False)
     if cfg.reader_weight:  # an untouched copy of the backbone reads the latents; it is never trained nor saved
+        if (Path(cfg.backbone) / "rot_config.json").exists():
+            raise ValueError(f"--reader-weight reads latents with an untouched copy of the backbone, and {cfg.backbone} is a "
+                             "trained RoT export: continue it without the reader loss (--reader-weight 0)")
         model.set_reader(load_backbone(cfg.backbone, dtype=dtype, device=device)[0])
         if model.reader.config.hidden_size != shard_set.dim:
             raise ValueError(f"--reader-weight: the backbone reads visual tokens of size {model.reader.config.hidden_size}, "
@@ -428,7 +431,7 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
             step += 1
             values = {k: v / cfg.grad_accum for k, v in _mean_over_ranks(sums).items()}
             if cfg.curriculum_steps:
-                values["rolled_out"] = cfg.rolled_out(step - 1)
+                values["rolled_out"] = min(cfg.rolled_out(step - 1), batch["targets"].shape[1])  # past the last slot: all
             values.update(lr=engine.get_lr()[0], epoch=epoch, embedding_norm=embedding_norm,
                           samples_per_s=samples / (time.perf_counter() - started))
             metrics.write(step, values)
