@@ -219,5 +219,7 @@ def test_an_interrupted_build_says_how_to_resume(tmp_path):
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)  # Ctrl-C
     _, stderr = process.communicate(timeout=120)
+    if process.returncode == 0 and (out / "manifest.json").exists():  # seen in full CI runs: the build won the race
+        pytest.skip("the build finished before the Ctrl-C was handled; the interrupt was not exercised this time")
     assert process.returncode == 1 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == f"error: interrupted; the finished shards in {out} are kept: re-run the same command to resume"
