@@ -28,14 +28,15 @@
 # ROWS (generated training rows), EPOCHS (Stage II / SFT epochs over them), STEPS1 (Stage I steps), CSTEPS (optimizer
 # steps per curriculum stage), VW / RW (vision / reader loss weights of the reader runs), MB (micro-batch), LIMIT (eval
 # rows), GPU (pin this process's parts to one GPU); for the reader runs EXTRA (more trainer options, e.g. --train-head)
-# and TAG (a suffix to the run's name, so variants sit side by side).
+# and TAG (a suffix to the run's name, so variants sit side by side); ROLL (more options for the rollout run, e.g.
+# --max-steps 300 --lr 1e-3: later options win).
 set -euo pipefail
 [ -f pipelines/device_env.sh ] && [ -z "${SMOKE:-}" ] && source pipelines/device_env.sh
 export PYTHONPATH=$PWD/packages${PYTHONPATH:+:$PYTHONPATH}
 N=${N:-4}; SEED=${SEED:-0}; ANCHOR=${ANCHOR:-anchor}; DATA=$(realpath "${DATA:-../shared/data}")
 W=$(realpath -m "${W:-/tmp/miniature-${N}x${N}}"); OUT=${OUT:-$W/out}; mkdir -p "$W" "$OUT"
 STEPS1=${STEPS1:-300}; MB=${MB:-256}; ROWS=${ROWS:-102400}; EPOCHS=${EPOCHS:-3}; CSTEPS=${CSTEPS:-100}; LIMIT=${LIMIT:-}
-VW=${VW:-10}; RW=${RW:-1}; EXTRA=${EXTRA:-}; TAG=${TAG:-}
+VW=${VW:-10}; RW=${RW:-1}; EXTRA=${EXTRA:-}; TAG=${TAG:-}; ROLL=${ROLL:-}
 PARTS=${PARTS:-data,stage1,stage2,sft,eval,controls,readback}
 EVAL_RUNS=${EVAL_RUNS:-stage2 vision curriculum curriculum-lora reader reader-tf reader-lora rollout sft-cot sft-nocot nostage1 detached tiny}; CONTROL_RUN=${CONTROL_RUN:-stage2}
 if [ -n "${SMOKE:-}" ]; then STEPS1=2; MB=4; ROWS=16; EPOCHS=1; CSTEPS=1; LIMIT=4; fi
@@ -96,7 +97,7 @@ fi
 if part rollout; then  # train the teacher-forced model on its own rollouts (the export is the backbone to start from)
   FROM="$W/reader-tf$TAG-s$SEED/export"
   run $DS stage2 --shards "$W/shards" $STAGE2 --backbone "$FROM" --init "$FROM" --train-head --vision-weight "$VW" \
-      --out "$W/rollout$TAG-s$SEED"
+      $ROLL --out "$W/rollout$TAG-s$SEED"
 fi
 if part sft; then  # the baselines, same rows and steps, full fine-tuning
   for mode in sft-cot sft-nocot; do
