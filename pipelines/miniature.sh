@@ -16,7 +16,11 @@
 #   rollout     the reader-tf run (same TAG) trained on with every latent its own rollout (the official forward),
 #               head trained: the teacher-forced model learns to continue from its own latents
 #   sft         the baselines SFT-CoT and SFT-noCoT (same rows, same steps, full fine-tuning)
-#   nostage1 / tiny / detached   controls: Stage II from a random head, the untrained tower's targets, latents.detach()
+#   nostage1    control: a random head (Stage I at learning rate 0) to start the recipe from, without Stage I:
+#               then  S1=random-head TAG=-nostage1 PARTS=reader-tf,rollout
+#   tiny        control: shards of the untrained 'tiny' tower (an adapter maps 64 -> the LLM's size); the recipe on them:
+#               SHARDS=shards-tiny S1=tiny-stage1 TAG=-tiny RW=0 PARTS=stage1,reader-tf,rollout
+#   detached    ablation: latents.detach() in the answer pass
 #   eval        rot-eval on valid and test for every run in EVAL_RUNS that exists
 #   controls    zeros / another question's latents / the true embeddings (the test set's shards) in the latents' place (run CONTROL_RUN)
 #   readback    the latents of CONTROL_RUN read back as text by the anchor
@@ -29,16 +33,17 @@
 # steps per curriculum stage), VW / RW (vision / reader loss weights of the reader runs), MB (micro-batch), LIMIT (eval
 # rows), GPU (pin this process's parts to one GPU); for the reader runs EXTRA (more trainer options, e.g. --train-head)
 # and TAG (a suffix to the run's name, so variants sit side by side); ROLL (more options for the rollout run, e.g.
-# --max-steps 300 --lr 1e-3: later options win).
+# --max-steps 300 --lr 1e-3: later options win); SHARDS (the shard folder in $W that Stage I and II train on) and S1 (the
+# Stage I run, in $W, that Stage II starts from), for the controls.
 set -euo pipefail
 [ -f pipelines/device_env.sh ] && [ -z "${SMOKE:-}" ] && source pipelines/device_env.sh
 export PYTHONPATH=$PWD/packages${PYTHONPATH:+:$PYTHONPATH}
 N=${N:-4}; SEED=${SEED:-0}; ANCHOR=${ANCHOR:-anchor}; DATA=$(realpath "${DATA:-../shared/data}")
 W=$(realpath -m "${W:-/tmp/miniature-${N}x${N}}"); OUT=${OUT:-$W/out}; mkdir -p "$W" "$OUT"
 STEPS1=${STEPS1:-300}; MB=${MB:-256}; ROWS=${ROWS:-102400}; EPOCHS=${EPOCHS:-3}; CSTEPS=${CSTEPS:-100}; LIMIT=${LIMIT:-}
-VW=${VW:-10}; RW=${RW:-1}; EXTRA=${EXTRA:-}; TAG=${TAG:-}; ROLL=${ROLL:-}
+VW=${VW:-10}; RW=${RW:-1}; EXTRA=${EXTRA:-}; TAG=${TAG:-}; ROLL=${ROLL:-}; SHARDS=${SHARDS:-shards}; S1=${S1:-stage1}
 PARTS=${PARTS:-data,stage1,stage2,sft,eval,controls,readback}
-EVAL_RUNS=${EVAL_RUNS:-stage2 vision curriculum curriculum-lora reader reader-tf reader-lora rollout sft-cot sft-nocot nostage1 detached tiny}; CONTROL_RUN=${CONTROL_RUN:-stage2}
+EVAL_RUNS=${EVAL_RUNS:-stage2 vision curriculum curriculum-lora reader reader-tf reader-lora rollout sft-cot sft-nocot rollout-nostage1 rollout-tiny detached}; CONTROL_RUN=${CONTROL_RUN:-stage2}
 if [ -n "${SMOKE:-}" ]; then STEPS1=2; MB=4; ROWS=16; EPOCHS=1; CSTEPS=1; LIMIT=4; fi
 SET=icot_mult_${N}x${N}
 if [ -n "${GPU:-}" ]; then  # one GPU for this process: runs on other GPUs go on beside it
@@ -60,61 +65,58 @@ if part data; then  # training rows; held-out questions are never generated
   run python3 -m rot_render.cli build --dataset "$W/train.txt" --encoder "$ANCHOR" --out "$W/shards"
 fi
 if part stage1; then  # RoT Stage I: head only, LLM frozen (vision MSE x10 + LM loss)
-  run $DS stage1 --shards "$W/shards" $TRAIN --max-steps "$STEPS1" --lr 1e-3 --out "$W/stage1-s$SEED"
+  run $DS stage1 --shards "$W/$SHARDS" $TRAIN --max-steps "$STEPS1" --lr 1e-3 --out "$W/$S1-s$SEED"
 fi
 if part profile; then  # the trainer's step at this size (issue 13.6): eager rollout vs CUDA graph, Stage I and II
-  (run on_gpu python3 benchmarks/rot_step_profile.py --shards "$W/shards" --backbone "$ANCHOR" --micro-batch "$MB" \
+  (run on_gpu python3 benchmarks/rot_step_profile.py --shards "$W/$SHARDS" --backbone "$ANCHOR" --micro-batch "$MB" \
       --init "$W/stage1-s$SEED/export" > "$OUT/profile-s$SEED.txt" 2>&1) || echo "profile failed: see $OUT/profile-s$SEED.txt"
   grep -E "^(loader|stage)" "$OUT/profile-s$SEED.txt" || true
 fi
 if part stage2; then  # RoT Stage II as the official code trains it: head frozen, answer loss, official gradient
-  run $DS stage2 --shards "$W/shards" $STAGE2 --init "$W/stage1-s$SEED/export" --out "$W/stage2-s$SEED"
+  run $DS stage2 --shards "$W/$SHARDS" $STAGE2 --init "$W/stage1-s$SEED/export" --out "$W/stage2-s$SEED"
 fi
 if part vision; then  # Stage II keeping the vision loss on every latent
-  run $DS stage2 --shards "$W/shards" $STAGE2 --vision-weight 10 --init "$W/stage1-s$SEED/export" --out "$W/vision-s$SEED"
+  run $DS stage2 --shards "$W/$SHARDS" $STAGE2 --vision-weight 10 --init "$W/stage1-s$SEED/export" --out "$W/vision-s$SEED"
 fi
 if part curriculum; then  # Stage II with the vision loss, latents handed from teacher forcing to the rollout 4 at a time
-  run $DS stage2 --shards "$W/shards" $STAGE2 --vision-weight 10 --curriculum-steps "$CSTEPS" --curriculum-stride 4 \
+  run $DS stage2 --shards "$W/$SHARDS" $STAGE2 --vision-weight 10 --curriculum-steps "$CSTEPS" --curriculum-stride 4 \
       --init "$W/stage1-s$SEED/export" --out "$W/curriculum-s$SEED"
 fi
 if part curriculum-lora; then  # the same with LoRA (r 64 on every projection) instead of full fine-tuning: an export of a few MB
   LORA="--lora-r 64 --lora-alpha 128"; for m in q k v o gate up down; do LORA="$LORA --lora-targets ${m}_proj"; done
-  run $DS stage2 --shards "$W/shards" $TRAIN --epochs "$EPOCHS" --lr 1e-3 $LORA --vision-weight 10 \
+  run $DS stage2 --shards "$W/$SHARDS" $TRAIN --epochs "$EPOCHS" --lr 1e-3 $LORA --vision-weight 10 \
       --curriculum-steps "$CSTEPS" --curriculum-stride 4 --init "$W/stage1-s$SEED/export" --out "$W/curriculum-lora-s$SEED"
 fi
-READER="--vision-weight $VW --reader-weight $RW --init $W/stage1-s$SEED/export $EXTRA"
+READER="--vision-weight $VW --reader-weight $RW --init $W/$S1-s$SEED/export $EXTRA"
 if part reader; then  # the curriculum with the reader loss
-  run $DS stage2 --shards "$W/shards" $STAGE2 $READER --curriculum-steps "$CSTEPS" --curriculum-stride 4 --out "$W/reader$TAG-s$SEED"
+  run $DS stage2 --shards "$W/$SHARDS" $STAGE2 $READER --curriculum-steps "$CSTEPS" --curriculum-stride 4 --out "$W/reader$TAG-s$SEED"
 fi
 if part reader-tf; then  # the reader loss, every latent slot teacher-forced with the true embedding in every step
-  run $DS stage2 --shards "$W/shards" $STAGE2 $READER --curriculum-steps 1000000 --out "$W/reader-tf$TAG-s$SEED"
+  run $DS stage2 --shards "$W/$SHARDS" $STAGE2 $READER --curriculum-steps 1000000 --out "$W/reader-tf$TAG-s$SEED"
 fi
 if part reader-lora; then  # the reader run with LoRA (r 64 on every projection): an export of a few MB
   LORA="--lora-r 64 --lora-alpha 128"; for m in q k v o gate up down; do LORA="$LORA --lora-targets ${m}_proj"; done
-  run $DS stage2 --shards "$W/shards" $TRAIN --epochs "$EPOCHS" --lr 1e-3 $LORA $READER --curriculum-steps "$CSTEPS" \
+  run $DS stage2 --shards "$W/$SHARDS" $TRAIN --epochs "$EPOCHS" --lr 1e-3 $LORA $READER --curriculum-steps "$CSTEPS" \
       --curriculum-stride 4 --out "$W/reader-lora$TAG-s$SEED"
 fi
 if part rollout; then  # train the teacher-forced model on its own rollouts (the export is the backbone to start from)
   FROM="$W/reader-tf$TAG-s$SEED/export"
-  run $DS stage2 --shards "$W/shards" $STAGE2 --backbone "$FROM" --init "$FROM" --train-head --vision-weight "$VW" \
+  run $DS stage2 --shards "$W/$SHARDS" $STAGE2 --backbone "$FROM" --init "$FROM" --train-head --vision-weight "$VW" \
       $ROLL --out "$W/rollout$TAG-s$SEED"
 fi
 if part sft; then  # the baselines, same rows and steps, full fine-tuning
   for mode in sft-cot sft-nocot; do
-    run $DS sft --mode "$mode" --shards "$W/shards" $STAGE2 --out "$W/$mode-s$SEED"
+    run $DS sft --mode "$mode" --shards "$W/$SHARDS" $STAGE2 --out "$W/$mode-s$SEED"
   done
 fi
-if part nostage1; then  # control: Stage II from a random head (a Stage I run with learning rate 0 exports it)
-  run $DS stage1 --shards "$W/shards" $TRAIN --max-steps 1 --lr 0 --out "$W/random-head-s$SEED"
-  run $DS stage2 --shards "$W/shards" $STAGE2 --init "$W/random-head-s$SEED/export" --out "$W/nostage1-s$SEED"
+if part nostage1; then  # control: no Stage I (a Stage I run with learning rate 0 exports a random head)
+  run $DS stage1 --shards "$W/$SHARDS" $TRAIN --max-steps 1 --lr 0 --out "$W/random-head-s$SEED"
 fi
 if part detached; then  # ablation: Stage II with latents.detach() in the answer pass (the previous trainer)
-  run $DS stage2 --shards "$W/shards" $STAGE2 --latent-gradient detached --init "$W/stage1-s$SEED/export" --out "$W/detached-s$SEED"
+  run $DS stage2 --shards "$W/$SHARDS" $STAGE2 --latent-gradient detached --init "$W/stage1-s$SEED/export" --out "$W/detached-s$SEED"
 fi
-if part tiny; then  # control: the untrained 'tiny' tower's embeddings as targets (an adapter maps 64 -> the LLM's size)
-  run python3 -m rot_render.cli build --dataset "$W/train.txt" --encoder tiny --out "$W/shards-tiny"
-  run $DS stage1 --shards "$W/shards-tiny" $TRAIN --max-steps "$STEPS1" --lr 1e-3 --out "$W/tiny-stage1-s$SEED"
-  run $DS stage2 --shards "$W/shards-tiny" $STAGE2 --init "$W/tiny-stage1-s$SEED/export" --out "$W/tiny-s$SEED"
+if part tiny; then  # control: the untrained 'tiny' tower's embeddings as targets
+  [ -f "$W/shards-tiny/manifest.json" ] || run python3 -m rot_render.cli build --dataset "$W/train.txt" --encoder tiny --out "$W/shards-tiny"
 fi
 EVAL="--dataset $SET --data-dir $DATA --batch-size 256 ${LIMIT:+--limit $LIMIT}"  # a decode step costs the same at 64 or 256 rows
 if part eval; then  # checkpoints are chosen on valid; the table is on test
@@ -135,6 +137,6 @@ if part controls; then  # zeros / another question's latents / the true visual e
 fi
 if part readback; then  # the latents read back as text by the anchor
   run on_gpu python3 -m rot_eval.cli readback --checkpoint "$W/$CONTROL_RUN-s$SEED/export" --dataset "$SET" --data-dir "$DATA" \
-      --shards "$W/shards" --reader "$ANCHOR" ${LIMIT:+--limit $LIMIT} --out "$OUT/$CONTROL_RUN-s$SEED-readback"
+      --shards "$W/$SHARDS" --reader "$ANCHOR" ${LIMIT:+--limit $LIMIT} --out "$OUT/$CONTROL_RUN-s$SEED-readback"
 fi
 ls "$OUT"
