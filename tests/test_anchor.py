@@ -188,3 +188,26 @@ def test_the_shipped_anchor_is_the_default_and_reads_a_rendered_line(tmp_path):
     result = runner.invoke(app, ["read", str(tmp_path / "cot.png"), "--text", line])
     assert result.exit_code == 0, result.output
     assert f"{tmp_path / 'cot.png'}: {cot}\n" in result.output and f"--text: {line}\n" in result.output, result.output
+
+
+def test_the_shipped_rot_4x4_model_multiplies_questions_it_never_saw(tmp_path):
+    """`rot-eval run --checkpoint rot-4x4` on a file of fresh 4x4 rows: the shipped RoT model answers from its own 28
+    latents (no vision tower, no CoT text) and gets nearly all of them right; a name that is not shipped fails in
+    one line."""
+    import rot_anchor
+    from typer.testing import CliRunner
+
+    from rot_eval.cli import app
+
+    assert (rot_anchor.SHIPPED[rot_anchor.ROT_4X4] / "README.md").exists()  # the model card
+    rows = tmp_path / "fresh.txt"
+    rows.write_text("\n".join(multiplication.generate(4, 48, seed=20261127)) + "\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", "--checkpoint", "rot-4x4", "--dataset", str(rows), "--out", str(tmp_path / "ev"),
+                                 "--batch-size", "48"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["examples"] == 48 and summary["mean_reasoning_tokens"] == 28
+    assert summary["accuracy"] >= 0.85, summary  # 95.4% on the 1000 test rows
+    missing = runner.invoke(app, ["run", "--checkpoint", "rot-5x5", "--dataset", str(rows), "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 1 and "rot-5x5/rot_config.json is missing" in missing.output, missing.output

@@ -14,7 +14,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evaluate RoT
 
 @app.command("run")
 def run_eval(
-    checkpoint: str = typer.Option(..., help="an export folder (<run --out>/export)"),
+    checkpoint: str = typer.Option(..., help="an export folder (<run --out>/export) or a shipped model: 'rot-4x4' (4x4 multiplication)"),
     dataset: str = typer.Option(..., help="gsm8k, gsm_hard, svamp, multiarith, icot_* or a file"),
     out: Path = typer.Option(..., help="folder for predictions.jsonl and summary.json"),
     split: str = typer.Option("test"),
@@ -61,7 +61,7 @@ def table(runs: List[Path] = typer.Argument(..., help="evaluation output folders
 
 @app.command()
 def viz(
-    checkpoint: str = typer.Option(...),
+    checkpoint: str = typer.Option(..., help="an export folder (<run --out>/export) or a shipped model: 'rot-4x4' (4x4 multiplication)"),
     question: str = typer.Option(..., help="the question to reason about"),
     out: Path = typer.Option(Path("viz")),
     latents: Optional[int] = typer.Option(None, help="latent budget (default: the one recorded in the export)"),
@@ -97,7 +97,7 @@ def viz(
 
 @app.command()
 def readback(
-    checkpoint: str = typer.Option(..., help="a RoT export folder"),
+    checkpoint: str = typer.Option(..., help="an export folder (<run --out>/export) or a shipped model: 'rot-4x4' (4x4 multiplication)"),
     dataset: str = typer.Option(..., help="a set with CoTs (e.g. icot_mult_4x4)"),
     shards: Path = typer.Option(..., help="the shard set the model was trained on (its render settings place each character)"),
     out: Path = typer.Option(Path("readback"), help="folder for readback.json and readback.png"),

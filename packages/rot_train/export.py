@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+import rot_anchor
 from rot_train.backbone import IMG_BEGIN, IMG_END, gathered, load_backbone, set_token_rows, token_rows
 from rot_train.model import RoTModel
 
@@ -74,15 +75,22 @@ def portable_name(backbone: str) -> str:
     return str(Path(backbone).resolve()) if Path(backbone).is_dir() else backbone
 
 
+def export_folder(name: Path | str) -> Path:
+    """An export folder, or the name of a shipped one ('rot-4x4') -> its folder."""
+    return Path(rot_anchor.resolve(str(name)))
+
+
 def read_config(folder: Path | str) -> dict:
-    path = Path(folder) / "rot_config.json"
+    path = export_folder(folder) / "rot_config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: pass the export folder a training run wrote (<--out>/export)")
+        raise FileNotFoundError(f"{path} is missing: pass the export folder a training run wrote (<--out>/export) "
+                                f"or a shipped model ('{rot_anchor.ROT_4X4}')")
     return json.loads(path.read_text())
 
 
 def load_head(model: RoTModel, folder: Path | str, shard_set=None) -> dict:
     """Load head, adapter and new-token rows from an export into ``model`` (checks the sizes first)."""
+    folder = export_folder(folder)
     config = read_config(folder)
     if shard_set is not None:
         shard_set.check_dim(config["latent_dim"], f"the head in {folder}")
@@ -100,7 +108,7 @@ def load_export(folder: Path | str, device="cpu", dtype=torch.float32) -> tuple[
     """Rebuild (model, tokenizer, config) from an export folder, ready for generation."""
     from transformers import AutoTokenizer
 
-    folder = Path(folder)
+    folder = export_folder(folder)
     config = read_config(folder)
     if config["weights"] == "model":
         lm, _ = load_backbone(str(folder / "model"), dtype=dtype, device=device)
