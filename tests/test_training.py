@@ -86,6 +86,43 @@ def test_deepspeed_stage1_then_stage2_resume_continues_the_same_loss_sequence(ti
     assert "<img_end>" in tokenizer.get_vocab() and hasattr(model.lm, "peft_config")
 
 
+def test_max_seconds_stops_at_an_optimizer_step_then_checkpoints_exports_and_resumes(tiny_shards, tiny_qwen3_vl, tmp_path,
+                                                                                   capsys):
+    """--max-seconds (time-limited GPU calls, SLURM jobs): a run planned far past the budget stops at the first optimizer
+    step after it, ends as a finished run does (checkpoint, export, summary, loss picture) and says where it stopped, with
+    the LR schedule still planned for every step; --resume continues from its checkpoint. A budget <= 0 is refused."""
+    out = tmp_path / "run"
+    common = dict(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(out), **dict(TINY, epochs=50))
+    summary, _ = run(TrainConfig(max_seconds=2.0, **common))
+    steps = summary["steps"]
+    assert 1 <= steps < summary["planned_steps"] == 300 and summary["seconds"] >= 2.0, summary
+    message = f"stopped by --max-seconds 2 at step {steps} of 300"
+    assert summary["stopped_early"] == message == json.loads((out / "summary.json").read_text())["stopped_early"]
+    assert f"stage 1 {message}: {steps} steps" in capsys.readouterr().out
+    assert len(_losses(out)) == steps and (out / "loss.png").exists()
+    assert (out / "checkpoints" / "latest").read_text() == f"step{steps}"
+    assert json.loads((out / "export" / "rot_config.json").read_text())["train_config"]["max_seconds"] == 2.0
+    assert json.loads((out / "run.json").read_text())["total_steps"] == 300  # the LR schedule is not rescaled
+
+    summary, _ = run(TrainConfig(max_steps=steps + 2, resume=True, **common))
+    assert summary["steps"] == steps + 2 and summary["stopped_early"] is None
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, steps + 3))
+
+    # under the launcher on 2 ranks (gloo): rank 0's clock decides for both, so both stop at the same step and export
+    two = tmp_path / "two-ranks"
+    result = _launch("stage1", *_args(tiny_shards, tiny_qwen3_vl, two, epochs=50, max_seconds=1), ranks=2)
+    summary = json.loads((two / "summary.json").read_text())
+    assert 1 <= summary["steps"] < summary["planned_steps"] == 150
+    assert f"stage 1 stopped by --max-seconds 1 at step {summary['steps']} of 150" in result.stdout
+    assert (two / "export" / "head.safetensors").exists()
+
+    refusal = "--max-seconds 0: use a number of seconds > 0 (leave it out for no time limit)"
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        TrainConfig(max_seconds=0, **common)
+    assert _cli_error(["--shards", str(tiny_shards), "--backbone", str(tiny_qwen3_vl), "--out", str(tmp_path / "x"),
+                       "--max-seconds", "0"]) == f"error: {refusal}"
+
+
 @pytest.fixture(scope="module")
 def stage_runs(tiny_shards, tiny_qwen3_vl, tmp_path_factory):
     """In-process Stage I (LM loss off so the MSE is the whole signal) then Stage II, with the models."""

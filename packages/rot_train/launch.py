@@ -63,6 +63,7 @@ def train_command(stage: int, mode: str = "rot") -> Callable:
         grad_accum: int = typer.Option(d["grad_accum"], help="micro steps per optimizer step (global batch = micro x accum x GPUs)"),
         epochs: int = typer.Option(d["epochs"]),
         max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
+        max_seconds: Optional[float] = typer.Option(d["max_seconds"], help="wall-clock budget: stop at the first optimizer step after this many seconds of training (setup not counted), then checkpoint and export as a finished run does (for time-limited GPU calls and jobs; --resume continues)"),
         lr: float = typer.Option(d["lr"]),
         warmup_steps: int = typer.Option(d["warmup_steps"]),
         max_latents: Optional[int] = typer.Option(None, help="cap on the latents trained per sample (default: one per visual token of the CoT, as the official code)"),
@@ -90,21 +91,18 @@ def train_command(stage: int, mode: str = "rot") -> Callable:
         log_ids: bool = typer.Option(d["log_ids"], help="write the ids each rank consumed to ids-rank<N>.jsonl"),
         local_rank: int = typer.Option(0, "--local_rank", "--local-rank", hidden=True, help="set by the deepspeed launcher"),
     ) -> None:
-        try:
+        try:  # bad options (zero_config, TrainConfig's checks) and bad shards end with a one-line error
             deepspeed_config = zero_config(zero, deepspeed_config)
-        except ValueError as error:
-            typer.secho(f"error: {error}", fg="red", err=True)
-            raise typer.Exit(1)
-        config = TrainConfig(stage=stage, shards=shards, backbone=backbone, out=out, init=init, mode=mode, deepspeed_config=deepspeed_config,
-                             micro_batch=micro_batch, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr,
-                             warmup_steps=warmup_steps, max_latents=max_latents, inference_latents=inference_latents,
-                             latent_gradient=latent_gradient, vision_weight=vision_weight,
-                             curriculum_steps=curriculum_steps, curriculum_stride=curriculum_stride, reader_weight=reader_weight, train_head=train_head,
-                             lm_weight=lm_weight, head_width=head_width, lora_r=lora_r, lora_alpha=lora_alpha,
-                             lora_dropout=lora_dropout, lora_targets=list(lora_targets), full_finetune=full_finetune,
-                             gradient_checkpointing=gradient_checkpointing, seed=seed, shuffle_buffer=shuffle_buffer,
-                             num_workers=num_workers, save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume, log_ids=log_ids)
-        try:
+            config = TrainConfig(stage=stage, shards=shards, backbone=backbone, out=out, init=init, mode=mode, deepspeed_config=deepspeed_config,
+                                 micro_batch=micro_batch, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
+                                 max_seconds=max_seconds, lr=lr,
+                                 warmup_steps=warmup_steps, max_latents=max_latents, inference_latents=inference_latents,
+                                 latent_gradient=latent_gradient, vision_weight=vision_weight,
+                                 curriculum_steps=curriculum_steps, curriculum_stride=curriculum_stride, reader_weight=reader_weight, train_head=train_head,
+                                 lm_weight=lm_weight, head_width=head_width, lora_r=lora_r, lora_alpha=lora_alpha,
+                                 lora_dropout=lora_dropout, lora_targets=list(lora_targets), full_finetune=full_finetune,
+                                 gradient_checkpointing=gradient_checkpointing, seed=seed, shuffle_buffer=shuffle_buffer,
+                                 num_workers=num_workers, save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume, log_ids=log_ids)
             run(config)
         except (ShardError, FileNotFoundError, ValueError) as error:
             typer.secho(f"error: {error}", fg="red", err=True)

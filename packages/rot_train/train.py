@@ -39,6 +39,9 @@ class TrainConfig:
     grad_accum: int = 4
     epochs: int = 2
     max_steps: int | None = None
+    # wall-clock budget: a run cut by a GPU call's or a SLURM job's limit loses everything, so stop at the first optimizer
+    # step after this many seconds of training (setup not counted) and end as a finished run does (checkpoint, export)
+    max_seconds: float | None = None
     lr: float = 2e-5
     warmup_steps: int = 20
     max_latents: int | None = None  # cap on the latents trained per sample; None: one per visual token (official)
@@ -73,6 +76,8 @@ class TrainConfig:
         for key, value in STAGE_DEFAULTS[self.stage].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"--max-seconds {self.max_seconds:g}: use a number of seconds > 0 (leave it out for no time limit)")
         if self.curriculum_steps < 0 or self.curriculum_stride < 1:
             raise ValueError(f"--curriculum-steps {self.curriculum_steps} / --curriculum-stride {self.curriculum_stride}: "
                              "use steps >= 0 (0: off) and a stride >= 1")
@@ -281,6 +286,17 @@ def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, tensor.tolist()))
 
 
+def _out_of_time(started: float, max_seconds: float, device: torch.device) -> bool:
+    """Whether ``max_seconds`` of training have passed, by rank 0's clock sent to every rank: all ranks stop at the
+    same optimizer step (the final checkpoint and a ZeRO-3 export are collectives). One one-number broadcast per step."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(time.perf_counter() - started >= max_seconds)], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def _same_latent_slots_on_every_rank(batch: dict) -> dict:
     """ZeRO-3 gathers each layer's weights inside every forward call, so all ranks must make the same number of
     calls; the rollout makes one per latent slot. Pad every rank's slots to the largest count on any rank (the
@@ -414,8 +430,9 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
 
     # 4. the loop: micro-steps accumulate into optimizer steps; each optimizer step is logged (and checkpointed)
     engine.train()
-    started, samples, sums, micro_steps = time.perf_counter(), 0, {}, 0
-    while step < stop_step and epoch < cfg.epochs:
+    started, samples, sums, micro_steps = time.perf_counter(), 0, {}, 0  # the --max-seconds clock: setup not counted
+    out_of_time = False
+    while step < stop_step and epoch < cfg.epochs and not out_of_time:
         for batch in micro_batches(stream, cfg, epoch, next_batch):
             next_batch = batch["batch_index"] + 1
             if ids_log:
@@ -440,23 +457,27 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
             sums = {}
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoints.save(step, epoch, next_batch)
-            if step >= stop_step:
+            out_of_time = cfg.max_seconds is not None and step < stop_step and _out_of_time(started, cfg.max_seconds, device)
+            if step >= stop_step or out_of_time:
                 break
-        if step < stop_step:  # the epoch ran out: the next one starts at its first micro-batch
+        if step < stop_step and not out_of_time:  # the epoch ran out: the next one starts at its first micro-batch
             epoch, next_batch = epoch + 1, 0
     progress.close()
     elapsed = time.perf_counter() - started
 
-    # 5. the end: a last checkpoint, the export (a collective under ZeRO-3), the summary and the loss picture
+    # 5. the end (also after --max-seconds: --resume continues from this checkpoint): a last checkpoint, the export
+    # (a collective under ZeRO-3), the summary and the loss picture
     checkpoints.save(step, epoch, next_batch)
-    summary = {"steps": step, "samples": samples, "seconds": elapsed, "samples_per_s": samples / max(elapsed, 1e-9),
-               "global_batch": run_info["global_batch"],
+    stopped = f"stopped by --max-seconds {cfg.max_seconds:g} at step {step} of {stop_step}" if out_of_time else None
+    summary = {"steps": step, "planned_steps": stop_step, "stopped_early": stopped, "samples": samples, "seconds": elapsed,
+               "samples_per_s": samples / max(elapsed, 1e-9), "global_batch": run_info["global_batch"],
                "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     exporting.export(model, tokenizer, out / "export", cfg, shard_set, token_ids, write=rank == 0)
     if rank == 0:
         exporting.plot_losses(out / "metrics.jsonl", out / "loss.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"{cfg.mode if cfg.mode != 'rot' else f'stage {cfg.stage}'} done: {step} steps, {samples} samples in {elapsed:.1f} s "
+        name = cfg.mode if cfg.mode != "rot" else f"stage {cfg.stage}"
+        print(f"{name} {stopped or 'done'}: {step} steps, {samples} samples in {elapsed:.1f} s "
               f"({summary['samples_per_s']:.2f} samples/s, global batch {summary['global_batch']}); export in {out / 'export'}")
     metrics.close()
     if ids_log:
