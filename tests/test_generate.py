@@ -75,6 +75,23 @@ def test_text_baseline_generation_stops_and_decodes(exported):
     assert all(g.answer_tokens <= 5 for g in results)
 
 
+def test_the_static_cache_engine_decodes_text_exactly_as_hugging_face_generate(exported):
+    """The baselines' tokens from the engine (static cache, bucketed prefill, in-place mask and positions) are Hugging
+    Face's greedy `generate` tokens, row for row, in a left-padded batch; a row that says end-of-turn stops there."""
+    from rot_train.batches import pad, pad_token_id, question_ids
+
+    model, tokenizer, _ = load_export(exported)
+    ids, mask = pad([question_ids(tokenizer, q) for q in QUESTIONS], pad_token_id(tokenizer), left=True)
+    reference = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                  eos_token_id=None, pad_token_id=pad_token_id(tokenizer))[:, ids.shape[1]:].tolist()
+    assert [g.token_ids for g in generate_text(model, tokenizer, QUESTIONS, max_new_tokens=12)] == reference
+    eos = reference[1][4]  # make row 1's fifth token its end-of-turn: it stops there, the others go on
+    tokenizer.eos_token_id = eos
+    cut = generate_text(model, tokenizer, QUESTIONS, max_new_tokens=12)
+    assert cut[1].token_ids == reference[1][:reference[1].index(eos) + 1]
+    assert all(g.token_ids == r[:r.index(eos) + 1] if eos in r else g.token_ids == r for g, r in zip(cut, reference))
+
+
 def test_eval_run_writes_predictions_summary_and_the_table(exported, shared_data, tmp_path):
     runs = []
     for dataset in ("svamp", "multiarith"):

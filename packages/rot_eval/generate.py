@@ -7,7 +7,9 @@ Every row of the batch moves one position per step and feeds one input embedding
 - then ``<img_end>``;
 - then the greedy token from the previous step's logits, until end-of-turn or ``max_answer_tokens``.
 Rows may switch phase at different steps (dynamic termination); left padding and position ids
-keep each row identical to decoding it alone. ``use_cache=False`` re-runs the whole sequence at
+keep each row identical to decoding it alone. Decoding runs on the static-cache engine (``engine.py``), the
+text baselines too; the host asks the device whether every row has finished only every ``CHECK_EVERY`` steps
+(steps run after a row finished change nothing it returns). ``use_cache=False`` re-runs the whole sequence at
 every step, as the official code does; it is kept as the reference the tests compare against.
 """
 
@@ -18,8 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from rot_eval.engine import StaticDecoder, bucketed
 from rot_train.batches import pad, pad_token_id, question_ids
 from rot_train.export import DEFAULT_INFERENCE_LATENTS
+
+CHECK_EVERY = 8  # decode steps between the host's checks for finished rows (each check waits for the device)
 
 
 @dataclass
@@ -45,13 +50,19 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     prefix_ids, mask = pad([question_ids(tokenizer, q) + [model.img_begin_id] for q in questions], pad_id, left=True)
-    prefix_ids, mask = prefix_ids.to(device), mask.to(device)
+    prefix_ids, mask = bucketed(prefix_ids.to(device), mask.to(device), pad_id)
     rows = len(questions)
     embed_end = model.embed(torch.tensor([model.img_end_id], device=device))  # [1, d]
+    last_step = latents + max_answer_tokens
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     inputs = model.embed(prefix_ids)
-    output = model.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=use_cache)
-    hidden, cache, position = output.last_hidden_state[:, -1], output.past_key_values, positions[:, -1]
+    if use_cache:
+        engine = StaticDecoder(model.decoder, rows, prefix_ids.shape[1] + last_step + 1)
+        hidden = engine.prefill(inputs, mask)
+    else:
+        hidden = model.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
+                               use_cache=False).last_hidden_state[:, -1]
+        position = positions[:, -1]
 
     in_latent = torch.ones(rows, dtype=torch.bool, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -60,11 +71,12 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_
     # per step, kept on the device and read once at the end (no host sync per row per step)
     step_latents, step_emitted, step_tokens, step_answered = [], [], [], []
     # with a fixed budget every row reasons for exactly `latents` steps, so the host knows each step's phase
-    # without asking the GPU (a sync per step would stop the host from queueing the next step's kernels)
-    phases_known, last_step = dynamic_threshold is None, latents + max_answer_tokens
+    # without asking the device; with dynamic termination it learns every CHECK_EVERY steps whether any row still
+    # reasons (until then the head runs for every row; rows past their latents ignore it)
+    phases_known, maybe_latent = dynamic_threshold is None, True
     for step in range(last_step + 1):
         # only compute what some row needs: the head in the latent phase, the vocabulary logits after it
-        some_latent = step <= latents if phases_known else bool(in_latent.any())
+        some_latent = step <= latents if phases_known else maybe_latent
         predicted = model.head(hidden) if some_latent else None
         if predicted is not None and given_latents is not None and step < latents:
             predicted = given_latents[:, step].to(predicted)
@@ -75,7 +87,7 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_
         end_now = in_latent & ((latent_count >= latents) | close)
         emit_latent = in_latent & ~end_now
         answering = ~in_latent & ~finished
-        some_answering = step > latents if phases_known else bool(answering.any())
+        some_answering = step > latents if phases_known else step > 0
         token = model.output_layer(hidden).argmax(-1) if some_answering else torch.zeros_like(latent_count)
         step_inputs = model.embed(torch.where(answering, token, torch.full_like(token, model.img_end_id)))
         if latent_input is not None:
@@ -91,21 +103,22 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_
         finished |= answering & (answer_count >= max_answer_tokens)
         latent_count += emit_latent.long()
         in_latent &= ~end_now
-        # without early stops (fixed budget, no end-of-turn stop) every row finishes at the last step
-        done = bool(finished.all()) if stop_at_eos or not phases_known else step == last_step
-        if done:
+        if step == last_step:
             break
-        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-        position = position + 1
+        if step % CHECK_EVERY == CHECK_EVERY - 1:
+            if not phases_known:
+                maybe_latent = bool(in_latent.any())
+            if (stop_at_eos or not phases_known) and bool(finished.all()):
+                break
         if use_cache:
-            output = model.decoder(inputs_embeds=step_inputs[:, None], attention_mask=mask, position_ids=position[:, None],
-                                   past_key_values=cache, use_cache=True)
-            cache = output.past_key_values
+            hidden = engine.step(step_inputs)
         else:
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+            position = position + 1
             inputs = torch.cat([inputs, step_inputs[:, None]], dim=1)
             positions = torch.cat([positions, position[:, None]], dim=1)
-            output = model.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False)
-        hidden = output.last_hidden_state[:, -1]
+            hidden = model.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
+                                   use_cache=False).last_hidden_state[:, -1]
     latent_dim = model.head.fc_out.out_features
     latents_by_step = torch.stack(step_latents).float().cpu() if step_latents else torch.zeros(0, rows, latent_dim)
     emitted = torch.stack(step_emitted).cpu() if step_emitted else torch.zeros(0, rows, dtype=torch.bool)
@@ -120,18 +133,28 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_
 
 @torch.no_grad()
 def generate_text(model, tokenizer, questions: list[str], max_new_tokens: int = 256) -> list[Generation]:
-    """Greedy text decoding for the SFT baselines (CoT or no CoT), with the LM's own KV cache."""
+    """Greedy text decoding for the SFT baselines (CoT or no CoT) on the same engine as RoT's latents."""
     model.eval()
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     ids, mask = pad([question_ids(tokenizer, q) for q in questions], pad_id, left=True)
-    output = model.lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                               do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
+    ids, mask = bucketed(ids.to(device), mask.to(device), pad_id)
+    engine = StaticDecoder(model.decoder, len(questions), ids.shape[1] + max_new_tokens)
+    hidden = engine.prefill(model.embed(ids), mask)
+    finished = torch.zeros(len(questions), dtype=torch.bool, device=device)
+    step_tokens = []
+    for step in range(max_new_tokens):
+        token = model.output_layer(hidden).argmax(-1)
+        step_tokens.append(token)
+        finished |= token == tokenizer.eos_token_id
+        if step == max_new_tokens - 1 or (step % CHECK_EVERY == CHECK_EVERY - 1 and bool(finished.all())):
+            break
+        hidden = engine.step(model.embed(token))
     results = []
-    for row in output[:, ids.shape[1]:].tolist():
+    for row in torch.stack(step_tokens, 1).tolist():
         if tokenizer.eos_token_id in row:
             row = row[:row.index(tokenizer.eos_token_id) + 1]
-        text = tokenizer.decode([t for t in row if t not in (tokenizer.eos_token_id, pad_id)], skip_special_tokens=True)
+        text = tokenizer.decode([t for t in row if t != tokenizer.eos_token_id], skip_special_tokens=True)
         results.append(Generation(text.strip(), torch.zeros(0), row))
     return results
 

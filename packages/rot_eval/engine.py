@@ -1,0 +1,65 @@
+"""The decoding engine: one static KV cache sized for the whole answer, updated in place.
+
+A Hugging Face dynamic cache grows by one position per step, and the attention mask with it, so every decode step
+has new shapes and allocates. Here the cache (``transformers.StaticCache``), the attention mask, the positions and
+the write index are allocated once for prefix + latents + answer and changed in place: every step after the prefill
+runs the same kernels on the same buffers, which is what capturing it as a CUDA graph needs (the next step of
+issue 16, to be measured on a GPU). RoT's latents and the text baselines' tokens go through the same ``step``, so their
+speeds compare latents with tokens, not one engine with another. Prompts are left-padded up to a multiple of
+``PREFILL_BUCKET`` so that a few prefill shapes serve every batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PREFILL_BUCKET = 16  # prompts are left-padded to a multiple of this: few distinct prefill shapes
+
+
+def bucketed(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad (ids, mask) to the next multiple of PREFILL_BUCKET columns (padding is masked: outputs unchanged)."""
+    extra = -ids.shape[1] % PREFILL_BUCKET
+    if not extra:
+        return ids, mask
+    return (torch.cat([ids.new_full((ids.shape[0], extra), pad_id), ids], 1),
+            torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1))
+
+
+class StaticDecoder:
+    """Decode ``rows`` sequences of at most ``max_len`` positions with one static KV cache.
+
+    ``prefill(inputs, mask)`` runs the left-padded prompt and returns each row's last hidden state; each
+    ``step(inputs)`` appends one input embedding per row and returns the new hidden states [rows, d].
+    """
+
+    def __init__(self, decoder, rows: int, max_len: int):
+        from transformers import StaticCache
+
+        weight = next(decoder.parameters())
+        self.decoder, self.max_len = decoder, max_len
+        self.cache = StaticCache(config=decoder.config, max_cache_len=max_len)
+        self.mask = torch.zeros(rows, max_len, dtype=torch.long, device=weight.device)
+        self.position = torch.zeros(rows, dtype=torch.long, device=weight.device)  # each row's last position id
+        self.write_at = torch.zeros(1, dtype=torch.long, device=weight.device)  # the cache slot the next step fills
+
+    def prefill(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        length = inputs.shape[1]
+        if length >= self.max_len:
+            raise ValueError(f"a prompt of {length} positions does not fit a cache of {self.max_len}")
+        self.mask[:, :length] = mask
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        output = self.decoder(inputs_embeds=inputs, attention_mask=self.mask, position_ids=positions,
+                              past_key_values=self.cache, cache_position=torch.arange(length, device=inputs.device),
+                              use_cache=True)
+        self.position.copy_(positions[:, -1])
+        self.write_at.fill_(length)
+        return output.last_hidden_state[:, -1]
+
+    def step(self, inputs: torch.Tensor) -> torch.Tensor:
+        """One position for every row: ``inputs`` [rows, d] -> hidden states [rows, d] (on the device; no host sync)."""
+        self.mask.index_fill_(1, self.write_at, 1)
+        self.position.add_(1)
+        output = self.decoder(inputs_embeds=inputs[:, None], attention_mask=self.mask, position_ids=self.position[:, None],
+                              past_key_values=self.cache, cache_position=self.write_at, use_cache=True)
+        self.write_at.add_(1)
+        return output.last_hidden_state[:, -1]
