@@ -3,13 +3,17 @@
 A Hugging Face dynamic cache grows by one position per step, and the attention mask with it, so every decode step
 has new shapes and allocates. Here the cache (``transformers.StaticCache``), the attention mask, the positions and
 the write index are allocated once for prefix + latents + answer and changed in place: every step after the prefill
-runs the same kernels on the same buffers, which is what capturing it as a CUDA graph needs (the next step of
-issue 16, to be measured on a GPU). RoT's latents and the text baselines' tokens go through the same ``step``, so their
+runs the same kernels on the same buffers, so on a GPU the step is captured once as a CUDA graph and replayed: one
+launch per step instead of hundreds of small kernels launched from Python (as the trainer's rollout does,
+``rot_train.model.RolloutGraphs``). The step's attention mask is passed as a 4-D tensor, which Hugging Face models
+take as it is, so nothing reads a device value on the host during capture. RoT's latents and the text baselines' tokens go through the same ``step``, so their
 speeds compare latents with tokens, not one engine with another. Prompts are left-padded up to a multiple of
 ``PREFILL_BUCKET`` so that a few prefill shapes serve every batch.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -32,7 +36,7 @@ class StaticDecoder:
     ``step(inputs)`` appends one input embedding per row and returns the new hidden states [rows, d].
     """
 
-    def __init__(self, decoder, rows: int, max_len: int):
+    def __init__(self, decoder, rows: int, max_len: int, graphs: bool | None = None):
         from transformers import StaticCache
 
         weight = next(decoder.parameters())
@@ -41,6 +45,8 @@ class StaticDecoder:
         self.mask = torch.zeros(rows, max_len, dtype=torch.long, device=weight.device)
         self.position = torch.zeros(rows, dtype=torch.long, device=weight.device)  # each row's last position id
         self.write_at = torch.zeros(1, dtype=torch.long, device=weight.device)  # the cache slot the next step fills
+        self.graphs = weight.is_cuda if graphs is None else graphs  # capture the step as a CUDA graph (GPU only)
+        self.graph, self.graph_inputs, self.graph_hidden = None, None, None
 
     def prefill(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         length = inputs.shape[1]
@@ -57,9 +63,44 @@ class StaticDecoder:
 
     def step(self, inputs: torch.Tensor) -> torch.Tensor:
         """One position for every row: ``inputs`` [rows, d] -> hidden states [rows, d] (on the device; no host sync)."""
+        if self.graphs and self.graph is None:
+            self._capture(inputs)
+        if self.graph is None:
+            return self._step(inputs)
+        self.graph_inputs.copy_(inputs)
+        self.graph.replay()
+        return self.graph_hidden.clone()
+
+    def _step(self, inputs: torch.Tensor) -> torch.Tensor:
         self.mask.index_fill_(1, self.write_at, 1)
         self.position.add_(1)
-        output = self.decoder(inputs_embeds=inputs[:, None], attention_mask=self.mask, position_ids=self.position[:, None],
+        visible = self.mask.bool()[:, None, None, :]  # [rows, 1, query 1, max_len]: the slots written so far
+        output = self.decoder(inputs_embeds=inputs[:, None], attention_mask=visible, position_ids=self.position[:, None],
                               past_key_values=self.cache, cache_position=self.write_at, use_cache=True)
         self.write_at.add_(1)
         return output.last_hidden_state[:, -1]
+
+    def _capture(self, inputs: torch.Tensor) -> None:
+        """Record ``_step`` once (after a warm-up on a side stream, as capture requires); the warm-up's changes to the
+        mask, positions and write index are undone, and the cache slot it wrote is rewritten by the first replay."""
+        saved = [t.clone() for t in (self.mask, self.position, self.write_at)]
+        self.graph_inputs = inputs.clone()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._step(self.graph_inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            for tensor, value in zip((self.mask, self.position, self.write_at), saved):
+                tensor.copy_(value)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.graph_hidden = self._step(self.graph_inputs)
+            self.graph = graph
+        except Exception as error:  # capture is best effort: the eager step gives the same numbers
+            warnings.warn(f"decode step not captured as a CUDA graph ({type(error).__name__}: {error}); running it eagerly")
+            self.graphs, self.graph = False, None
+            torch.cuda.synchronize()
+        finally:
+            for tensor, value in zip((self.mask, self.position, self.write_at), saved):
+                tensor.copy_(value)
