@@ -85,6 +85,8 @@ def test_the_static_cache_engine_decodes_text_exactly_as_hugging_face_generate(e
     reference = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                                   eos_token_id=None, pad_token_id=pad_token_id(tokenizer))[:, ids.shape[1]:].tolist()
     assert [g.token_ids for g in generate_text(model, tokenizer, QUESTIONS, max_new_tokens=12)] == reference
+    again = generate_text(model, tokenizer, QUESTIONS, max_new_tokens=12)  # the same shape: the engine is reused
+    assert [g.token_ids for g in again] == reference
     eos = reference[1][4]  # make row 1's fifth token its end-of-turn: it stops there, the others go on
     tokenizer.eos_token_id = eos
     cut = generate_text(model, tokenizer, QUESTIONS, max_new_tokens=12)

@@ -18,6 +18,8 @@ import warnings
 import torch
 
 PREFILL_BUCKET = 16  # prompts are left-padded to a multiple of this: few distinct prefill shapes
+KEEP_ENGINES = 2  # engines (each a KV cache and, on a GPU, a captured graph) kept for reuse by later batches
+_engines: dict = {}
 
 
 def bucketed(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,6 +29,18 @@ def bucketed(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.
         return ids, mask
     return (torch.cat([ids.new_full((ids.shape[0], extra), pad_id), ids], 1),
             torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1))
+
+
+def engine_for(decoder, rows: int, max_len: int) -> "StaticDecoder":
+    """A StaticDecoder of this shape, reused by later calls of the same shape (an evaluation's batches, a benchmark's
+    repeats), so its cache is allocated and its step captured once. The key holds the weights' address: a model
+    loaded or moved elsewhere gets a new engine."""
+    key = (id(decoder), rows, max_len, next(decoder.parameters()).data_ptr())
+    if key not in _engines:
+        _engines[key] = StaticDecoder(decoder, rows, max_len)
+        while len(_engines) > KEEP_ENGINES:
+            _engines.pop(next(iter(_engines)))
+    return _engines[key]
 
 
 class StaticDecoder:
@@ -52,6 +66,8 @@ class StaticDecoder:
         length = inputs.shape[1]
         if length >= self.max_len:
             raise ValueError(f"a prompt of {length} positions does not fit a cache of {self.max_len}")
+        self.cache.reset()  # a reused engine: the cache counts its own write position from zero again
+        self.mask.zero_()
         self.mask[:, :length] = mask
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         output = self.decoder(inputs_embeds=inputs, attention_mask=self.mask, position_ids=positions,
@@ -63,13 +79,19 @@ class StaticDecoder:
 
     def step(self, inputs: torch.Tensor) -> torch.Tensor:
         """One position for every row: ``inputs`` [rows, d] -> hidden states [rows, d] (on the device; no host sync)."""
-        if self.graphs and self.graph is None:
-            self._capture(inputs)
-        if self.graph is None:
+        if self.graph is not None:
+            self.graph_inputs.copy_(inputs)
+            self.graph.replay()
+            return self.graph_hidden.clone()
+        if not self.graphs:
             return self._step(inputs)
-        self.graph_inputs.copy_(inputs)
-        self.graph.replay()
-        return self.graph_hidden.clone()
+        side = torch.cuda.Stream()  # the first step runs eagerly on a side stream: the warm-up capture requires
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            hidden = self._step(inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self._capture(inputs)
+        return hidden
 
     def _step(self, inputs: torch.Tensor) -> torch.Tensor:
         self.mask.index_fill_(1, self.write_at, 1)
@@ -81,18 +103,9 @@ class StaticDecoder:
         return output.last_hidden_state[:, -1]
 
     def _capture(self, inputs: torch.Tensor) -> None:
-        """Record ``_step`` once (after a warm-up on a side stream, as capture requires); the warm-up's changes to the
-        mask, positions and write index are undone, and the cache slot it wrote is rewritten by the first replay."""
-        saved = [t.clone() for t in (self.mask, self.position, self.write_at)]
+        """Record ``_step`` as a CUDA graph for the later steps (recording runs nothing: the state is untouched)."""
         self.graph_inputs = inputs.clone()
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._step(self.graph_inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            for tensor, value in zip((self.mask, self.position, self.write_at), saved):
-                tensor.copy_(value)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self.graph_hidden = self._step(self.graph_inputs)
@@ -101,6 +114,3 @@ class StaticDecoder:
             warnings.warn(f"decode step not captured as a CUDA graph ({type(error).__name__}: {error}); running it eagerly")
             self.graphs, self.graph = False, None
             torch.cuda.synchronize()
-        finally:
-            for tensor, value in zip((self.mask, self.position, self.write_at), saved):
-                tensor.copy_(value)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rot_eval.engine import StaticDecoder, bucketed
+from rot_eval.engine import bucketed, engine_for
 from rot_train.batches import pad, pad_token_id, question_ids
 from rot_train.export import DEFAULT_INFERENCE_LATENTS
 
@@ -57,7 +57,7 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     inputs = model.embed(prefix_ids)
     if use_cache:
-        engine = StaticDecoder(model.decoder, rows, prefix_ids.shape[1] + last_step + 1)
+        engine = engine_for(model.decoder, rows, prefix_ids.shape[1] + last_step + 1)
         hidden = engine.prefill(inputs, mask)
     else:
         hidden = model.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
@@ -132,14 +132,15 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_
 
 
 @torch.no_grad()
-def generate_text(model, tokenizer, questions: list[str], max_new_tokens: int = 256) -> list[Generation]:
-    """Greedy text decoding for the SFT baselines (CoT or no CoT) on the same engine as RoT's latents."""
+def generate_text(model, tokenizer, questions: list[str], max_new_tokens: int = 256, stop_at_eos: bool = True) -> list[Generation]:
+    """Greedy text decoding for the SFT baselines (CoT or no CoT) on the same engine as RoT's latents
+    (``stop_at_eos=False``: always ``max_new_tokens`` steps, for benchmarks)."""
     model.eval()
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     ids, mask = pad([question_ids(tokenizer, q) for q in questions], pad_id, left=True)
     ids, mask = bucketed(ids.to(device), mask.to(device), pad_id)
-    engine = StaticDecoder(model.decoder, len(questions), ids.shape[1] + max_new_tokens)
+    engine = engine_for(model.decoder, len(questions), ids.shape[1] + max_new_tokens)
     hidden = engine.prefill(model.embed(ids), mask)
     finished = torch.zeros(len(questions), dtype=torch.bool, device=device)
     step_tokens = []
@@ -147,12 +148,12 @@ def generate_text(model, tokenizer, questions: list[str], max_new_tokens: int = 
         token = model.output_layer(hidden).argmax(-1)
         step_tokens.append(token)
         finished |= token == tokenizer.eos_token_id
-        if step == max_new_tokens - 1 or (step % CHECK_EVERY == CHECK_EVERY - 1 and bool(finished.all())):
+        if step == max_new_tokens - 1 or (stop_at_eos and step % CHECK_EVERY == CHECK_EVERY - 1 and bool(finished.all())):
             break
         hidden = engine.step(model.embed(token))
     results = []
     for row in torch.stack(step_tokens, 1).tolist():
-        if tokenizer.eos_token_id in row:
+        if stop_at_eos and tokenizer.eos_token_id in row:
             row = row[:row.index(tokenizer.eos_token_id) + 1]
         text = tokenizer.decode([t for t in row if t != tokenizer.eos_token_id], skip_special_tokens=True)
         results.append(Generation(text.strip(), torch.zeros(0), row))
