@@ -50,7 +50,7 @@ class StaticDecoder:
     ``step(inputs)`` appends one input embedding per row and returns the new hidden states [rows, d].
     """
 
-    def __init__(self, decoder, rows: int, max_len: int, graphs: bool | None = None):
+    def __init__(self, decoder, rows: int, max_len: int):
         from transformers import StaticCache
 
         weight = next(decoder.parameters())
@@ -59,7 +59,7 @@ class StaticDecoder:
         self.mask = torch.zeros(rows, max_len, dtype=torch.long, device=weight.device)
         self.position = torch.zeros(rows, dtype=torch.long, device=weight.device)  # each row's last position id
         self.write_at = torch.zeros(1, dtype=torch.long, device=weight.device)  # the cache slot the next step fills
-        self.graphs = weight.is_cuda if graphs is None else graphs  # capture the step as a CUDA graph (GPU only)
+        self.graphs = weight.is_cuda  # capture the step as a CUDA graph (GPU only)
         self.graph, self.graph_inputs, self.graph_hidden = None, None, None
 
     def prefill(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
