@@ -9,4 +9,5 @@ if [ -d .whl ]; then  # once per machine: parts running side by side on several 
   export PYTHONPATH=/tmp/site:$PWD/packages PATH=/tmp/site/bin:$PATH
 fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -c "import torch, transformers, deepspeed, ray; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'ray', ray.__version__, torch.cuda.device_count(), 'x', torch.cuda.get_device_name())"
+[ -f /tmp/site/.checked ] && return 0  # the versions are printed once per machine (the import costs ~20 s a part)
+python3 -c "import torch, transformers, deepspeed, ray; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'ray', ray.__version__, torch.cuda.device_count(), 'x', torch.cuda.get_device_name())" && mkdir -p /tmp/site && touch /tmp/site/.checked

@@ -337,3 +337,15 @@ def test_stage2_reader_loss_and_trained_head_are_logged_exported_and_leave_the_r
     with pytest.raises(ValueError, match=re.escape("tokenizer has no <|image_pad|> token")):
         run(TrainConfig(stage=2, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(tmp_path / "x"),
                         init=str(tmp_path / "s1" / "export"), reader_weight=1.0, **dict(TINY, max_latents=None)))
+
+
+def test_the_recorded_inference_budget_is_the_shards_mean_or_the_training_cap_when_lower():
+    """A model trained with --max-latents C puts its answer after latent C, so rot-eval must stop there too."""
+    from types import SimpleNamespace
+
+    from rot_train.export import inference_budget
+
+    shards = SimpleNamespace(manifest={"tokens": 2816000, "rows": 64000})  # 5x5 multiplication: 44 visual tokens a row
+    assert inference_budget(shards) == 44
+    assert inference_budget(shards, max_latents=32) == 32
+    assert inference_budget(shards, max_latents=64) == 44

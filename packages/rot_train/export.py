@@ -54,7 +54,7 @@ def export(model: RoTModel, tokenizer, folder: Path, cfg, shard_set, token_ids: 
         "llm_dim": model.lm.config.hidden_size, "latent_dim": shard_set.dim, "head_width": cfg.head_width,
         "tokens": {IMG_BEGIN: token_ids[IMG_BEGIN], IMG_END: token_ids[IMG_END]},
         "shards_fingerprint": shard_set.fingerprint, "max_latents": cfg.max_latents,
-        "inference_latents": cfg.inference_latents or inference_budget(shard_set), "latent_gradient": cfg.latent_gradient,
+        "inference_latents": cfg.inference_latents or inference_budget(shard_set, cfg.max_latents), "latent_gradient": cfg.latent_gradient,
         "train_config": asdict(cfg),
     }
     (folder / "rot_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -64,9 +64,11 @@ def export(model: RoTModel, tokenizer, folder: Path, cfg, shard_set, token_ids: 
 DEFAULT_INFERENCE_LATENTS = 32  # the paper's budget for GSM8k-style tasks; exports older than the recorded budget
 
 
-def inference_budget(shard_set) -> int:
-    """The default latent budget at inference: the mean number of visual tokens per training row."""
-    return max(1, round(shard_set.manifest["tokens"] / max(1, shard_set.manifest["rows"])))
+def inference_budget(shard_set, max_latents: int | None = None) -> int:
+    """The default latent budget at inference: the mean number of visual tokens per training row, or the training
+    cap when it is lower (a model trained with ``--max-latents C`` answers after latent C)."""
+    mean = max(1, round(shard_set.manifest["tokens"] / max(1, shard_set.manifest["rows"])))
+    return min(mean, max_latents) if max_latents else mean
 
 
 def portable_name(backbone: str) -> str:

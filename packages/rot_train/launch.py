@@ -67,7 +67,7 @@ def train_command(stage: int, mode: str = "rot") -> Callable:
         lr: float = typer.Option(d["lr"]),
         warmup_steps: int = typer.Option(d["warmup_steps"]),
         max_latents: Optional[int] = typer.Option(None, help="cap on the latents trained per sample (default: one per visual token of the CoT, as the official code)"),
-        inference_latents: Optional[int] = typer.Option(None, help="latent budget recorded in the export for rot-eval (default: the shards' mean visual tokens per row)"),
+        inference_latents: Optional[int] = typer.Option(None, help="latent budget recorded in the export for rot-eval (default: the shards' mean visual tokens per row, or --max-latents if lower)"),
         latent_gradient: str = typer.Option(d["latent_gradient"], help="Stage II: 'official' (the answer loss trains the LLM through its latents) or 'detached'"),
         vision_weight: float = typer.Option(d["vision_weight"], help="weight of the MSE to the visual embeddings"),
         curriculum_steps: int = typer.Option(d["curriculum_steps"], help="Stage II: teacher-force the latents with the true visual embeddings, handing --curriculum-stride more of them to the rollout every N optimizer steps (0: off, the official forward)"),

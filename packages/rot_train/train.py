@@ -45,7 +45,7 @@ class TrainConfig:
     lr: float = 2e-5
     warmup_steps: int = 20
     max_latents: int | None = None  # cap on the latents trained per sample; None: one per visual token (official)
-    inference_latents: int | None = None  # latent budget recorded for inference; None: the shards' mean per row
+    inference_latents: int | None = None  # latent budget recorded for inference; None: the shards' mean per row (at most max_latents)
     latent_gradient: str = "official"  # Stage II: "official" (answer loss reaches the LLM through the latents) or "detached"
     vision_weight: float | None = None  # None: the stage's official value (STAGE_DEFAULTS)
     # Stage II's latent curriculum (0: off, the official forward): the first `curriculum_steps` optimizer steps feed
