@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The 4x4 RoT recipe of docs/results.md in one GPU call (issue 13), one seed per GPU side by side:
+#   the training rows and their shards once (seed 0's rows for every seed, as in the table), then per seed
+#   Stage I (100 steps) -> teacher-forced Stage II (1 000 steps, head trained, lr 1e-3, reader loss) ->
+#   Stage II on its own rollouts until DEADLINE seconds after this script started (--max-seconds) -> valid and test.
+# On a 4-GPU machine (carry .whl):   SEEDS="0 1 2 3" bash pipelines/miniature_call.sh
+# Each part is a pipelines/miniature.sh command (the table's rows give them one by one). Knobs: SEEDS (one per GPU,
+# in order), DEADLINE (default 520: a 10-minute call with the evaluation after it), EVAL (0: keep the exports in $W
+# for evaluation elsewhere), and miniature.sh's (N, DATA, W, ROWS, STEPS1, ...). On this CPU, at smoke scale (one seed,
+# no GPU pinning): SMOKE=1 ANCHOR=<a micro anchor folder> bash pipelines/miniature_call.sh
+set -euo pipefail
+START=$(date +%s); SEEDS=${SEEDS:-0}; DEADLINE=${DEADLINE:-520}; EVAL=${EVAL:-1}
+export N=${N:-4} ROWS=${ROWS:-64000} STEPS1=${STEPS1:-100} W=$(realpath -m "${W:-/tmp/miniature-${N:-4}x${N:-4}}")
+[ -f pipelines/device_env.sh ] && [ -z "${SMOKE:-}" ] && source pipelines/device_env.sh
+LOGS=$W/logs; mkdir -p "$LOGS"
+elapsed() { echo $(( $(date +%s) - START )); }
+mini() { bash pipelines/miniature.sh; }
+
+SEED=0 PARTS=data mini > "$LOGS/data.log" 2>&1
+echo "data: $(grep -E '^done:' "$LOGS/data.log") ($(elapsed) s)"
+
+one_seed() {  # the whole recipe for one seed on one GPU
+  [ -z "${SMOKE:-}" ] && export GPU=$1
+  export SEED=$2
+  PARTS=stage1 mini
+  EPOCHS=4 TAG=-h EXTRA="--train-head --lr 1e-3" PARTS=reader-tf mini
+  local left=$(( DEADLINE - $(elapsed) - 38 ))  # ~38 s of launcher and model start-up before the clock starts
+  EPOCHS=4 TAG=-h ROLL="--max-seconds $(( left > 30 ? left : 30 ))" PARTS=rollout mini
+  if [ "$EVAL" = 1 ]; then EVAL_RUNS=rollout-h PARTS=eval mini; fi
+}
+gpu=0
+for seed in $SEEDS; do
+  one_seed $gpu "$seed" > "$LOGS/seed$seed.log" 2>&1 &
+  gpu=$((gpu + 1))
+done
+wait
+for seed in $SEEDS; do  # the true summary: how far each rollout phase got, and each accuracy
+  echo "seed $seed: $(grep -E '^stage 2 (done|stopped)' "$LOGS/seed$seed.log" | tail -1 | sed 's/; export in .*//')"
+  grep -E '^RoT on' "$LOGS/seed$seed.log" | sed 's/ over .*//; s/^/    /' || true
+done
+echo "exports: $W/rollout-h-s<seed>/export; logs: $LOGS ($(elapsed) s)"
