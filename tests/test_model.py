@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from rot_anchor.model import cache_arg, output_cache
 from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone
 from rot_train.batches import RoTCollator
 from rot_train.model import RoTModel
@@ -137,7 +138,7 @@ def official_stage2_loss(model, batch, row, rolled_out=None):
         latents.append(latent)
         if step < k - 1:
             output = model.decoder(inputs_embeds=model.latent_inputs(latent.detach())[:, None],
-                                   past_key_values=output.past_key_values, use_cache=True)
+                                   use_cache=True, **cache_arg(model.decoder, output_cache(output)))
     latents += [batch["targets"][row, i][None] for i in range(k, n)]
     inputs = torch.cat([model.embed(prefix[None]), model.latent_inputs(torch.stack(latents, 1)), model.embed(suffix[None])], 1)
     hidden = model.decoder(inputs_embeds=inputs).last_hidden_state[0]

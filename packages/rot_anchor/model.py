@@ -9,6 +9,9 @@ starts from rows the anchor already learned: ``<img_begin>`` opens a line of vis
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 IMG_BEGIN, IMG_END = "<img_begin>", "<img_end>"  # the same strings as rot_train.backbone's RoT tokens
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
@@ -89,3 +92,20 @@ def build_anchor(size: str = "anchor", seed: int = 0):
     generation = model.generation_config
     generation.bos_token_id, generation.eos_token_id, generation.pad_token_id = None, tokenizer.eos_token_id, tokenizer.pad_token_id
     return model, tokenizer
+
+
+def cache_arg(decoder, cache) -> dict:
+    """``{keyword: cache}`` for a decoder's forward: transformers renamed ``past_key_values`` to ``cache`` (5.24
+    warns on the old name, which goes in 5.40; 5.17 knows only the old one)."""
+    return {_cache_keyword(type(decoder)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(decoder_class) -> str:
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache a decoder returned with ``use_cache=True`` (``cache`` from 5.24, ``past_key_values`` before)."""
+    cache = output.get("cache")
+    return cache if cache is not None else output.past_key_values

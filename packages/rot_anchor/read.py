@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rot_anchor.model import IMAGE_PAD, IMG_BEGIN, IMG_END
+from rot_anchor.model import IMAGE_PAD, IMG_BEGIN, IMG_END, cache_arg, output_cache
 
 
 def load(name: str = "anchor", device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -93,7 +93,7 @@ def _generate(model, tokenizer, prompts, visual, max_new_tokens):
         inputs[i, width - len(row):], mask[i, width - len(row):] = row, 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     output = decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache, position = output.past_key_values, positions[:, -1]
+    cache, position = output_cache(output), positions[:, -1]
     token = head(output.last_hidden_state[:, -1]).argmax(-1)
     tokens, finished = [token], token == tokenizer.eos_token_id
     for _ in range(max_new_tokens - 1):
@@ -102,8 +102,8 @@ def _generate(model, tokenizer, prompts, visual, max_new_tokens):
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         position = position + 1
         output = decoder(inputs_embeds=embed(token)[:, None], attention_mask=mask, position_ids=position[:, None],
-                         past_key_values=cache, use_cache=True)
-        cache = output.past_key_values
+                         use_cache=True, **cache_arg(decoder, cache))
+        cache = output_cache(output)
         token = head(output.last_hidden_state[:, -1]).argmax(-1)
         tokens.append(token)
         finished |= token == tokenizer.eos_token_id

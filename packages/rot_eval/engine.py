@@ -17,6 +17,8 @@ import warnings
 
 import torch
 
+from rot_anchor.model import cache_arg
+
 PREFILL_BUCKET = 16  # prompts are left-padded to a multiple of this: few distinct prefill shapes
 KEEP_ENGINES = 2  # engines (each a KV cache and, on a GPU, a captured graph) kept for reuse by later batches
 _engines: dict = {}
@@ -71,7 +73,7 @@ class StaticDecoder:
         self.mask[:, :length] = mask
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         output = self.decoder(inputs_embeds=inputs, attention_mask=self.mask, position_ids=positions,
-                              past_key_values=self.cache, cache_position=torch.arange(length, device=inputs.device),
+                              cache_position=torch.arange(length, device=inputs.device), **cache_arg(self.decoder, self.cache),
                               use_cache=True)
         self.position.copy_(positions[:, -1])
         self.write_at.fill_(length)
@@ -98,7 +100,7 @@ class StaticDecoder:
         self.position.add_(1)
         visible = self.mask.bool()[:, None, None, :]  # [rows, 1, query 1, max_len]: the slots written so far
         output = self.decoder(inputs_embeds=inputs[:, None], attention_mask=visible, position_ids=self.position[:, None],
-                              past_key_values=self.cache, cache_position=self.write_at, use_cache=True)
+                              cache_position=self.write_at, use_cache=True, **cache_arg(self.decoder, self.cache))
         self.write_at.add_(1)
         return output.last_hidden_state[:, -1]
 

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rot_anchor.model import cache_arg, output_cache
+
 
 class SwiGLU(nn.Module):
     """W3(silu(W1 x) * W2 x), as in the official projection head."""
@@ -179,14 +181,14 @@ class RoTModel(nn.Module):
         output = self.decoder(inputs_embeds=self.embed(prefix_ids), attention_mask=prefix_mask,
                               position_ids=positions, use_cache=True)
         hidden = output.last_hidden_state[:, -1]
-        cache, mask, position = output.past_key_values, prefix_mask, positions[:, -1]
+        cache, mask, position = output_cache(output), prefix_mask, positions[:, -1]
         states = [hidden]
         for _ in range(n_steps - 1):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             position = position + 1
             output = self.decoder(inputs_embeds=self.latent_inputs(self.head(hidden))[:, None], attention_mask=mask,
-                                  position_ids=position[:, None], past_key_values=cache, use_cache=True)
-            hidden, cache = output.last_hidden_state[:, -1], output.past_key_values
+                                  position_ids=position[:, None], use_cache=True, **cache_arg(self.decoder, cache))
+            hidden, cache = output.last_hidden_state[:, -1], output_cache(output)
             states.append(hidden)
         return torch.stack(states, dim=1)
 
