@@ -331,6 +331,30 @@ def bench_inference(model, tokenizer, records, results, batch_sizes, latents=32,
                                            cot_step_ms=cot_step * 1e3, prefill_ms=prefill * 1e3)
 
 
+def bench_eval(model, tokenizer, ids, results, work: Path, batch_size: int = 64, latents: int = 32):
+    """The whole GSM8k test through ``rot-eval run``, timed end to end (a fresh process: imports, loading the export,
+    every batch, the files): the bench's model written as a RoT export, so the user's command is what is timed."""
+    from types import SimpleNamespace
+
+    from rot_train.export import export
+    from rot_train.train import TrainConfig
+
+    folder = work / "export-random"
+    cfg = TrainConfig(stage=2, shards=str(work), backbone="random weights", out=str(work), full_finetune=True,
+                      head_width=model.head.fc_in.out_features, inference_latents=latents)
+    shard_set = SimpleNamespace(fingerprint="random", dim=model.head.fc_out.out_features)
+    export(model, tokenizer, folder, cfg, shard_set, {IMG_BEGIN: ids[IMG_BEGIN], IMG_END: ids[IMG_END]})
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "rot_eval.cli", "run", "--checkpoint", str(folder), "--dataset", "gsm8k",
+                    "--split", "test", "--batch-size", str(batch_size), "--out", str(work / "eval")], check=True)
+    wall = time.perf_counter() - started
+    summary = json.loads((work / "eval" / "summary.json").read_text())
+    results["eval_gsm8k_test"] = {
+        "questions": summary["examples"], "batch_size": batch_size, "latents": latents, "wall_s": wall,
+        "generation_s": summary["seconds_per_sample"] * summary["examples"], "questions_per_s_end_to_end": summary["examples"] / wall,
+    }
+
+
 def bench_limit(model, tokenizer, records, results, device, out):
     """Batch-1 decode step time against the floor: weight bytes / measured copy bandwidth, plus a profile."""
     if not torch.cuda.is_available():
@@ -390,7 +414,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=["4b", "tiny"], default="4b")
     parser.add_argument("--out", default="bench.json")
-    parser.add_argument("--parts", default="encode,train,infer,limit")
+    parser.add_argument("--parts", default="encode,train,infer,eval,limit")
     parser.add_argument("--batch-sizes", default="1,64", help="inference batch sizes")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -429,6 +453,9 @@ def main():
         model.lm = model.lm.merge_and_unload()
     if "infer" in parts:
         bench_inference(model, tokenizer, records, results, [int(b) for b in args.batch_sizes.split(",")])
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    if "eval" in parts:
+        bench_eval(model, tokenizer, ids, results, work)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if "limit" in parts:
         bench_limit(model, tokenizer, records, results, device, args.out)
@@ -494,6 +521,11 @@ def table(r: dict) -> str:
                     f"{d['measured_ms_per_step']:.2f} | {d['floor_ms_per_step']:.2f} | {d['ratio_to_floor']:.2f}x | <= 1.5x |")
         rows.append(f"| profile: GPU busy fraction during decode; kernel launches per step | {d['profile_gpu_busy_fraction']:.2f} | "
                     f"{d['kernel_launches_per_step']:.0f} | | |")
+    if "eval_gsm8k_test" in r:
+        e = r["eval_gsm8k_test"]
+        rows.append(f"| GSM8k test ({e['questions']} questions) through `rot-eval run`, batch {e['batch_size']}, {e['latents']} latents: "
+                    f"s end to end; of which generating | {e['wall_s']:.1f} | {e['generation_s']:.1f} | "
+                    f"{e['questions_per_s_end_to_end']:.1f} questions/s | - |")
     return "\n".join(rows)
 
 
