@@ -117,8 +117,17 @@ def build_summary(manifest: dict, out: Path, stats: Path) -> str:
         f"{_human_bytes(sum(s['bytes'] for s in manifest['shards']))} in {out}\n"
         f"      encoder: {_encoder_words(manifest['encoder'])}\n"
         f"      {this_run}; skipped rows: {manifest['skipped_rows']}; cut to --max-tokens {manifest['render']['max_tokens']}: "
-        f"{manifest['truncated_rows']}; total {run['seconds']:.1f} s (time per stage: {stats})"
+        f"{manifest['truncated_rows']}; total {run['seconds']:.1f} s{_startup_words(run)} (time per stage: {stats})"
     )
+
+
+def _startup_words(run: dict) -> str:
+    """Where the start-up went (builds that encoded something): the part of the wall time that is not encoding."""
+    startup = run.get("startup")
+    if not startup or not run["encoded_rows"]:
+        return ""
+    return (f", of which start-up {startup['rows_s']:.1f} s reading and checking rows, {startup['ray_s']:.1f} s starting Ray, "
+            f"{startup['first_rows_s']:.1f} s until the first encoded rows")
 
 
 @app.command()

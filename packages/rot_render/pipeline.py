@@ -214,7 +214,9 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
     if config.limit is not None:
         records = records[:config.limit]
     source_rows_sha256 = rows_sha256(records)
+    prepared = time.perf_counter()
     ray = _start_ray(config.address)
+    ray_started = time.perf_counter()
     n_gpus = int(ray.cluster_resources().get("GPU", 0))
     num_encoders = config.num_encoders or max(1, n_gpus)
     encoder_info = source.describe(config.attn_implementation, "bfloat16" if n_gpus else "float32")
@@ -233,12 +235,13 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
     todo = [dict(record.to_dict(), shard=i, position=j)
             for i in range(n_shards) if i not in done for j, record in enumerate(plan[i])]
 
-    encode_seconds, steady_rate, written = 0.0, 0.0, {}
+    encode_seconds, steady_rate, first_rows_seconds, written = 0.0, 0.0, 0.0, {}
     if todo:
         encode_started = time.perf_counter()
-        steady_rate, written = _encode_and_write(ray, BuildPlan(config, render, token_px, expected_sha256, build_fingerprint,
-                                                                encoder_info["dim"], plan, todo, num_encoders, n_gpus), progress)
-        encode_seconds = time.perf_counter() - encode_started
+        steady_rate, first_rows_at, written = _encode_and_write(
+            ray, BuildPlan(config, render, token_px, expected_sha256, build_fingerprint, encoder_info["dim"], plan, todo,
+                           num_encoders, n_gpus), progress)
+        encode_seconds, first_rows_seconds = time.perf_counter() - encode_started, first_rows_at - encode_started
 
     summaries = [written[i] if i in written else kept[i] for i in range(n_shards)]
     manifest = dict(
@@ -261,6 +264,9 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
         "encoded_rows": len(todo), "resumed_shards": len(done), "reencoded_damaged": damaged, "encode_seconds": encode_seconds,
         "steady_images_per_s": steady_rate,
         "seconds": time.perf_counter() - started, "encoders": num_encoders, "gpus": n_gpus,
+        # where a build's start-up goes: reading and checking the rows, starting Ray, until the first encoded rows
+        # arrive (actors importing torch and loading the tower, the first render tasks)
+        "startup": {"rows_s": prepared - started, "ray_s": ray_started - prepared, "first_rows_s": first_rows_seconds},
     }
     return manifest
 
@@ -307,9 +313,10 @@ class BuildPlan:
     n_gpus: int
 
 
-def _encode_and_write(ray, plan: BuildPlan, progress: bool) -> tuple[float, dict]:
+def _encode_and_write(ray, plan: BuildPlan, progress: bool) -> tuple[float, float, dict]:
     """Render (CPU tasks) and encode (GPU actors) the plan's rows; each shard is written by a Ray task as soon as its
-    last row arrives. Returns the steady encoding rate and each written shard's summary."""
+    last row arrives. Returns the steady encoding rate, when the first encoded rows arrived, and each written shard's
+    summary."""
     from tqdm import tqdm
 
     config, render, token_px, todo = plan.config, plan.render, plan.token_px, plan.todo
@@ -367,7 +374,7 @@ def _encode_and_write(ray, plan: BuildPlan, progress: bool) -> tuple[float, dict
     (config.out / STATS).write_text(dataset.stats() + "\n")  # where the time went, operator by operator
     if pending:
         raise BuildError(f"shards {sorted(pending)} did not receive all their rows; re-run the same command to resume")
-    return steady_rate(arrivals), written
+    return steady_rate(arrivals), arrivals[0][0], written
 
 
 def _settle(ray, writes: dict) -> None:
