@@ -32,6 +32,32 @@ def exported(tiny_qwen3_vl, tiny_shards, tmp_path_factory):
     return folder
 
 
+def test_a_lora_export_is_decoded_on_merged_weights_with_the_same_outputs(exported, tiny_shards, tiny_qwen3_vl, tmp_path):
+    """rot-eval merges a Stage II LoRA adapter into the weights (one weight read per step, no adapter matmuls): the
+    same tokens and latents as the adapter-wrapped model."""
+    from peft import LoraConfig, get_peft_model
+
+    from rot_eval.generate import load_for_inference
+
+    model, tokenizer, config = load_export(exported)
+    torch.manual_seed(1)  # adapters that change the outputs (peft starts lora_B at zero)
+    model.lm = get_peft_model(model.lm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    folder = tmp_path / "lora-export"
+    stage2 = TrainConfig(stage=2, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out="x", head_width=32)
+    export(model, tokenizer, folder, stage2, ShardSet.open(tiny_shards), config["tokens"])
+    wrapped, _, _ = load_export(folder)
+    merged, _, _ = load_for_inference(folder)
+    assert hasattr(wrapped.lm, "peft_config") and not hasattr(merged.lm, "peft_config")
+    assert not any("lora_" in name for name, _ in merged.lm.named_parameters())
+    reference = generate_rot(wrapped, tokenizer, QUESTIONS, latents=5, max_answer_tokens=6)
+    decoded = generate_rot(merged, tokenizer, QUESTIONS, latents=5, max_answer_tokens=6)
+    assert [g.token_ids for g in decoded] == [g.token_ids for g in reference]
+    for a, b in zip(decoded, reference):
+        torch.testing.assert_close(a.latents, b.latents, atol=1e-4, rtol=1e-4)
+    base = generate_rot(load_export(exported)[0], tokenizer, QUESTIONS, latents=5, max_answer_tokens=6)
+    assert any(not torch.allclose(a.latents, b.latents, atol=1e-3) for a, b in zip(base, reference))  # the adapter acts
+
+
 def test_export_round_trip_gives_the_same_model(exported):
     a, tokenizer, config = load_export(exported)
     b, _, _ = load_export(exported)

@@ -10,8 +10,8 @@ from tqdm import tqdm
 
 from rot_data.records import load_records
 from rot_eval.answers import final_segment, is_correct
-from rot_train.export import DEFAULT_INFERENCE_LATENTS, load_export
-from rot_eval.generate import generate_rot, generate_text, timed
+from rot_train.export import DEFAULT_INFERENCE_LATENTS
+from rot_eval.generate import generate_rot, generate_text, load_for_inference, timed
 
 
 def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data_dir: Path | None = None,
@@ -27,7 +27,7 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
         raise ValueError("--control truth needs --truth-shards: a shard set of the evaluated split (rot-render build --split ...)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model, tokenizer, config = load_export(checkpoint, device=device, dtype=dtype)
+    model, tokenizer, config = load_for_inference(checkpoint, device=device, dtype=dtype)
     latents = latents or config.get("inference_latents", DEFAULT_INFERENCE_LATENTS)
     records, _ = load_records(dataset, split, data_dir=data_dir, require_cot=False)
     records = records[:limit] if limit else records

@@ -22,7 +22,7 @@ import torch
 
 from rot_eval.engine import bucketed, engine_for
 from rot_train.batches import pad, pad_token_id, question_ids
-from rot_train.export import DEFAULT_INFERENCE_LATENTS
+from rot_train.export import DEFAULT_INFERENCE_LATENTS, load_export
 
 CHECK_EVERY = 8  # decode steps between the host's checks for finished rows (each check waits for the device)
 
@@ -36,6 +36,15 @@ class Generation:
     @property
     def answer_tokens(self) -> int:
         return len(self.token_ids)
+
+
+def load_for_inference(checkpoint, device="cpu", dtype=torch.float32):
+    """``load_export`` with a LoRA adapter merged into the weights: each decode step then reads every weight once,
+    with no adapter matmuls beside the base ones (the same outputs up to rounding)."""
+    model, tokenizer, config = load_export(checkpoint, device=device, dtype=dtype)
+    if hasattr(model.lm, "merge_and_unload"):
+        model.lm = model.lm.merge_and_unload()
+    return model, tokenizer, config
 
 
 @torch.no_grad()
