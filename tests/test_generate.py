@@ -224,8 +224,9 @@ def test_eval_command_line_defaults_are_the_function_defaults():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode step is captured as a CUDA graph on a GPU only")
 def test_on_a_gpu_the_captured_decode_step_gives_the_reference_tokens_and_latents(exported):
-    """On CUDA the engine replays its step as a CUDA graph: the same tokens and latents as the no-cache reference
-    (RoT) and as Hugging Face's generate (text), and no fallback warning."""
+    """On CUDA the engine runs the prefill and the step eagerly once, records them as CUDA graphs and replays them:
+    the first and the replayed calls give the same tokens and latents as the no-cache reference (RoT) and as Hugging
+    Face's generate (text), and no fallback warning."""
     import warnings
 
     from rot_train.batches import pad, pad_token_id, question_ids
@@ -233,13 +234,14 @@ def test_on_a_gpu_the_captured_decode_step_gives_the_reference_tokens_and_latent
     model, tokenizer, _ = load_export(exported, device="cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a failed capture warns and runs eagerly: fail instead
-        captured = generate_rot(model, tokenizer, QUESTIONS, latents=5, max_answer_tokens=6)
-        text = generate_text(model, tokenizer, QUESTIONS, max_new_tokens=12)
+        first, replayed = [generate_rot(model, tokenizer, QUESTIONS, latents=5, max_answer_tokens=6) for _ in range(2)]
+        texts = [generate_text(model, tokenizer, QUESTIONS, max_new_tokens=12) for _ in range(2)]
     reference = generate_rot(model, tokenizer, QUESTIONS, latents=5, max_answer_tokens=6, use_cache=False)
-    assert [g.token_ids for g in captured] == [g.token_ids for g in reference]
-    for a, b in zip(captured, reference):
-        torch.testing.assert_close(a.latents, b.latents, atol=1e-4, rtol=1e-4)
+    for captured in (first, replayed):
+        assert [g.token_ids for g in captured] == [g.token_ids for g in reference]
+        for a, b in zip(captured, reference):
+            torch.testing.assert_close(a.latents, b.latents, atol=1e-4, rtol=1e-4)
     ids, mask = pad([question_ids(tokenizer, q) for q in QUESTIONS], pad_token_id(tokenizer), left=True)
     expected = model.lm.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=12, do_sample=False,
                                  eos_token_id=None, pad_token_id=pad_token_id(tokenizer))[:, ids.shape[1]:].tolist()
-    assert [g.token_ids for g in text] == expected
+    assert [[g.token_ids for g in text] for text in texts] == [expected, expected]
