@@ -10,7 +10,8 @@
 # no GPU pinning): SMOKE=1 ANCHOR=<a micro anchor folder> bash pipelines/miniature_call.sh
 set -euo pipefail
 START=$(date +%s); SEEDS=${SEEDS:-0}; DEADLINE=${DEADLINE:-520}; EVAL=${EVAL:-1}
-export N=${N:-4} ROWS=${ROWS:-64000} STEPS1=${STEPS1:-100} W=$(realpath -m "${W:-/tmp/miniature-${N:-4}x${N:-4}}")
+export N=${N:-4} ROWS=${ROWS:-64000} STEPS1=${STEPS1:-100}
+export W=$(realpath -m "${W:-/tmp/miniature-${N}x${N}}")  # miniature.sh's default
 [ -f pipelines/device_env.sh ] && [ -z "${SMOKE:-}" ] && source pipelines/device_env.sh
 LOGS=$W/logs; mkdir -p "$LOGS"
 elapsed() { echo $(( $(date +%s) - START )); }

@@ -61,6 +61,7 @@ class StaticDecoder:
         weight = next(decoder.parameters())
         self.decoder, self.max_len = decoder, max_len
         self.cache = StaticCache(config=decoder.config, max_cache_len=max_len)
+        self.cache_kwargs = cache_arg(decoder, self.cache)  # the cache under the keyword this transformers expects
         self.mask = torch.zeros(rows, max_len, dtype=torch.long, device=weight.device)
         self.slots = torch.arange(max_len, device=weight.device)
         self.position = torch.zeros(rows, dtype=torch.long, device=weight.device)  # each row's last position id
@@ -90,7 +91,7 @@ class StaticDecoder:
         causal = self.slots[None, :] <= self.slots[:length, None]
         visible = (self.mask.bool()[:, None, None, :] & causal) | (self.slots[None, :] == self.slots[:length, None])
         output = self.decoder(inputs_embeds=inputs, attention_mask=visible, position_ids=positions,
-                              cache_position=self.slots[:length], use_cache=True, **cache_arg(self.decoder, self.cache))
+                              cache_position=self.slots[:length], use_cache=True, **self.cache_kwargs)
         self.position.copy_(positions[:, -1])
         self.write_at.fill_(length)
         return output.last_hidden_state[:, -1]
@@ -100,7 +101,7 @@ class StaticDecoder:
         self.position.add_(1)
         visible = self.mask.bool()[:, None, None, :]  # [rows, 1, query 1, max_len]: the slots written so far
         output = self.decoder(inputs_embeds=inputs[:, None], attention_mask=visible, position_ids=self.position[:, None],
-                              cache_position=self.write_at, use_cache=True, **cache_arg(self.decoder, self.cache))
+                              cache_position=self.write_at, use_cache=True, **self.cache_kwargs)
         self.write_at.add_(1)
         return output.last_hidden_state[:, -1]
 

@@ -63,12 +63,12 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_
     rows = len(questions)
     embed_end = model.embed(torch.tensor([model.img_end_id], device=device))  # [1, d]
     last_step = latents + max_answer_tokens
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     inputs = model.embed(prefix_ids)
     if use_cache:
         engine = engine_for(model.decoder, rows, prefix_ids.shape[1] + last_step + 1)
         hidden = engine.prefill(inputs, mask)
     else:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = model.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
                                use_cache=False).last_hidden_state[:, -1]
         position = positions[:, -1]
