@@ -187,6 +187,7 @@ def bench_encode(checkpoint: Path, records, device, results, single_images: int,
             else:
                 rate, steady = rates
                 results["ray_job"] = {"images_per_s_pipeline": rate, "images_per_s_steady": steady, "wall_seconds_with_startup": wall,
+                                      "summary": job.stdout[-1500:],  # says where the start-up went
                                       "images_per_s_with_startup": len(records) / wall, "attention": PACKED,
                                       "images_per_call": pack, "ray_data_stats": (Path(out) / "build-stats.txt").read_text()}
 
@@ -305,10 +306,14 @@ def rot_seconds(model, tokenizer, questions, latents: int, answer_tokens: int) -
 
 
 def bench_inference(model, tokenizer, records, results, batch_sizes, latents=32, answer_tokens=6, cot_tokens=108):
-    """RoT (latents + answer) against explicit CoT (CoT + answer tokens), both on the same engine; the byte-count
-    bound of their ratio is the ratio of decode steps (every step reads every weight once at batch 1)."""
+    """RoT (latents + answer) against explicit CoT (CoT + answer tokens), both on the same engine. Two bounds on their
+    ratio at batch 1, where a step costs the bytes it reads: the step-count bound (every step reads every weight), and
+    the byte-count bound (a latent step reads the decoder and the projection head, not the vocabulary projection)."""
     model.eval()
     rot_steps, cot_steps = latents + 1 + answer_tokens, cot_tokens + answer_tokens  # +1: <img_end>
+    size = weight_bytes(model)
+    token_bytes, latent_bytes = size["decoder"] + size["vocabulary"], size["decoder"] + size["head"]
+    byte_bound = cot_steps * token_bytes / (latents * latent_bytes + (rot_steps - latents) * token_bytes)
     for batch_size in batch_sizes:
         questions = [r.question for r in records[:batch_size]]
         rot = rot_seconds(model, tokenizer, questions, latents, answer_tokens)
@@ -320,7 +325,8 @@ def bench_inference(model, tokenizer, records, results, batch_sizes, latents=32,
             "hf_generate_cot_s_per_question": hf_cot / batch_size,
             "official_rot_decoding_s_per_question": official / batch_size, "questions_per_s": batch_size / rot,
             "cot_questions_per_s": batch_size / cot, "speedup_vs_cot": cot / rot, "speedup_vs_official_decoding": official / rot,
-            "step_bound_vs_cot": cot_steps / rot_steps, "rot_steps": rot_steps, "cot_steps": cot_steps,
+            "step_bound_vs_cot": cot_steps / rot_steps, "byte_bound_vs_cot": byte_bound, "rot_steps": rot_steps,
+            "latents": latents, "cot_steps": cot_steps,
         }
         if batch_size == 1:  # what one step of each kind costs, and the prefill (a run with no latent, one answer token)
             latent_step = (rot_seconds(model, tokenizer, questions, 2 * latents, answer_tokens) - rot) / latents
@@ -355,66 +361,123 @@ def bench_eval(model, tokenizer, ids, results, work: Path, batch_size: int = 64,
     }
 
 
-def bench_limit(model, tokenizer, records, results, device, out):
-    """Batch-1 decode step time against the floor: weight bytes / measured copy bandwidth, plus a profile."""
-    if not torch.cuda.is_available():
-        return
+def weight_bytes(model) -> dict:
+    """Bytes a decode step reads at batch 1: the decoder's weights, plus the vocabulary projection (a token step) or the
+    projection head (a latent step). The tied embedding matrix is the vocabulary projection; a lookup reads one row."""
+    size = lambda module: sum(p.numel() * p.element_size() for p in module.parameters())
+    vocabulary = model.output_layer.weight.numel() * model.output_layer.weight.element_size()
+    decoder = size(model.decoder) - (vocabulary if model.decoder.embed_tokens.weight is model.output_layer.weight else 0)
+    return {"decoder": decoder, "vocabulary": vocabulary, "head": size(model.head) + size(model.adapter)}
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a 2 GiB device-to-device copy (read + write): what streaming the weights once can reach."""
     source = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     seconds = timed(lambda: target.copy_(source), repeats=5)
-    bandwidth = 2 * source.numel() / seconds  # read + write
-    del source, target
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.lm.parameters())
-    questions = [records[0].question]
-    short = timed(lambda: explicit_cot(model, tokenizer, questions, 2), repeats=3)
-    long = timed(lambda: explicit_cot(model, tokenizer, questions, 66), repeats=3)
-    step = (long - short) / 64
-    floor = weight_bytes / bandwidth
+    return 2 * source.numel() / seconds
+
+
+def engine_step(model, tokenizer, question: str, compile_step: bool, steps: int = 64, repeats: int = 3) -> dict:
+    """The engine's own batch-1 decode step (``StaticDecoder.step`` replayed ``steps`` times after a prefill), captured
+    as a CUDA graph, or compiled first and then captured: milliseconds per step, its first call's seconds (warm-up,
+    compilation, capture), and a torch.profiler view of the kernels inside the replayed graph."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        explicit_cot(model, tokenizer, questions, 34)
+    from rot_eval.engine import StaticDecoder
+
+    ids, mask = pad([question_ids(tokenizer, question)], tokenizer.pad_token_id, left=True)
+    ids, mask = ids.to(model.lm.device), mask.to(model.lm.device)
+    engine = StaticDecoder(model.decoder, 1, ids.shape[1] + max(steps, 16) + 1, compile_step=compile_step)
+
+    def decode(n):
+        engine.prefill(prompt, mask)
         sync()
-    kernel_us = sum(e.self_device_time_total for e in device_kernels(prof.key_averages()))
-    wall = timed(lambda: explicit_cot(model, tokenizer, questions, 34), repeats=1, warmup=0)
-    launches = sum(e.count for e in prof.key_averages() if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch")))
-    results["decode_limit"] = {
-        "copy_bandwidth_gb_s": bandwidth / 1e9, "weight_gb": weight_bytes / 1e9, "floor_ms_per_step": floor * 1e3,
-        "measured_ms_per_step": step * 1e3, "ratio_to_floor": step / floor,
-        "profile_gpu_busy_fraction": kernel_us / 1e6 / wall, "kernel_launches_per_step": launches / 34,
-    }
+        started = time.perf_counter()
+        for _ in range(n):
+            engine.step(prompt[:, -1])
+        sync()
+        return time.perf_counter() - started
+
+    with torch.no_grad():
+        prompt = model.embed(ids)
+        first = decode(1)
+        per_step = statistics.median(decode(steps) / steps for _ in range(repeats))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            decode(16)
+    kernels = sorted(device_kernels(prof.key_averages()), key=lambda e: -e.self_device_time_total)
+    matrix = [e for e in kernels if any(k in e.key.lower() for k in ("gemm", "gemv", "nvjet", "cutlass", "splitk"))]
+    return {"ms_per_step": per_step * 1e3, "first_call_s": first,
+            "profile": {"kernel_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1e3 / 16,
+                        "matrix_kernel_ms_per_step": sum(e.self_device_time_total for e in matrix) / 1e3 / 16,
+                        "kernels_per_step": sum(e.count for e in kernels) / 16,
+                        "top_kernels": [{"name": e.key[:100], "ms_per_step": e.self_device_time_total / 1e3 / 16,
+                                         "per_step": e.count / 16} for e in kernels[:12]]}}
+
+
+def bench_limit(model, tokenizer, records, results, device, out):
+    """The batch-1 decode step against its floor (the bytes it reads / measured copy bandwidth): the engine's step as
+    a CUDA graph and compiled before capture, with a profile of the captured step's kernels."""
+    if not torch.cuda.is_available():
+        return
+    bandwidth = copy_bandwidth(device)
+    bytes_read = weight_bytes(model)
+    token_floor = (bytes_read["decoder"] + bytes_read["vocabulary"]) / bandwidth  # what an explicit-CoT step reads
+    decoder_floor = bytes_read["decoder"] / bandwidth  # the engine's step alone (the decoder)
+    limit = results["decode_limit"] = {
+        "copy_bandwidth_gb_s": bandwidth / 1e9, "weight_gb": {k: v / 1e9 for k, v in bytes_read.items()},
+        "floor_ms_per_token_step": token_floor * 1e3, "floor_ms_per_decoder_step": decoder_floor * 1e3}
+    question = records[0].question
+    limit["graph"] = engine_step(model, tokenizer, question, compile_step=False)
+    limit["graph"]["ratio_to_floor"] = limit["graph"]["ms_per_step"] / 1e3 / decoder_floor
     one = results.get("infer_batch1")
     if one and "prefill_ms" in one:  # RoT's own floor: its prefill plus every decode step at the weights' read time
-        rot_floor = one["prefill_ms"] / 1e3 + one["rot_steps"] * floor
-        results["decode_limit"].update(rot_floor_s=rot_floor, rot_ratio_to_floor=one["rot_s_per_question"] / rot_floor)
-    # the same decoding with a static KV cache, which lets generate() compile the step into CUDA graphs
+        answer = one["rot_steps"] - one["latents"]
+        rot_floor = one["prefill_ms"] / 1e3 + (one["latents"] * (bytes_read["decoder"] + bytes_read["head"])
+                                               + answer * (bytes_read["decoder"] + bytes_read["vocabulary"])) / bandwidth
+        limit.update(rot_floor_s=rot_floor, rot_ratio_to_floor=one["rot_s_per_question"] / rot_floor)
     Path(out).write_text(json.dumps(results, indent=2) + "\n")  # kept if the compilation below runs out of time
     try:
-        from transformers import StaticCache
-
-        ids, mask = pad([question_ids(tokenizer, q) for q in questions], tokenizer.pad_token_id, left=True)
-        cache = StaticCache(config=model.lm.config, max_cache_len=ids.shape[1] + 80)
-
-        def static(n):
-            cache.reset()
-            model.lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=tokenizer.pad_token_id, past_key_values=cache)
-
-        started = time.perf_counter()
-        static(66)
-        first_call = time.perf_counter() - started
-        static_step = (timed(lambda: static(66), repeats=3) - timed(lambda: static(2), repeats=3)) / 64
-        results["decode_limit"].update(static_cache_ms_per_step=static_step * 1e3, static_cache_ratio_to_floor=static_step / floor,
-                                       static_cache_first_call_s=first_call)
+        limit["compiled_graph"] = engine_step(model, tokenizer, question, compile_step=True)
+        limit["compiled_graph"]["ratio_to_floor"] = limit["compiled_graph"]["ms_per_step"] / 1e3 / decoder_floor
     except Exception as error:  # recorded, not fatal: the rest of the run is already measured
-        results["decode_limit"]["static_cache_error"] = f"{type(error).__name__}: {error}"[:500]
+        limit["compiled_graph"] = {"error": f"{type(error).__name__}: {error}"[:500]}
+
+
+def bench_compiled(model, tokenizer, records, results, device, latents: int = 32, answer_tokens: int = 6):
+    """Batch-1 RoT with the engine's step compiled before its capture (``rot_eval.engine.COMPILE_STEP``) against the
+    captured eager step, in the same run, and against its floor (its prefill + each step's bytes / copy bandwidth)."""
+    from rot_eval import engine as engine_module
+    from rot_eval.engine import bucketed, engine_for
+
+    questions = [records[0].question]
+    bandwidth, size = copy_bandwidth(device), weight_bytes(model)
+    graph = rot_seconds(model, tokenizer, questions, latents, answer_tokens)
+    engine_module.COMPILE_STEP = True
+    try:
+        started = time.perf_counter()
+        generate_rot(model, tokenizer, questions, latents=latents, max_answer_tokens=answer_tokens, stop_at_eos=False)
+        first = time.perf_counter() - started
+        compiled = rot_seconds(model, tokenizer, questions, latents, answer_tokens)
+        ids, mask = pad([question_ids(tokenizer, q) + [model.img_begin_id] for q in questions], tokenizer.pad_token_id, left=True)
+        ids, mask = bucketed(ids.to(device), mask.to(device), tokenizer.pad_token_id)
+        engine = engine_for(model.decoder, 1, ids.shape[1] + latents + answer_tokens + 1)  # the one generate_rot used
+        with torch.no_grad():
+            inputs = model.embed(ids)
+            prefill = timed(lambda: engine.prefill(inputs, mask), repeats=5)
+    finally:
+        engine_module.COMPILE_STEP = False
+    floor = prefill + (latents * (size["decoder"] + size["head"]) + (answer_tokens + 1) * (size["decoder"] + size["vocabulary"])) / bandwidth
+    results["compiled_batch1"] = {"rot_s_per_question": compiled, "rot_graph_s_per_question": graph, "first_call_s": first,
+                                  "prefill_ms": prefill * 1e3, "copy_bandwidth_gb_s": bandwidth / 1e9, "rot_floor_s": floor,
+                                  "rot_ratio_to_floor": compiled / floor, "graph_ratio_to_floor": graph / floor}
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=["4b", "tiny"], default="4b")
     parser.add_argument("--out", default="bench.json")
-    parser.add_argument("--parts", default="encode,train,infer,eval,limit")
+    parser.add_argument("--parts", default="encode,train,infer,eval,limit,compiled")
     parser.add_argument("--batch-sizes", default="1,64", help="inference batch sizes")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -459,6 +522,8 @@ def main():
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if "limit" in parts:
         bench_limit(model, tokenizer, records, results, device, args.out)
+    if "compiled" in parts and torch.cuda.is_available():
+        bench_compiled(model, tokenizer, records, results, device)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
 
@@ -497,9 +562,9 @@ def table(r: dict) -> str:
         x = r[key]
         b = key.removeprefix("infer_batch")
         rows.append(f"| s/question batch {b}: RoT ({x['rot_steps']} steps) vs explicit CoT ({x['cot_steps']} steps), same engine; "
-                    f"step-count bound {x['step_bound_vs_cot']:.2f}x | {x['rot_s_per_question']:.4f} | "
-                    f"{x['explicit_cot_s_per_question']:.4f} | {x['speedup_vs_cot']:.2f}x = "
-                    f"{x['speedup_vs_cot'] / x['step_bound_vs_cot']:.2f} of the bound | >= 0.9 of the bound |")
+                    f"byte-count bound {x['byte_bound_vs_cot']:.2f}x (step-count {x['step_bound_vs_cot']:.2f}x) | "
+                    f"{x['rot_s_per_question']:.4f} | {x['explicit_cot_s_per_question']:.4f} | {x['speedup_vs_cot']:.2f}x = "
+                    f"{x['speedup_vs_cot'] / x['byte_bound_vs_cot']:.2f} of the bound | >= 0.9 of the bound |")
         rows.append(f"| questions/s batch {b}: RoT vs explicit CoT | {x['questions_per_s']:.1f} | {x['cot_questions_per_s']:.1f} | | |")
         rows.append(f"| s/question batch {b}: explicit CoT, our engine vs HF generate | {x['explicit_cot_s_per_question']:.4f} | "
                     f"{x['hf_generate_cot_s_per_question']:.4f} | {x['hf_generate_cot_s_per_question'] / x['explicit_cot_s_per_question']:.2f}x | - |")
@@ -511,16 +576,22 @@ def table(r: dict) -> str:
                     f"{x['latent_step_ms']:.2f} / {x['rot_answer_step_ms']:.2f} / {x['prefill_ms']:.1f} | {x['cot_step_ms']:.2f} | | |")
     if "decode_limit" in r:
         d = r["decode_limit"]
-        if "static_cache_ms_per_step" in d:
-            rows.append(f"| batch-1 decode ms/step, HF generate with a static KV cache + compiled step vs floor | "
-                        f"{d['static_cache_ms_per_step']:.2f} | {d['floor_ms_per_step']:.2f} | {d['static_cache_ratio_to_floor']:.2f}x | <= 1.5x |")
         if "rot_floor_s" in d:
-            rows.append(f"| batch-1 RoT s/question vs its floor (prefill + steps x weight read time) | "
+            rows.append(f"| batch-1 RoT s/question vs its floor (prefill + each step's bytes / copy bandwidth) | "
                         f"{r['infer_batch1']['rot_s_per_question']:.4f} | {d['rot_floor_s']:.4f} | {d['rot_ratio_to_floor']:.2f}x | <= 1.5x |")
-        rows.append(f"| batch-1 decode ms/step (engine) vs floor (weights {d['weight_gb']:.1f} GB / {d['copy_bandwidth_gb_s']:.0f} GB/s) | "
-                    f"{d['measured_ms_per_step']:.2f} | {d['floor_ms_per_step']:.2f} | {d['ratio_to_floor']:.2f}x | <= 1.5x |")
-        rows.append(f"| profile: GPU busy fraction during decode; kernel launches per step | {d['profile_gpu_busy_fraction']:.2f} | "
-                    f"{d['kernel_launches_per_step']:.0f} | | |")
+        for key, what in (("graph", "captured as a CUDA graph"), ("compiled_graph", "compiled, then captured")):
+            if "ms_per_step" in d.get(key, {}):
+                x = d[key]
+                rows.append(f"| batch-1 engine step ms, {what}, vs floor (decoder {d['weight_gb']['decoder']:.2f} GB / "
+                            f"{d['copy_bandwidth_gb_s']:.0f} GB/s); kernels per step {x['profile']['kernels_per_step']:.0f}, "
+                            f"of which matrix products {x['profile']['matrix_kernel_ms_per_step']:.2f} ms | {x['ms_per_step']:.2f} | "
+                            f"{d['floor_ms_per_decoder_step']:.2f} | {x['ratio_to_floor']:.2f}x | - |")
+    if "compiled_batch1" in r:
+        c = r["compiled_batch1"]
+        rows.append(f"| batch-1 RoT s/question, step compiled then captured vs its floor (prefill {c['prefill_ms']:.1f} ms + "
+                    f"bytes / {c['copy_bandwidth_gb_s']:.0f} GB/s); captured eager step: {c['rot_graph_s_per_question']:.4f} s = "
+                    f"{c['graph_ratio_to_floor']:.2f}x | {c['rot_s_per_question']:.4f} | {c['rot_floor_s']:.4f} | "
+                    f"{c['rot_ratio_to_floor']:.2f}x | <= 1.5x |")
     if "eval_gsm8k_test" in r:
         e = r["eval_gsm8k_test"]
         rows.append(f"| GSM8k test ({e['questions']} questions) through `rot-eval run`, batch {e['batch_size']}, {e['latents']} latents: "

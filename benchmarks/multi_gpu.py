@@ -54,7 +54,8 @@ STARTED = time.perf_counter()
 BUDGET = [float("inf")]  # seconds this script may run; set by --budget
 
 
-def command(args: list[str], log: Path, timeout: int) -> dict:
+def command(args: list[str], log: Path, timeout: int, gpus: int | None = None) -> dict:
+    """Run ``args`` (on the first ``gpus`` GPUs only, if given) and keep its output in ``log``."""
     started = time.perf_counter()
     left = BUDGET[0] - (started - STARTED)
     if left < 30:
@@ -62,7 +63,8 @@ def command(args: list[str], log: Path, timeout: int) -> dict:
         return {"returncode": "skipped: --budget spent"}
     timeout = int(min(timeout, left))
     try:
-        result = subprocess.run(args, cwd=PACKAGES, env=environment(), capture_output=True, text=True, timeout=timeout)
+        env = environment() | ({"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus)))} if GPU and gpus else {})
+        result = subprocess.run(args, cwd=PACKAGES, env=env, capture_output=True, text=True, timeout=timeout)
         code, output = result.returncode, result.stdout + result.stderr
     except subprocess.TimeoutExpired as expired:
         code, output = "timeout", (expired.stdout or b"").decode(errors="replace") + (expired.stderr or b"").decode(errors="replace")
@@ -70,12 +72,14 @@ def command(args: list[str], log: Path, timeout: int) -> dict:
     return {"returncode": code, "seconds": round(time.perf_counter() - started, 1), "log_tail": output[-1200:] if code else ""}
 
 
-# ---------------------------------------------------------------- the build job, 1 vs 2 actors
-def build(out: Path, encoder: str, encoders: int, limit: int | None, shard_size: int, work: Path, timeout: int,
-          dataset: str = "gsm8k") -> dict:
+# ---------------------------------------------------------------- the build job on 1, 2, 4 GPUs
+def build(out: Path, encoder: str, limit: int | None, shard_size: int, work: Path, timeout: int, dataset: str = "gsm8k",
+          gpus: int | None = None, encoders: int | None = None) -> dict:
+    """``rot-render build`` on the first ``gpus`` GPUs (all: None) with ``encoders`` actors (None: the job's default)."""
     args = [sys.executable, "-m", "rot_render.cli", "build", "--dataset", dataset, "--out", str(out), "--encoder", encoder,
-            "--num-encoders", str(encoders), "--shard-size", str(shard_size)] + (["--limit", str(limit)] if limit else [])
-    result = command(args, work / f"build-{out.name}.log", timeout)
+            "--shard-size", str(shard_size)] + (["--limit", str(limit)] if limit else [])
+    args += ["--num-encoders", str(encoders)] if encoders else []
+    result = command(args, work / f"build-{out.name}.log", timeout, gpus)
     rates = build_rates((work / f"build-{out.name}.log").read_text())
     if rates:
         result["images_per_s_with_startup"], result["images_per_s_steady"] = rates
@@ -108,10 +112,10 @@ def compare_shards(a: Path, b: Path) -> dict:
 def launch(stage: int, gpus: int, zero: int, out: Path, common: list[str], work: Path, timeout: int, device: int | None = None,
            extra: list[str] = ()) -> dict:
     """One `deepspeed --module rot_train stage<N>` run; ``device`` pins a 1-GPU run to that GPU (two can run side by side)."""
-    micro = {1: 16, 2: 8} if GPU else {1: 4, 2: 2}
+    micro = (16 if GPU else 4) // gpus  # global batch 32 (GPU) / 8 (CPU) with 2 accumulation steps
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port())]
     launcher += ["--include", f"localhost:{device}"] if GPU and device is not None else ["--num_gpus", str(gpus)]
-    args = launcher + ["--module", "rot_train", f"stage{stage}", *common, "--micro-batch", str(micro[gpus]), "--grad-accum", "2",
+    args = launcher + ["--module", "rot_train", f"stage{stage}", *common, "--micro-batch", str(micro), "--grad-accum", "2",
                        "--zero", str(zero), "--out", str(out), *extra]
     result = command(args, work / f"{out.parent.name}-{out.name}.log", timeout)
     result.update(read_run(out))
@@ -177,6 +181,9 @@ def main():
     parser.add_argument("--latents", type=int, default=32, help="--max-latents of the training runs")
     parser.add_argument("--zero-stages", default="2,3", help="ZeRO stages of the stage1/stage2/resume parts")
     parser.add_argument("--gpu-counts", default="1,2", help="GPU counts of the stage1/stage2 parts (resume uses what exists)")
+    parser.add_argument("--build-gpus", default="1,2", help="GPU counts of the build part (two encoder actors per GPU)")
+    parser.add_argument("--build-one-actor", action="store_true", help="the build part also runs 1 GPU with one encoder actor")
+    parser.add_argument("--scaling-gpus", type=int, default=2, help="GPU count of the scaling part, against 1 GPU")
     parser.add_argument("--budget", type=float, default=float("inf"),
                         help="seconds for the whole script: a run is stopped when they are spent, later runs skipped")
     args = parser.parse_args()
@@ -186,6 +193,7 @@ def main():
     parts = args.parts.split(",")
     zeros = [int(z) for z in args.zero_stages.split(",")]
     counts = [int(n) for n in args.gpu_counts.split(",")]
+    build_gpus = [int(n) for n in args.build_gpus.split(",")]
     results = {"device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if GPU else "cpu (gloo ranks)",
                "size": args.size, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "args": vars(args)}
 
@@ -231,18 +239,30 @@ def main():
     s1 = {z: work / f"s1-z{z}" for z in (2, 3)}
     s2 = {z: work / f"s2-z{z}" for z in (2, 3)}
     init = ["--init", str(s1[2] / "one" / "export")]  # every Stage II run starts from the same head
-    if any(part in parts for part in ("stage1", "stage2", "scaling")) and not (shards / "manifest.json").exists():
-        results["train_shards"] = build(shards, str(checkpoint), 1, args.train_rows, args.train_rows // 2, work, timeout)
+    # "prepare": only the checkpoint and the training shards (a later call of the script on the same machine uses them)
+    if any(part in parts for part in ("stage1", "stage2", "scaling", "prepare")) and not (shards / "manifest.json").exists():
+        results["train_shards"] = build(shards, str(checkpoint), args.train_rows, args.train_rows // 2, work, timeout, gpus=1)
 
     for part in parts:
-        if part == "build":  # GSM8k train (x --build-repeat), one encoder actor, then two
+        if part == "build":  # GSM8k train (x --build-repeat): 1 GPU with one encoder actor, then the default (two per GPU)
+            # on 1, 2, ... GPUs (--build-gpus); every shard set compared with the first
             source = str(repeated_gsm8k(work / "gsm8k-repeated.jsonl", args.build_repeat)) if args.build_repeat > 1 else "gsm8k"
-            full = {n: build(work / f"shards-{n}", str(checkpoint), n, args.build_rows, 1024, work, timeout, source) for n in (1, 2)}
-            results["build"] = {"one_actor": full[1], "two_actors": full[2], "dataset": source,
-                                "same_contents": compare_shards(work / "shards-1", work / "shards-2")}
-            if full[1].get("images_per_s_steady") and full[2].get("images_per_s_steady"):
-                results["build"]["speedup_steady"] = full[2]["images_per_s_steady"] / full[1]["images_per_s_steady"]
-                results["build"]["speedup_with_startup"] = full[2]["images_per_s_with_startup"] / full[1]["images_per_s_with_startup"]
+            runs = ({"1gpu_1actor": (1, 1)} if args.build_one_actor else {}) | {f"{n}gpu": (n, None) for n in build_gpus}
+            built = results["build"] = {"dataset": source}
+            for name, (n, encoders) in runs.items():
+                built[name] = build(work / f"shards-{name}", str(checkpoint), args.build_rows, 1024, work, timeout, source, n, encoders)
+                reference = next(work / f"shards-{r}" for r in ("1gpu_1actor", "1gpu", name) if (work / f"shards-{r}").exists())
+                if reference.name != f"shards-{name}":  # same rows, same bits, whatever the number of actors and GPUs
+                    built[name][f"same_contents_as_{reference.name}"] = compare_shards(reference, work / f"shards-{name}")
+                save()
+            first = built.get("1gpu_1actor", {}).get("images_per_s_steady")
+            for name in runs:
+                if first and built[name].get("images_per_s_steady"):
+                    built[name]["steady_vs_1gpu_1actor"] = built[name]["images_per_s_steady"] / first
+            one = built.get("1gpu", {}).get("images_per_s_steady")
+            for n in build_gpus:
+                if one and built[f"{n}gpu"].get("images_per_s_steady"):
+                    built[f"{n}gpu"]["steady_vs_1gpu"] = built[f"{n}gpu"]["images_per_s_steady"] / one
             save()
         elif part == "noise":  # the noise of batch shapes alone: 1 GPU, the same global batch in micro-batches of the 2-GPU size
             halved = ["--micro-batch", "8" if GPU else "2", "--grad-accum", "4"]
@@ -268,12 +288,18 @@ def main():
                     resume_from(s2[z] / "one", s2[z] / "one-to-two", half)
                     record(f"stage2_zero{z}_resume_1to2", launch(2, 2, z, s2[z] / "one-to-two", common + init, work, timeout,
                                                                 extra=["--resume"]))
-        elif part == "scaling":  # the same micro-batch per GPU on 2 GPUs: twice the global batch (ZeRO-2, Stage I)
-            micro = "16" if GPU else "4"
-            # its 1-GPU reference runs alone: the side-by-side 1-GPU runs above share the host, which slows them
+        elif part == "scaling":  # the same micro-batch per GPU on N GPUs (N times the global batch), ZeRO-2, Stages I and II
+            micro = ["--micro-batch", "16" if GPU else "4"]
+            common = common + ["--save-every", "1000000"]  # no mid-run checkpoint inside the timed steps
+            n = args.scaling_gpus
+            # each run alone on the machine: 1-GPU runs side by side share the host, which slows them
             record("stage1_zero2_1gpu_alone", launch(1, 1, 2, s1[2] / "one-alone", common, work, timeout))
-            record("stage1_zero2_2gpu_same_micro_batch", launch(1, 2, 2, s1[2] / "two-same-micro", common, work, timeout,
-                                                                extra=["--micro-batch", micro]))
+            record(f"stage1_zero2_{n}gpu_same_micro_batch", launch(1, n, 2, s1[2] / f"n{n}-same-micro", common, work, timeout,
+                                                                   extra=micro))
+            alone_init = ["--init", str(s1[2] / "one-alone" / "export")]
+            record("stage2_zero2_1gpu_alone", launch(2, 1, 2, s2[2] / "one-alone", common + alone_init, work, timeout))
+            record(f"stage2_zero2_{n}gpu_same_micro_batch", launch(2, n, 2, s2[2] / f"n{n}-same-micro", common + alone_init,
+                                                                   work, timeout, extra=micro))
     results["checks"] = checks(train, args.train_rows, steps)
     save()
     print(json.dumps(results["checks"], indent=2))
@@ -310,10 +336,11 @@ def checks(train: dict, rows: int, steps: int) -> dict:
             if f"stage2_zero{z}_resume_{direction}" in train:
                 found[f"stage2_zero{z}_resume_{direction}_vs_uninterrupted"] = close(
                     losses(f"stage2_zero{z}_resume_{direction}"), losses(f"stage2_zero{z}_{source}")[steps // 2:])
-    one = train.get("stage1_zero2_1gpu_alone", {})
-    for name in ("stage1_zero2_2gpu", "stage1_zero2_2gpu_same_micro_batch"):
-        if train.get(name, {}).get("steady_samples_per_s") and one.get("steady_samples_per_s"):
-            found[f"{name}_vs_1gpu_alone_samples_per_s"] = train[name]["steady_samples_per_s"] / one["steady_samples_per_s"]
+    for stage in (1, 2):
+        one = train.get(f"stage{stage}_zero2_1gpu_alone", {})
+        for name in [n for n in train if n.startswith(f"stage{stage}_zero2_") and n.endswith(("gpu", "same_micro_batch"))]:
+            if "1gpu" not in name and train[name].get("steady_samples_per_s") and one.get("steady_samples_per_s"):
+                found[f"{name}_vs_1gpu_alone_samples_per_s"] = train[name]["steady_samples_per_s"] / one["steady_samples_per_s"]
     return found
 
 

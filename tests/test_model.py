@@ -81,6 +81,27 @@ def test_batched_rollout_equals_sample_by_sample_reference(rot_setup, rollout):
             torch.testing.assert_close(batched[i], reference_rollout(model, prefix, n_steps), atol=1e-4, rtol=1e-4)
 
 
+def test_a_rollout_shape_is_captured_only_when_it_comes_again(rot_setup):
+    """A shape met once runs the cached eager rollout (no capture: shapes that never repeat would pay a capture every
+    step); the second time it comes it is captured. Here on a CPU the capture then fails: it warns and stays eager."""
+    import warnings
+
+    from rot_train.model import RolloutGraphs
+
+    model, batch = rot_setup
+    graphs = RolloutGraphs(model)
+    ids, mask, n_steps = batch["prefix_ids"], batch["prefix_mask"], batch["targets"].shape[1]
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = graphs.rollout(ids, mask, n_steps)
+        other = graphs.rollout(ids[:, 1:], mask[:, 1:], n_steps)  # another shape, also met once
+        assert not caught and not graphs.failed and not graphs.graphs
+        again = graphs.rollout(ids, mask, n_steps)
+    assert graphs.failed and "rollout not captured as a CUDA graph" in str(caught[0].message)
+    torch.testing.assert_close(again, first)
+    assert other.shape == first.shape
+
+
 def test_teacher_forced_pass_sees_the_rolled_out_latents(rot_setup):
     model, batch = rot_setup
     n_steps = batch["targets"].shape[1]

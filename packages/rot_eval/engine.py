@@ -21,6 +21,8 @@ import torch
 from rot_anchor.model import cache_arg
 
 PREFILL_BUCKET = 16  # prompts are left-padded to a multiple of this: few distinct prefill shapes
+COMPILE_STEP = False  # GPU only: torch.compile the decode step before capturing it (fuses its small kernels; one
+# compilation per engine shape). Off until a GPU run shows it pays: benchmarks/gpu_bench.py --parts limit measures both
 KEEP_ENGINES = 2  # engines (each a KV cache and, on a GPU, a captured graph) kept for reuse by later batches
 _engines: dict = {}
 
@@ -38,9 +40,9 @@ def engine_for(decoder, rows: int, max_len: int) -> "StaticDecoder":
     """A StaticDecoder of this shape, reused by later calls of the same shape (an evaluation's batches, a benchmark's
     repeats), so its cache is allocated and its step captured once. The key holds the weights' address: a model
     loaded or moved elsewhere gets a new engine."""
-    key = (id(decoder), rows, max_len, next(decoder.parameters()).data_ptr())
+    key = (id(decoder), rows, max_len, next(decoder.parameters()).data_ptr(), COMPILE_STEP)
     if key not in _engines:
-        _engines[key] = StaticDecoder(decoder, rows, max_len)
+        _engines[key] = StaticDecoder(decoder, rows, max_len, compile_step=COMPILE_STEP)
         while len(_engines) > KEEP_ENGINES:
             _engines.pop(next(iter(_engines)))
     return _engines[key]
@@ -55,7 +57,7 @@ class StaticDecoder:
     prefill of a 4B model at batch 1 is launch bound (66 ms on an H100, where 39 decode steps take 324 ms).
     """
 
-    def __init__(self, decoder, rows: int, max_len: int):
+    def __init__(self, decoder, rows: int, max_len: int, compile_step: bool = False):
         from transformers import StaticCache
 
         weight = next(decoder.parameters())
@@ -69,6 +71,8 @@ class StaticDecoder:
         self.graphs = weight.is_cuda  # capture the prefill and the step as CUDA graphs (GPU only)
         self.captured: dict = {}  # "step" or ("prefill", length) -> (graph, its input buffers, its output buffer)
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None  # one memory pool: they never run at once
+        # compiled on its first (warm-up) call, then captured like the eager one
+        self.step_function = torch.compile(self._step, dynamic=False) if compile_step and self.graphs else self._step
 
     def prefill(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         length = inputs.shape[1]
@@ -78,7 +82,7 @@ class StaticDecoder:
 
     def step(self, inputs: torch.Tensor) -> torch.Tensor:
         """One position for every row: ``inputs`` [rows, d] -> hidden states [rows, d] (on the device; no host sync)."""
-        return self._run("step", self._step, inputs)
+        return self._run("step", self.step_function, inputs)
 
     def _prefill(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         length = inputs.shape[1]
