@@ -126,8 +126,8 @@ def _startup_words(run: dict) -> str:
     startup = run.get("startup")
     if not startup or not run["encoded_rows"]:
         return ""
-    return (f", of which start-up {startup['rows_s']:.1f} s reading and checking rows, {startup['ray_s']:.1f} s starting Ray, "
-            f"{startup['first_rows_s']:.1f} s until the first encoded rows")
+    return (f", of which start-up {startup['rows_and_ray_s']:.1f} s reading and checking rows ({startup['rows_s']:.1f} s) "
+            f"while Ray started ({startup['ray_s']:.1f} s), {startup['first_rows_s']:.1f} s until the first encoded rows")
 
 
 @app.command()

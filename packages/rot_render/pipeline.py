@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import pyarrow.compute as pc
 import rot_anchor
 from rot_data.checksums import file_sha256
 from rot_data import shards
-from rot_render.encoder import PACKED, VisionEncoder, read_encoder_source
+from rot_render.encoder import PACKED, EncoderSource, VisionEncoder, read_encoder_source
 from rot_data.records import bad_row, load_records
 from rot_render.render import RenderSettings, check_font, drawing_problem, line_text, render_fitted
 
@@ -209,17 +210,15 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
     _check_options(config)
     check_font(config.render.font_path)
     records, skipped = load_records(config.dataset, config.split, data_dir=config.data_dir,
-                                    on_error=config.on_error, keep_calculator=config.keep_calculator)
-    source = read_encoder_source(config.encoder)
-    expected_sha256, token_px = source.weights_sha256, source.token_px
-    render = config.render.resolved(token_px)
-    records = _drawable(records, render, config.on_error, skipped)
-    if config.limit is not None:
-        records = records[:config.limit]
-    source_rows_sha256 = rows_sha256(records)
+                                    on_error=config.on_error, keep_calculator=config.keep_calculator)  # bad rows: fail fast
+    with ThreadPoolExecutor(1) as pool:  # the encoder is read and the rows checked while Ray starts (each takes seconds)
+        reading = pool.submit(_prepare_rows, config, records, skipped, started)
+        ray = _start_ray(config.address)  # in the main thread: Ray started from another thread lost its GCS
+        ray_started = time.perf_counter()
+        records, source, render, rows_seconds = reading.result()
     prepared = time.perf_counter()
-    ray = _start_ray(config.address)
-    ray_started = time.perf_counter()
+    expected_sha256, token_px = source.weights_sha256, source.token_px
+    source_rows_sha256 = rows_sha256(records)
     n_gpus = int(ray.cluster_resources().get("GPU", 0))
     num_encoders = config.num_encoders or max(1, ENCODERS_PER_GPU * n_gpus)
     encoder_info = source.describe(config.attn_implementation, "bfloat16" if n_gpus else "float32")
@@ -267,11 +266,24 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
         "encoded_rows": len(todo), "resumed_shards": len(done), "reencoded_damaged": damaged, "encode_seconds": encode_seconds,
         "steady_images_per_s": steady_rate,
         "seconds": time.perf_counter() - started, "encoders": num_encoders, "gpus": n_gpus,
-        # where a build's start-up goes: reading and checking the rows, starting Ray, until the first encoded rows
-        # arrive (actors importing torch and loading the tower, the first render tasks)
-        "startup": {"rows_s": prepared - started, "ray_s": ray_started - prepared, "first_rows_s": first_rows_seconds},
+        # where a build's start-up goes: reading and checking the rows and, beside it, starting Ray; then until the
+        # first encoded rows arrive (actors importing torch and loading the tower, the first render tasks)
+        "startup": {"rows_and_ray_s": prepared - started, "rows_s": rows_seconds, "ray_s": ray_started - started,
+                    "first_rows_s": first_rows_seconds},
     }
     return manifest
+
+
+def _prepare_rows(config: BuildConfig, records: list, skipped: list, started: float) -> tuple[list, EncoderSource, RenderSettings, float]:
+    """The encoder's source (weights read and hashed), the render settings for its token size, the rows its font
+    draws faithfully (cut to --limit); and the seconds this took since the build started."""
+    source = read_encoder_source(config.encoder)
+    source.weights_sha256  # hashed here, beside Ray's start
+    render = config.render.resolved(source.token_px)
+    records = _drawable(records, render, config.on_error, skipped)
+    if config.limit is not None:
+        records = records[:config.limit]
+    return records, source, render, time.perf_counter() - started
 
 
 def _check_options(config: BuildConfig) -> None:
@@ -346,18 +358,21 @@ def _encode_and_write(ray, plan: BuildPlan, progress: bool) -> tuple[float, floa
     arrivals = []  # (seconds, rows so far) per encoded batch
     try:
         with tqdm(total=len(todo), unit="row", desc="render+encode", disable=not progress) as bar:
-            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                block = ray.put(batch)  # the one copy the driver makes; writer tasks read it without copying
-                shard_of_row = batch.column("shard").to_numpy()
-                indices, counts = np.unique(shard_of_row, return_counts=True)
-                for index, count in zip(indices.tolist(), counts.tolist()):
-                    pending.setdefault(index, []).append(block)
-                    arrived[index] += count
-                    if arrived[index] == len(plan.shard_rows[index]):  # complete: off to a writer task
-                        writes[index] = write_shard.remote(config.out / shards.shard_name(index), index, plan.fingerprint,
-                                                           plan.dim, config.dtype, *pending.pop(index))
-                bar.update(batch.num_rows)
-                arrivals.append((time.perf_counter(), batch.num_rows + (arrivals[-1][1] if arrivals else 0)))
+            # the encoded blocks stay in the object store: the driver holds their references and reads only their
+            # `shard` column (a zero-copy view), and the writer tasks take the blocks by reference. (Fetching each block
+            # and putting it back copied every embedding once more: ~36 ms per 256-row block of the 4B tower.)
+            for bundle in dataset.iter_internal_ref_bundles():
+                for block in bundle.block_refs:
+                    shard_of_row = ray.get(block).column("shard").to_numpy()
+                    indices, counts = np.unique(shard_of_row, return_counts=True)
+                    for index, count in zip(indices.tolist(), counts.tolist()):
+                        pending.setdefault(index, []).append(block)
+                        arrived[index] += count
+                        if arrived[index] == len(plan.shard_rows[index]):  # complete: off to a writer task
+                            writes[index] = write_shard.remote(config.out / shards.shard_name(index), index, plan.fingerprint,
+                                                               plan.dim, config.dtype, *pending.pop(index))
+                    bar.update(len(shard_of_row))
+                    arrivals.append((time.perf_counter(), len(shard_of_row) + (arrivals[-1][1] if arrivals else 0)))
         written = dict(zip(writes, ray.get(list(writes.values()))))
     except Exception as error:  # a writer task's error, or the encoder actors' restart budget spent
         _settle(ray, writes)
