@@ -80,7 +80,9 @@ def build(out: Path, encoder: str, limit: int | None, shard_size: int, work: Pat
             "--shard-size", str(shard_size)] + (["--limit", str(limit)] if limit else [])
     args += ["--num-encoders", str(encoders)] if encoders else []
     result = command(args, work / f"build-{out.name}.log", timeout, gpus)
-    rates = build_rates((work / f"build-{out.name}.log").read_text())
+    output = (work / f"build-{out.name}.log").read_text()
+    result["summary"] = [line.strip() for line in output.splitlines() if line.startswith(("done:", "      "))]  # start-up too
+    rates = build_rates(output)
     if rates:
         result["images_per_s_with_startup"], result["images_per_s_steady"] = rates
     return result
