@@ -81,9 +81,10 @@ def test_batched_rollout_equals_sample_by_sample_reference(rot_setup, rollout):
             torch.testing.assert_close(batched[i], reference_rollout(model, prefix, n_steps), atol=1e-4, rtol=1e-4)
 
 
-def test_a_rollout_shape_is_captured_only_when_it_comes_again(rot_setup):
-    """A shape met once runs the cached eager rollout (no capture: shapes that never repeat would pay a capture every
-    step); the second time it comes it is captured. Here on a CPU the capture then fails: it warns and stays eager."""
+def test_a_rollout_shape_is_captured_only_when_it_comes_twice_in_a_row(rot_setup):
+    """A batch whose shape differs from the batch before runs the cached eager rollout (shapes that keep changing
+    would pay a capture every step); a shape that comes twice in a row is captured. Here on a CPU the capture then
+    fails: it warns and stays eager."""
     import warnings
 
     from rot_train.model import RolloutGraphs
@@ -94,11 +95,13 @@ def test_a_rollout_shape_is_captured_only_when_it_comes_again(rot_setup):
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = graphs.rollout(ids, mask, n_steps)
-        other = graphs.rollout(ids[:, 1:], mask[:, 1:], n_steps)  # another shape, also met once
+        other = graphs.rollout(ids[:, 1:], mask[:, 1:], n_steps)  # another shape
+        back = graphs.rollout(ids, mask, n_steps)  # the first shape again, but not twice in a row
         assert not caught and not graphs.failed and not graphs.graphs
-        again = graphs.rollout(ids, mask, n_steps)
+        again = graphs.rollout(ids, mask, n_steps)  # twice in a row: captured
     assert graphs.failed and "rollout not captured as a CUDA graph" in str(caught[0].message)
     torch.testing.assert_close(again, first)
+    torch.testing.assert_close(back, first)
     assert other.shape == first.shape
 
 

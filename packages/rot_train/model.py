@@ -67,23 +67,24 @@ class RolloutGraphs:
 
     At the anchor's size a latent costs about 1 800 small kernels launched one by one from Python, so a
     rollout of 28 latents took most of a 1.2 s step while the GPU idled. A graph launches them all at once.
-    One graph per input shape (every 4x4 question has the same shape), captured the second time a shape comes:
-    a shape seen once runs the cached eager rollout. Where shapes rarely repeat (GSM8k's questions vary in length)
-    a capture per step cost more than it saved: 2.6 samples/s against ~7 eager for the 4B shape on an H100, whose
-    captured rollout re-runs the whole prefix for every latent. A graph reads the weights where they were at
-    capture, so the key holds every parameter's address and a moved weight means a new capture (never a stale
-    read). If a capture fails (an operation that cannot be captured), the model says so once and uses the cached
-    eager rollout from then on.
+    One graph per input shape, captured when a batch has the shape of the batch before it (every 4x4 question has
+    the same shape, so from the second step on); any other batch runs the cached eager rollout. Where shapes change
+    from batch to batch (GSM8k's questions vary in length) a capture per step cost more than it saved: 2.6 samples/s
+    against ~7 eager for the 4B shape on an H100, whose captured rollout re-runs the whole prefix for every latent.
+    A graph reads the weights where they were at capture, so the key holds every parameter's address and a moved
+    weight means a new capture (never a stale read). If a capture fails (an operation that cannot be captured), the
+    model says so once and uses the cached eager rollout from then on.
     """
 
     def __init__(self, model: "RoTModel", keep: int = 4):
         self.model, self.keep, self.graphs, self.failed = model, keep, {}, False
-        self.seen: set = set()  # keys met once: captured if they come again
+        self.last_shape = None  # the previous batch's shape: a shape is captured when it comes twice in a row
 
     def rollout(self, prefix_ids, prefix_mask, n_steps: int) -> torch.Tensor:
-        key = (tuple(prefix_ids.shape), n_steps, tuple(p.data_ptr() for p in self.model.parameters()))
-        if self.failed or (key not in self.graphs and key not in self.seen):
-            self.seen.add(key)
+        shape = (tuple(prefix_ids.shape), n_steps)
+        key = (*shape, tuple(p.data_ptr() for p in self.model.parameters()))
+        repeated, self.last_shape = shape == self.last_shape, shape
+        if self.failed or (key not in self.graphs and not repeated):
             return self.model._rollout(prefix_ids, prefix_mask, n_steps)
         if key not in self.graphs:
             try:
