@@ -384,7 +384,7 @@ def engine_step(model, tokenizer, question: str, compile_step: bool, steps: int 
     compilation, capture), and a torch.profiler view of the kernels inside the replayed graph."""
     from torch.profiler import ProfilerActivity, profile
 
-    from rot_eval.engine import StaticDecoder
+    from rot_train.decoding import StaticDecoder
 
     ids, mask = pad([question_ids(tokenizer, question)], tokenizer.pad_token_id, left=True)
     ids, mask = ids.to(model.lm.device), mask.to(model.lm.device)
@@ -445,10 +445,10 @@ def bench_limit(model, tokenizer, records, results, device, out):
 
 
 def bench_compiled(model, tokenizer, records, results, device, latents: int = 32, answer_tokens: int = 6):
-    """Batch-1 RoT with the engine's step compiled before its capture (``rot_eval.engine.COMPILE_STEP``) against the
+    """Batch-1 RoT with the engine's step compiled before its capture (``rot_train.decoding.COMPILE_STEP``) against the
     captured eager step, in the same run, and against its floor (its prefill + each step's bytes / copy bandwidth)."""
-    from rot_eval import engine as engine_module
-    from rot_eval.engine import bucketed, engine_for
+    from rot_train import decoding as engine_module
+    from rot_train.decoding import bucketed, engine_for
 
     questions = [records[0].question]
     bandwidth, size = copy_bandwidth(device), weight_bytes(model)

@@ -230,7 +230,7 @@ def test_on_a_gpu_the_captured_decode_step_gives_the_reference_tokens_and_latent
     Face's generate (text), and no fallback warning; also with the step compiled before its capture."""
     import warnings
 
-    from rot_eval import engine
+    from rot_train import decoding as engine
 
     monkeypatch.setattr(engine, "COMPILE_STEP", compile_step)
     from rot_train.batches import pad, pad_token_id, question_ids

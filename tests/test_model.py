@@ -67,9 +67,10 @@ def reference_rollout(model, prefix, n_steps):
     return torch.cat(states)
 
 
-@pytest.mark.parametrize("rollout", ["rollout_hidden", "rollout_static"])
+@pytest.mark.parametrize("rollout", ["rollout_hidden", "rollout_static", "_engine_rollout"])
 def test_batched_rollout_equals_sample_by_sample_reference(rot_setup, rollout):
-    """Both batched rollouts: the KV-cached one, and the fixed-shape one that the GPU captures as a CUDA graph."""
+    """The batched rollouts: the KV-cached one, the fixed-shape one that the GPU captures as a CUDA graph, and the one
+    on the decoding engine (static cache, prefix left-padded to its bucket)."""
     model, batch = rot_setup
     n_steps = batch["targets"].shape[1]
     with torch.no_grad():

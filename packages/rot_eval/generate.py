@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rot_eval.engine import bucketed, engine_for
+from rot_train.decoding import bucketed, engine_for
 from rot_train.batches import pad, pad_token_id, question_ids
 from rot_train.export import DEFAULT_INFERENCE_LATENTS, load_export
 

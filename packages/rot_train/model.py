@@ -6,9 +6,10 @@ Sequence: ``[question] <img_begin> v_1 ... v_N <img_end> [answer]`` with
 
 Training is batched:
 1. ``rollout_hidden``: under ``no_grad``, prefill the questions and roll out the latents with a KV
-   cache, the whole batch at once. No autograd graph is built here. On a GPU (``use_cuda_graphs``) the
-   rollout is instead one CUDA graph, replayed: a small model's rollout is otherwise bound by launching
-   some 1 800 kernels per latent from Python (see ``RolloutGraphs``).
+   cache, the whole batch at once. No autograd graph is built here. On a GPU (``use_cuda_graphs``) a
+   shape that repeats batch after batch (4x4) is rolled out as one CUDA graph, replayed: a small model's
+   rollout is otherwise bound by launching some 1 800 kernels per latent from Python; other shapes roll out on
+   the decoding engine, each step replayed from a graph (see ``RolloutGraphs``).
 2. one teacher-forced pass over the whole sequence with the rolled-out latents in place, for the
    LM loss on ``<img_end>`` + answer (and, in Stage II, an optional vision loss).
 In Stage I the vision loss is ``head(h)`` against the target embeddings with ``h`` from pass 1,
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rot_anchor.model import cache_arg, output_cache
+from rot_train.decoding import bucketed, engine_for
 
 
 class SwiGLU(nn.Module):
@@ -68,9 +70,11 @@ class RolloutGraphs:
     At the anchor's size a latent costs about 1 800 small kernels launched one by one from Python, so a
     rollout of 28 latents took most of a 1.2 s step while the GPU idled. A graph launches them all at once.
     One graph per input shape, captured when a batch has the shape of the batch before it (every 4x4 question has
-    the same shape, so from the second step on); any other batch runs the cached eager rollout. Where shapes change
-    from batch to batch (GSM8k's questions vary in length) a capture per step cost more than it saved: 2.6 samples/s
-    against ~7 eager for the 4B shape on an H100, whose captured rollout re-runs the whole prefix for every latent.
+    the same shape, so from the second step on). Any other batch rolls out on the decoding engine (KV cache, each
+    step replayed from a graph: ``RoTModel._engine_rollout``): where shapes change from batch to batch (GSM8k's
+    questions vary in length) a whole-rollout capture per step cost more than it saved (2.6 samples/s for the 4B shape
+    on an H100, against ~7 with the eager rollout), and at that size the whole-rollout graph, which re-runs the
+    prefix for every latent, is no faster than the eager rollout anyway.
     A graph reads the weights where they were at capture, so the key holds every parameter's address and a moved
     weight means a new capture (never a stale read). If a capture fails (an operation that cannot be captured), the
     model says so once and uses the cached eager rollout from then on.
@@ -84,8 +88,10 @@ class RolloutGraphs:
         shape = (tuple(prefix_ids.shape), n_steps)
         key = (*shape, tuple(p.data_ptr() for p in self.model.parameters()))
         repeated, self.last_shape = shape == self.last_shape, shape
-        if self.failed or (key not in self.graphs and not repeated):
+        if self.failed:
             return self.model._rollout(prefix_ids, prefix_mask, n_steps)
+        if key not in self.graphs and not repeated:
+            return self.model._engine_rollout(prefix_ids, prefix_mask, n_steps)
         if key not in self.graphs:
             try:
                 self.graphs[key] = self._capture(prefix_ids, prefix_mask, n_steps)
@@ -119,6 +125,7 @@ class RolloutGraphs:
 
 
 LATENT_GRADIENTS = ("official", "detached")
+ROLLOUT_CACHE_BUCKET = 128  # the rollout engine's cache length is a multiple of this: few engine shapes per run
 
 
 class RoTModel(nn.Module):
@@ -196,6 +203,21 @@ class RoTModel(nn.Module):
             output = self.decoder(inputs_embeds=self.latent_inputs(self.head(hidden))[:, None], attention_mask=mask,
                                   position_ids=position[:, None], use_cache=True, **cache_arg(self.decoder, cache))
             hidden, cache = output.last_hidden_state[:, -1], output_cache(output)
+            states.append(hidden)
+        return torch.stack(states, dim=1)
+
+    def _engine_rollout(self, prefix_ids, prefix_mask, n_steps):
+        """The cached rollout on the decoding engine (``rot_train.decoding``: a static KV cache; on a GPU each step is
+        replayed from a CUDA graph, captured once per engine shape). The prefix is left-padded to the engine's prompt
+        bucket and the cache length rounded up to ``ROLLOUT_CACHE_BUCKET``, so batches of nearby lengths share one
+        engine. Same hidden states as ``_rollout`` (a test compares them)."""
+        ids, mask = bucketed(prefix_ids, prefix_mask, pad_id=0)  # padding is masked: its token does not matter
+        max_len = -(-(ids.shape[1] + n_steps) // ROLLOUT_CACHE_BUCKET) * ROLLOUT_CACHE_BUCKET
+        engine = engine_for(self.decoder, ids.shape[0], max_len)
+        hidden = engine.prefill(self.embed(ids), mask)
+        states = [hidden]
+        for _ in range(n_steps - 1):
+            hidden = engine.step(self.latent_inputs(self.head(hidden)))
             states.append(hidden)
         return torch.stack(states, dim=1)
 

@@ -4,12 +4,13 @@ A Hugging Face dynamic cache grows by one position per step, and the attention m
 has new shapes and allocates. Here the cache (``transformers.StaticCache``), the attention mask, the positions and
 the write index are allocated once for prefix + latents + answer and changed in place: every step after the prefill
 runs the same kernels on the same buffers, so on a GPU the step is captured once as a CUDA graph and replayed: one
-launch per step instead of hundreds of small kernels launched from Python (as the trainer's rollout does,
-``rot_train.model.RolloutGraphs``). The prefill is captured the same way, once per prompt length. Attention masks are
+launch per step instead of hundreds of small kernels launched from Python. The prefill is captured the same way,
+once per prompt length. Attention masks are
 passed as 4-D tensors, which Hugging Face models take as they are, so nothing reads a device value on the host during
 capture. RoT's latents and the text baselines' tokens go through the same ``step``, so their speeds compare latents
 with tokens, not one engine with another. Prompts are left-padded up to a multiple of ``PREFILL_BUCKET`` so that a
-few prefill shapes serve every batch.
+few prefill shapes serve every batch. It lives in ``rot_train`` because the trainer rolls its latents out on it too
+(``RoTModel._engine_rollout``); ``rot_eval`` decodes with it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from rot_anchor.model import cache_arg
 
 PREFILL_BUCKET = 16  # prompts are left-padded to a multiple of this: few distinct prefill shapes
 COMPILE_STEP = False  # GPU only: torch.compile the decode step before capturing it (fuses its small kernels; one
-# compilation per engine shape). Off until a GPU run shows it pays: benchmarks/gpu_bench.py --parts limit measures both
+# compilation per engine shape, 55-75 s for the 4B shape on an H100, where it made the step 1.7x faster). Off: an
+# evaluation meets a new shape almost every batch. benchmarks/gpu_bench.py --parts limit,compiled measures both
 KEEP_ENGINES = 2  # engines (each a KV cache and, on a GPU, a captured graph) kept for reuse by later batches
 _engines: dict = {}
 
