@@ -71,6 +71,7 @@ def main(shards: str = typer.Option(...), backbone: str = typer.Option("anchor")
             model.use_cuda_graphs = graphs
             if graphs:
                 started = time.perf_counter()
+                rollout()  # a new shape rolls out on the decoding engine; the same shape again is captured whole
                 graphed = rollout()
                 sync()
                 model.use_cuda_graphs = False
