@@ -186,6 +186,8 @@ def main():
     parser.add_argument("--build-gpus", default="1,2", help="GPU counts of the build part (two encoder actors per GPU)")
     parser.add_argument("--build-one-actor", action="store_true", help="the build part also runs 1 GPU with one encoder actor")
     parser.add_argument("--scaling-gpus", type=int, default=2, help="GPU count of the scaling part, against 1 GPU")
+    parser.add_argument("--scaling-stages", default="1,2", help="stages of the scaling part (Stage II alone: a 1-step Stage I "
+                                                               "makes its head)")
     parser.add_argument("--budget", type=float, default=float("inf"),
                         help="seconds for the whole script: a run is stopped when they are spent, later runs skipped")
     args = parser.parse_args()
@@ -293,11 +295,16 @@ def main():
         elif part == "scaling":  # the same micro-batch per GPU on N GPUs (N times the global batch), ZeRO-2, Stages I and II
             micro = ["--micro-batch", "16" if GPU else "4"]
             common = common + ["--save-every", "1000000"]  # no mid-run checkpoint inside the timed steps
-            n = args.scaling_gpus
+            n, stages = args.scaling_gpus, args.scaling_stages.split(",")
             # each run alone on the machine: 1-GPU runs side by side share the host, which slows them
-            record("stage1_zero2_1gpu_alone", launch(1, 1, 2, s1[2] / "one-alone", common, work, timeout))
-            record(f"stage1_zero2_{n}gpu_same_micro_batch", launch(1, n, 2, s1[2] / f"n{n}-same-micro", common, work, timeout,
-                                                                   extra=micro))
+            if "1" in stages:
+                record("stage1_zero2_1gpu_alone", launch(1, 1, 2, s1[2] / "one-alone", common, work, timeout))
+                record(f"stage1_zero2_{n}gpu_same_micro_batch", launch(1, n, 2, s1[2] / f"n{n}-same-micro", common, work,
+                                                                       timeout, extra=micro))
+            elif not (s1[2] / "one-alone" / "export" / "rot_config.json").exists():
+                record("stage1_for_init", launch(1, 1, 2, s1[2] / "one-alone", common + ["--max-steps", "1"], work, timeout))
+            if "2" not in stages:
+                continue
             alone_init = ["--init", str(s1[2] / "one-alone" / "export")]
             record("stage2_zero2_1gpu_alone", launch(2, 1, 2, s2[2] / "one-alone", common + alone_init, work, timeout))
             record(f"stage2_zero2_{n}gpu_same_micro_batch", launch(2, n, 2, s2[2] / f"n{n}-same-micro", common + alone_init,
