@@ -10,4 +10,4 @@ if [ -d .whl ]; then  # once per machine: parts running side by side on several 
 fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -f /tmp/site/.checked ] && return 0  # the versions are printed once per machine (the import costs ~20 s a part)
-python3 -c "import torch, transformers, deepspeed, ray; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'ray', ray.__version__, torch.cuda.device_count(), 'x', torch.cuda.get_device_name())" && mkdir -p /tmp/site && touch /tmp/site/.checked
+python3 -c "import torch, transformers, deepspeed, ray, PIL; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'ray', ray.__version__, 'pillow', PIL.__version__, torch.cuda.device_count(), 'x', torch.cuda.get_device_name())" && mkdir -p /tmp/site && touch /tmp/site/.checked

@@ -72,14 +72,16 @@ def test_right_to_left_text_is_refused_and_plain_text_accepted():
 
 
 def test_long_lines_are_cut_to_max_tokens_after_a_whole_character():
-    from rot_render.render import fit_line, render_fitted
+    from rot_render.render import _font, fit_line, render_fitted
 
     settings = RenderSettings(max_tokens=4)
     long = "12 + 30 = 42 and 42 * 2 = 84 and 84 - 1 = 83"
     image, truncated = render_fitted(long, settings, 32)
     assert truncated and image.shape == (32, 4 * 32)
-    text, _ = fit_line(long, settings, 32)
+    text, _, width = fit_line(long, settings, 32)
     assert long.startswith(text) and len(text) < len(long)
+    resolved = settings.resolved(32)
+    assert width == _font(resolved.font_path, resolved.font_size).getlength(text) <= 4 * 32 - 2 * settings.padding
     assert not render_line(text + long[len(text)], RenderSettings(), 32).shape[1] <= 4 * 32  # the next character would not fit
     short, cut = render_fitted("1 + 2 = 3", settings, 32)
     assert not cut and np.array_equal(short, render_line("1 + 2 = 3", RenderSettings(), 32))
