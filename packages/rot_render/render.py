@@ -76,7 +76,7 @@ def line_text(cot: str, settings: RenderSettings) -> str:
 def fit_line(cot: str, settings: RenderSettings, token_px: int) -> tuple[str, bool, float]:
     """The text drawn for ``cot``, whether it was cut to ``settings.max_tokens`` tokens (the longest
     prefix whose width, with the padding, fits), and its width in pixels (measured once: a layout costs
-    about a fifth of drawing the line)."""
+    about a sixth of drawing the line)."""
     settings = settings.resolved(token_px)
     text = line_text(cot, settings)
     font = _font(settings.font_path, settings.font_size)
