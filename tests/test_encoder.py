@@ -70,6 +70,15 @@ def test_only_the_vision_tower_is_read_from_a_checkpoint(tiny_qwen3_vl):
     torch.testing.assert_close(encoder.encode([image])[0], reference)
 
 
+def test_a_checkpoint_without_a_supported_tower_is_refused_in_one_line(tmp_path):
+    from transformers import Qwen3Config
+
+    Qwen3Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=64, vocab_size=128).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="^--encoder: model type 'qwen3' is not supported; use a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint$"):
+        read_encoder_source(str(tmp_path))
+
+
 def test_tiny_preset_is_seeded_and_marked_untrained():
     a, b = read_encoder_source("tiny"), read_encoder_source("tiny")
     assert a.untrained and a.weights_sha256 == b.weights_sha256

@@ -28,19 +28,26 @@ HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 VISION_PREFIXES = ("model.visual.", "visual.")
 
 
-def _tower_class(model_type: str):
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+TOWER_CLASSES = {  # model type -> (transformers module, class) of its vision tower
+    "qwen2_vl": ("qwen2_vl.modeling_qwen2_vl", "Qwen2VisionTransformerPretrainedModel"),
+    "qwen2_5_vl": ("qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel"),
+    "qwen3_vl": ("qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionModel"),
+}
 
-    classes = {
-        "qwen2_vl": Qwen2VisionTransformerPretrainedModel,
-        "qwen2_5_vl": Qwen2_5_VisionTransformerPretrainedModel,
-        "qwen3_vl": Qwen3VLVisionModel,
-    }
-    if model_type not in classes:
+
+def _check_model_type(model_type: str) -> None:
+    if model_type not in TOWER_CLASSES:
         raise ValueError(f"--encoder: model type '{model_type}' is not supported; use a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint")
-    return classes[model_type]
+
+
+def _tower_class(model_type: str):
+    """The tower's class, its module imported only now (a modeling module takes seconds to import: the build's driver,
+    which never builds a tower, does not pay for it, and an encoder actor pays for one module, not three)."""
+    import importlib
+
+    _check_model_type(model_type)
+    module, name = TOWER_CLASSES[model_type]
+    return getattr(importlib.import_module(f"transformers.models.{module}"), name)
 
 
 def tiny_vision_config():
@@ -226,7 +233,7 @@ def read_encoder_source(name: str) -> EncoderSource:
     folder = _checkpoint_dir(rot_anchor.resolve(name))
     config = AutoConfig.from_pretrained(str(folder))
     model_type = config.model_type
-    _tower_class(model_type)
+    _check_model_type(model_type)
     mean, std = (HALF_MEAN, HALF_STD) if model_type == "qwen3_vl" else (CLIP_MEAN, CLIP_STD)
     processor_file = folder / "preprocessor_config.json"
     if processor_file.exists():

@@ -143,7 +143,7 @@ def drawing_problem(text: str, font_path: str | None = None) -> str | None:
 
     Right-to-left scripts are refused rather than drawn: the one-line renderer lays glyphs out left to
     right without shaping, so Hebrew or Arabic would come out reversed and unjoined."""
-    right_to_left = {c for c in text if unicodedata.bidirectional(c) in RIGHT_TO_LEFT}
+    right_to_left = {c for c in set(text) if unicodedata.bidirectional(c) in RIGHT_TO_LEFT}  # each character once
     if right_to_left:
         return f"right-to-left text ({_named(right_to_left)}) would be drawn backwards; the renderer draws left to right only"
     missing = missing_glyphs([text], font_path)
