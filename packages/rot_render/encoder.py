@@ -10,6 +10,7 @@ image) and the post-merger output is split back per image.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -43,8 +44,6 @@ def _check_model_type(model_type: str) -> None:
 def _tower_class(model_type: str):
     """The tower's class, its module imported only now (a modeling module takes seconds to import: the build's driver,
     which never builds a tower, does not pay for it, and an encoder actor pays for one module, not three)."""
-    import importlib
-
     _check_model_type(model_type)
     module, name = TOWER_CLASSES[model_type]
     return getattr(importlib.import_module(f"transformers.models.{module}"), name)

@@ -8,8 +8,8 @@ launch per step instead of hundreds of small kernels launched from Python. The p
 once per prompt length. Attention masks are passed as 4-D tensors, which Hugging Face models take as they are, so
 nothing reads a device value on the host during capture. RoT's latents and the text baselines' tokens go through
 the same ``step``, so their speeds compare latents with tokens, not one engine with another. Prompts are left-padded
-up to a multiple of ``PREFILL_BUCKET`` so that a few prefill shapes serve every batch. It lives in ``rot_train`` because the trainer rolls its latents out on it too
-(``RoTModel._engine_rollout``); ``rot_eval`` decodes with it.
+up to a multiple of ``PREFILL_BUCKET`` so that a few prefill shapes serve every batch. It lives in ``rot_train``
+because the trainer rolls its latents out on it too (``RoTModel._engine_rollout``); ``rot_eval`` decodes with it.
 """
 
 from __future__ import annotations
