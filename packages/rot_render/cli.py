@@ -51,7 +51,7 @@ def build(
     thought_tags: bool = typer.Option(False, help="wrap the CoT in <|begin_of_thought|> ... <|end_of_thought|>"),
     max_tokens: int = typer.Option(512, help="width cap in visual tokens: a longer line is cut after the last character that fits (counted in the manifest)"),
     batch_size: int = typer.Option(256, help="images per packed encoder call"),
-    num_encoders: Optional[int] = typer.Option(None, help="encoder actors (default: two per GPU, sharing it, so one encodes while the other does its host work; one on a CPU-only cluster)"),
+    num_encoders: Optional[int] = typer.Option(None, help="encoder actors (default: three per GPU, sharing it, so one encodes while the others do their host work; one on a CPU-only cluster)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)"),
     overwrite: bool = typer.Option(False, help="replace a shard set made with different settings"),
 ) -> None:

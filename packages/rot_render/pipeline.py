@@ -37,9 +37,11 @@ STATS = "build-stats.txt"
 OOM_RETRIES = 3  # retries of a task killed by Ray's memory monitor (Ray's default: unbounded)
 ENCODER_RESTARTS = 3  # encoder actors may die and be restarted by Ray this often in one build, not forever
 STARTS = ".encoder-starts"  # one line per encoder actor start, in the output folder (the actors count themselves)
-# two encoder actors share each GPU: an actor's host work on a pack (unpacking pixels, the embeddings' copy to the host,
-# the Arrow column; ~85 ms of a 300 ms pack on an H200) leaves the GPU idle unless another actor's pack runs meanwhile
-ENCODERS_PER_GPU = 2
+# three encoder actors share each GPU: an actor's host work on a pack (unpacking pixels, the embeddings' copy to the host,
+# the Arrow column) leaves the GPU idle unless another actor's pack runs meanwhile. Two were enough on one GPU, but with
+# 4 GPUs' actors, render tasks and shard writers on one host each pack's host work grew (4 x H100: 450 -> 600 ms a pack)
+# and the GPUs idled between packs; three kept them busy (2.78x -> 3.70x one GPU, 2026-11-28)
+ENCODERS_PER_GPU = 3
 WRITE_RETRIES = 2  # a shard writer task whose worker died is run again (the write is atomic: a rename at the end)
 
 
@@ -397,7 +399,7 @@ def _encode_and_write(ray, plan: BuildPlan, progress: bool) -> tuple[float, floa
 
 def gpu_share(num_encoders: int, n_gpus: int) -> float:
     """The fraction of a GPU each encoder actor asks Ray for: actors are spread evenly, as many on each GPU as it
-    takes to place them all (2 actors per GPU: 0.5 each)."""
+    takes to place them all (3 actors per GPU: a third each)."""
     return 1 / math.ceil(num_encoders / n_gpus) if n_gpus else 0
 
 
