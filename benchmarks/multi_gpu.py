@@ -190,7 +190,7 @@ def main():
     parser.add_argument("--latents", type=int, default=32, help="--max-latents of the training runs")
     parser.add_argument("--zero-stages", default="2,3", help="ZeRO stages of the stage1/stage2/resume parts")
     parser.add_argument("--gpu-counts", default="1,2", help="GPU counts of the stage1/stage2 parts (resume uses what exists)")
-    parser.add_argument("--build-gpus", default="1,2", help="GPU counts of the build part (the default encoder actors per GPU)")
+    parser.add_argument("--build-gpus", default="1,2", help="GPU counts of the build part (the default encoder actors per GPU); a count given twice is built twice")
     parser.add_argument("--build-one-actor", action="store_true", help="the build part also runs 1 GPU with one encoder actor")
     parser.add_argument("--scaling-gpus", type=int, default=2, help="GPU count of the scaling part, against 1 GPU")
     parser.add_argument("--scaling-stages", default="1,2", help="stages of the scaling part (Stage II alone: a 1-step Stage I "
@@ -258,7 +258,10 @@ def main():
         if part == "build":  # GSM8k train (x --build-repeat): 1 GPU with one encoder actor, then the default (three per GPU)
             # on 1, 2, ... GPUs (--build-gpus); every shard set compared with the first
             source = str(repeated_gsm8k(work / "gsm8k-repeated.jsonl", args.build_repeat)) if args.build_repeat > 1 else "gsm8k"
-            runs = ({"1gpu_1actor": (1, 1)} if args.build_one_actor else {}) | {f"{n}gpu": (n, None) for n in build_gpus}
+            runs = {"1gpu_1actor": (1, 1)} if args.build_one_actor else {}
+            for n in build_gpus:  # a count given again is run again: "4gpu", "4gpu_run2", ...
+                again = sum(1 for m, _ in runs.values() if m == n) - (1 if n == 1 and args.build_one_actor else 0)
+                runs[f"{n}gpu" + (f"_run{again + 1}" if again else "")] = (n, None)
             built = results["build"] = {"dataset": source}
             for name, (n, encoders) in runs.items():
                 built[name] = build(work / f"shards-{name}", str(checkpoint), args.build_rows, 1024, work, timeout, source, n, encoders)
@@ -271,9 +274,9 @@ def main():
                 if first and built[name].get("images_per_s_steady"):
                     built[name]["steady_vs_1gpu_1actor"] = built[name]["images_per_s_steady"] / first
             one = built.get("1gpu", {}).get("images_per_s_steady")
-            for n in build_gpus:
-                if one and built[f"{n}gpu"].get("images_per_s_steady"):
-                    built[f"{n}gpu"]["steady_vs_1gpu"] = built[f"{n}gpu"]["images_per_s_steady"] / one
+            for name, (_, encoders) in runs.items():
+                if one and encoders is None and built[name].get("images_per_s_steady"):
+                    built[name]["steady_vs_1gpu"] = built[name]["images_per_s_steady"] / one
             save()
         elif part == "noise":  # the noise of batch shapes alone: 1 GPU, the same global batch in micro-batches of the 2-GPU size
             halved = ["--micro-batch", "8" if GPU else "2", "--grad-accum", "4"]
