@@ -444,10 +444,11 @@ def bench_limit(model, tokenizer, records, results, device, out):
         limit["compiled_graph"] = {"error": f"{type(error).__name__}: {error}"[:500]}
 
 
-def bench_compiled(model, tokenizer, records, results, device, latents: int = 32, answer_tokens: int = 6):
+def bench_compiled(model, tokenizer, records, results, device, out, autotune: bool, latents: int = 32, answer_tokens: int = 6):
     """Batch-1 RoT with the engine's step compiled before its capture (``rot_train.decoding.COMPILE_STEP``) against the
     captured eager step, in the same run, and against its floor (its prefill + each step's bytes / copy bandwidth);
-    then the same again with q/k/v and gate/up fused (``rot_train.fused``), and whether that changes the answers."""
+    then the same again with q/k/v and gate/up fused (``rot_train.fused``), and whether that changes the answers;
+    with ``autotune``, once more with inductor choosing its own matrix kernels (max_autotune, coordinate descent)."""
     from rot_train import decoding as engine_module
     from rot_train.decoding import bucketed, engine_for
     from rot_train.fused import fuse_projections
@@ -480,6 +481,7 @@ def bench_compiled(model, tokenizer, records, results, device, latents: int = 32
                 "rot_ratio_to_floor": compiled / floor, "graph_ratio_to_floor": graph / floor}, generation
 
     results["compiled_batch1"], separate = measure()
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
     engine_module._engines.clear()  # their graphs read the separate weights that fusing frees
     results["compiled_batch1"]["fused_layers"] = fuse_projections(model.decoder)
     torch.cuda.empty_cache()
@@ -488,13 +490,21 @@ def bench_compiled(model, tokenizer, records, results, device, latents: int = 32
     fused["latents_largest_difference_relative"] = float((generation.latents.float() - separate.latents.float()).abs().max()
                                                          / separate.latents.float().abs().max())
     results["compiled_batch1_fused"] = fused
+    if autotune:  # minutes of kernel benchmarking in the first call: the results so far are kept if it runs out of time
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+        import torch._inductor.config as inductor
+
+        engine_module._engines.clear()
+        with inductor.patch(max_autotune=True, coordinate_descent_tuning=True):
+            results["compiled_batch1_fused_autotuned"], _ = measure()
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=["4b", "tiny"], default="4b")
     parser.add_argument("--out", default="bench.json")
-    parser.add_argument("--parts", default="encode,train,infer,eval,limit,compiled")
+    parser.add_argument("--parts", default="encode,train,infer,eval,limit,compiled",
+                        help="also: autotune (with compiled: a third batch-1 run, inductor autotuning its kernels)")
     parser.add_argument("--batch-sizes", default="1,64", help="inference batch sizes")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -540,7 +550,7 @@ def main():
     if "limit" in parts:
         bench_limit(model, tokenizer, records, results, device, args.out)
     if "compiled" in parts and torch.cuda.is_available():
-        bench_compiled(model, tokenizer, records, results, device)
+        bench_compiled(model, tokenizer, records, results, device, args.out, autotune="autotune" in parts)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
 
@@ -603,7 +613,8 @@ def table(r: dict) -> str:
                             f"{d['copy_bandwidth_gb_s']:.0f} GB/s); kernels per step {x['profile']['kernels_per_step']:.0f}, "
                             f"of which matrix products {x['profile']['matrix_kernel_ms_per_step']:.2f} ms | {x['ms_per_step']:.2f} | "
                             f"{d['floor_ms_per_decoder_step']:.2f} | {x['ratio_to_floor']:.2f}x | - |")
-    for key, what in (("compiled_batch1", ""), ("compiled_batch1_fused", ", q/k/v and gate/up fused")):
+    for key, what in (("compiled_batch1", ""), ("compiled_batch1_fused", ", q/k/v and gate/up fused"),
+                      ("compiled_batch1_fused_autotuned", ", fused, inductor's autotuned kernels")):
         if key in r:
             c = r[key]
             rows.append(f"| batch-1 RoT s/question{what}, step compiled then captured vs its floor (prefill {c['prefill_ms']:.1f} ms "
