@@ -28,7 +28,8 @@ from rot_render.encoder import PACKED, VisionEncoder
 from rot_render.render import RenderSettings, render_line
 from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, text_config_of
 from rot_train.batches import RoTCollator, pad, question_ids
-from rot_eval.generate import Generation, generate_rot, generate_text
+from rot_eval.generate import generate_rot, generate_text
+from rot_train.fused import fuse_projections
 from rot_train.model import RoTModel
 from rot_fixtures.tiny import bpe_tokenizer, tiny_vlm_config
 
@@ -447,23 +448,20 @@ def bench_limit(model, tokenizer, records, results, device, out):
 def bench_compiled(model, tokenizer, records, results, device, out, autotune: bool, latents: int = 32, answer_tokens: int = 6):
     """Batch-1 RoT with the engine's step compiled before its capture (``rot_train.decoding.COMPILE_STEP``) against the
     captured eager step, in the same run, and against its floor (its prefill + each step's bytes / copy bandwidth);
-    then the same again with q/k/v and gate/up fused (``rot_train.fused``), and whether that changes the answers;
     with ``autotune``, once more with inductor choosing its own matrix kernels (max_autotune, coordinate descent)."""
     from rot_train import decoding as engine_module
     from rot_train.decoding import bucketed, engine_for
-    from rot_train.fused import fuse_projections
 
     questions = [records[0].question]
     bandwidth, size = copy_bandwidth(device), weight_bytes(model)
     decode_bytes = latents * (size["decoder"] + size["head"]) + (answer_tokens + 1) * (size["decoder"] + size["vocabulary"])
 
-    def measure() -> tuple[dict, Generation]:
+    def measure() -> dict:
         graph = rot_seconds(model, tokenizer, questions, latents, answer_tokens)
         engine_module.COMPILE_STEP = True
         try:
             started = time.perf_counter()
-            (generation,) = generate_rot(model, tokenizer, questions, latents=latents, max_answer_tokens=answer_tokens,
-                                         stop_at_eos=False)
+            generate_rot(model, tokenizer, questions, latents=latents, max_answer_tokens=answer_tokens, stop_at_eos=False)
             first = time.perf_counter() - started
             compiled = rot_seconds(model, tokenizer, questions, latents, answer_tokens)
             ids, mask = pad([question_ids(tokenizer, q) + [model.img_begin_id] for q in questions], tokenizer.pad_token_id,
@@ -478,25 +476,16 @@ def bench_compiled(model, tokenizer, records, results, device, out, autotune: bo
         floor = prefill + decode_bytes / bandwidth
         return {"rot_s_per_question": compiled, "rot_graph_s_per_question": graph, "first_call_s": first,
                 "prefill_ms": prefill * 1e3, "copy_bandwidth_gb_s": bandwidth / 1e9, "rot_floor_s": floor,
-                "rot_ratio_to_floor": compiled / floor, "graph_ratio_to_floor": graph / floor}, generation
+                "rot_ratio_to_floor": compiled / floor, "graph_ratio_to_floor": graph / floor}
 
-    results["compiled_batch1"], separate = measure()
-    Path(out).write_text(json.dumps(results, indent=2) + "\n")
-    engine_module._engines.clear()  # their graphs read the separate weights that fusing frees
-    results["compiled_batch1"]["fused_layers"] = fuse_projections(model.decoder)
-    torch.cuda.empty_cache()
-    fused, generation = measure()
-    fused["same_answer_tokens"] = generation.token_ids == separate.token_ids
-    fused["latents_largest_difference_relative"] = float((generation.latents.float() - separate.latents.float()).abs().max()
-                                                         / separate.latents.float().abs().max())
-    results["compiled_batch1_fused"] = fused
+    results["compiled_batch1"] = measure()
     if autotune:  # minutes of kernel benchmarking in the first call: the results so far are kept if it runs out of time
         Path(out).write_text(json.dumps(results, indent=2) + "\n")
         import torch._inductor.config as inductor
 
         engine_module._engines.clear()
         with inductor.patch(max_autotune=True, coordinate_descent_tuning=True):
-            results["compiled_batch1_fused_autotuned"], _ = measure()
+            results["compiled_batch1_autotuned"] = measure()
 
 
 def main():
@@ -541,6 +530,7 @@ def main():
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if hasattr(model.lm, "merge_and_unload"):  # inference on the merged model, never the LoRA-wrapped one
         model.lm = model.lm.merge_and_unload()
+    fuse_projections(model.decoder)  # and with q/k/v and gate/up fused: the model as `rot-eval` loads it
     if "infer" in parts:
         bench_inference(model, tokenizer, records, results, [int(b) for b in args.batch_sizes.split(",")])
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
@@ -613,8 +603,7 @@ def table(r: dict) -> str:
                             f"{d['copy_bandwidth_gb_s']:.0f} GB/s); kernels per step {x['profile']['kernels_per_step']:.0f}, "
                             f"of which matrix products {x['profile']['matrix_kernel_ms_per_step']:.2f} ms | {x['ms_per_step']:.2f} | "
                             f"{d['floor_ms_per_decoder_step']:.2f} | {x['ratio_to_floor']:.2f}x | - |")
-    for key, what in (("compiled_batch1", ""), ("compiled_batch1_fused", ", q/k/v and gate/up fused"),
-                      ("compiled_batch1_fused_autotuned", ", fused, inductor's autotuned kernels")):
+    for key, what in (("compiled_batch1", ""), ("compiled_batch1_autotuned", ", inductor's autotuned kernels")):
         if key in r:
             c = r[key]
             rows.append(f"| batch-1 RoT s/question{what}, step compiled then captured vs its floor (prefill {c['prefill_ms']:.1f} ms "
