@@ -53,7 +53,8 @@ def main():
     ids = torch.randint(100, 5000, (1, 48), device=device)
     separate32, separate16 = hidden_states(fp32.model, ids), hidden_states(bf16.model, ids)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "size": args.size,
-              "bf16_vs_fp32": relative(separate16, separate32), "fused_layers": fuse_projections(bf16.model)}
+              "bf16_vs_fp32": relative(separate16, separate32)}
+    result["fused_layers"] = fuse_projections(bf16.model)
     result["bf16_fused_vs_separate"] = relative(hidden_states(bf16.model, ids), separate16)
     fuse_projections(fp32.model)
     result["fp32_fused_vs_separate"] = relative(hidden_states(fp32.model, ids), separate32)

@@ -484,6 +484,7 @@ def bench_compiled(model, tokenizer, records, results, device, out, autotune: bo
         import torch._inductor.config as inductor
 
         engine_module._engines.clear()
+        torch.compiler.reset()  # else the new engine's step reuses the compilation above (same code, same shapes)
         with inductor.patch(max_autotune=True, coordinate_descent_tuning=True):
             results["compiled_batch1_autotuned"] = measure()
 
@@ -530,12 +531,12 @@ def main():
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if hasattr(model.lm, "merge_and_unload"):  # inference on the merged model, never the LoRA-wrapped one
         model.lm = model.lm.merge_and_unload()
-    fuse_projections(model.decoder)  # and with q/k/v and gate/up fused: the model as `rot-eval` loads it
+    if "eval" in parts:  # exported as trained (`rot-eval` fuses what it loads): before the fusing below
+        bench_eval(model, tokenizer, ids, results, work)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    fuse_projections(model.decoder)  # q/k/v and gate/up fused: the model as `rot-eval` loads it
     if "infer" in parts:
         bench_inference(model, tokenizer, records, results, [int(b) for b in args.batch_sizes.split(",")])
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    if "eval" in parts:
-        bench_eval(model, tokenizer, ids, results, work)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if "limit" in parts:
         bench_limit(model, tokenizer, records, results, device, args.out)

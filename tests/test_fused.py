@@ -130,3 +130,14 @@ def test_refuses_modules_it_cannot_fuse():
     del model.model.layers[1].mlp.up_proj
     with pytest.raises(ValueError, match=r"layer 1's mlp.up_proj is NoneType"):
         fuse_projections(model.model)
+
+
+def test_fusing_drops_the_engines_kept_for_that_decoder():
+    """On a GPU a kept engine replays graphs that read the separate weights fusing frees: it must not be reused."""
+    from rot_train import decoding
+
+    model, other = tiny_qwen3(), tiny_qwen3()
+    kept, unrelated = decoding.engine_for(model.model, 1, 32), decoding.engine_for(other.model, 1, 32)
+    fuse_projections(model.model)
+    assert decoding.engine_for(model.model, 1, 32) is not kept
+    assert decoding.engine_for(other.model, 1, 32) is unrelated

@@ -58,6 +58,28 @@ def test_a_lora_export_is_decoded_on_merged_weights_with_the_same_outputs(export
     assert any(not torch.allclose(a.latents, b.latents, atol=1e-3) for a, b in zip(base, reference))  # the adapter acts
 
 
+def test_rot_eval_decodes_on_fused_projections_with_the_same_outputs_and_export_refuses_them(exported, tiny_shards,
+                                                                                           tiny_qwen3_vl, tmp_path):
+    """``load_for_inference`` fuses q/k/v and gate/up (one product each): the same tokens and latents as the model as
+    exported; a fused model is not exported (its weights would not load back into the separate projections)."""
+    from rot_eval.generate import load_for_inference
+    from rot_train.fused import FusedInput
+
+    model, tokenizer, config = load_export(exported)
+    fused, _, _ = load_for_inference(exported)
+    assert all(isinstance(layer.self_attn, FusedInput) and isinstance(layer.mlp, FusedInput) for layer in fused.decoder.layers)
+    reference = generate_rot(model, tokenizer, QUESTIONS, latents=5, max_answer_tokens=6)
+    decoded = generate_rot(fused, tokenizer, QUESTIONS, latents=5, max_answer_tokens=6)
+    assert [g.token_ids for g in decoded] == [g.token_ids for g in reference]
+    for a, b in zip(decoded, reference):
+        torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=1e-5)
+    stage2 = TrainConfig(stage=2, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out="x", head_width=32,
+                         full_finetune=True)
+    with pytest.raises(ValueError, match="fused for inference .* export the model as trained, before fusing"):
+        export(fused, tokenizer, tmp_path / "fused-export", stage2, ShardSet.open(tiny_shards), config["tokens"])
+    assert not (tmp_path / "fused-export").exists()
+
+
 def test_export_round_trip_gives_the_same_model(exported):
     a, tokenizer, config = load_export(exported)
     b, _, _ = load_export(exported)

@@ -23,7 +23,7 @@ import torch
 from rot_train.decoding import bucketed, engine_for
 from rot_train.batches import pad, pad_token_id, question_ids
 from rot_train.export import DEFAULT_INFERENCE_LATENTS, load_export
-from rot_train.fused import fuse_projections
+from rot_train.fused import FUSED_MODEL_TYPES, fuse_projections
 
 CHECK_EVERY = 8  # decode steps between the host's checks for finished rows (each check waits for the device)
 
@@ -42,11 +42,13 @@ class Generation:
 def load_for_inference(checkpoint, device="cpu", dtype=torch.float32):
     """``load_export`` with a LoRA adapter merged into the weights (each decode step then reads every weight once, with
     no adapter matmuls beside the base ones; the same outputs up to rounding), and each layer's q/k/v and gate/up
-    projections fused into one product each (``rot_train.fused``: the same numbers, a faster batch-1 step)."""
+    projections fused into one product each where the backbone is one ``rot_train.fused`` knows (the same numbers, a
+    faster batch-1 step)."""
     model, tokenizer, config = load_export(checkpoint, device=device, dtype=dtype)
     if hasattr(model.lm, "merge_and_unload"):
         model.lm = model.lm.merge_and_unload()
-    fuse_projections(model.decoder)
+    if model.lm.config.model_type in FUSED_MODEL_TYPES:
+        fuse_projections(model.decoder)
     return model, tokenizer, config
 
 

@@ -40,7 +40,8 @@ STARTS = ".encoder-starts"  # one line per encoder actor start, in the output fo
 # three encoder actors share each GPU: an actor's host work on a pack (unpacking pixels, the embeddings' copy to the host,
 # the Arrow column) leaves the GPU idle unless another actor's pack runs meanwhile. Two were enough on one GPU, but with
 # 4 GPUs' actors, render tasks and shard writers on one host each pack's host work grew (4 x H100: 450 -> 600 ms a pack)
-# and the GPUs idled between packs; three kept them busy (2.78x -> 3.70x one GPU, 2026-11-28)
+# and the GPUs idled between packs; three kept them busy (2.78x -> 3.70x one GPU in one run; 2.96x in the next, where
+# every GPU stalled at once for 2 s: docs/benchmarks.md)
 ENCODERS_PER_GPU = 3
 WRITE_RETRIES = 2  # a shard writer task whose worker died is run again (the write is atomic: a rename at the end)
 

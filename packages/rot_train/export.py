@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import rot_anchor
 from rot_train.backbone import IMG_BEGIN, IMG_END, gathered, load_backbone, set_token_rows, token_rows
+from rot_train.fused import FusedInput
 from rot_train.model import RoTModel
 
 
@@ -31,6 +32,9 @@ def _cpu_state(module) -> dict[str, torch.Tensor]:
 def export(model: RoTModel, tokenizer, folder: Path, cfg, shard_set, token_ids: dict[str, int], write: bool = True) -> Path:
     """Every rank calls this (under ZeRO-3 the weights are gathered from all of them); ``write`` ranks write files."""
     folder = Path(folder)
+    if any(isinstance(module, FusedInput) for module in model.lm.modules()):
+        raise ValueError("export: this model's projections are fused for inference (rot_train.fused), and its weights "
+                         "would not load back; export the model as trained, before fusing")
     head_state = {f"head.{k}": v for k, v in _cpu_state(model.head).items()}
     head_state.update({f"adapter.{k}": v for k, v in _cpu_state(model.adapter).items()})
     rows = token_rows(model.lm, list(token_ids.values()))
