@@ -35,6 +35,8 @@ import inspect
 import torch
 from torch import nn
 
+from rot_train import decoding
+
 __all__ = ["FUSED_MODEL_TYPES", "FusedInput", "ProjectionSlice", "fuse_projections"]
 
 # the text models whose attention and MLP forwards read their input only through these projections (and its shape):
@@ -151,7 +153,5 @@ def fuse_projections(decoder: nn.Module) -> int:
 
 def _forget_engines(decoder: nn.Module) -> None:
     """Drop the decoding engines made for this decoder: on a GPU they replay graphs that read the separate weights."""
-    from rot_train import decoding
-
     for key in [key for key in decoding._engines if key[0] == id(decoder)]:
         del decoding._engines[key]
