@@ -448,7 +448,8 @@ def bench_limit(model, tokenizer, records, results, device, out):
 def bench_compiled(model, tokenizer, records, results, device, out, autotune: bool, latents: int = 32, answer_tokens: int = 6):
     """Batch-1 RoT with the engine's step compiled before its capture (``rot_train.decoding.COMPILE_STEP``) against the
     captured eager step, in the same run, and against its floor (its prefill + each step's bytes / copy bandwidth);
-    with ``autotune``, once more with inductor choosing its own matrix kernels (max_autotune, coordinate descent)."""
+    with ``autotune``, once more with inductor choosing its own kernels (max_autotune's exhaustive search of matrix
+    kernels, coordinate descent over every kernel's launch settings)."""
     from rot_train import decoding as engine_module
     from rot_train.decoding import bucketed, engine_for
 
@@ -485,7 +486,9 @@ def bench_compiled(model, tokenizer, records, results, device, out, autotune: bo
 
         engine_module._engines.clear()
         torch.compiler.reset()  # else the new engine's step reuses the compilation above (same code, same shapes)
-        with inductor.patch(max_autotune=True, coordinate_descent_tuning=True):
+        # the exhaustive search and all directions: 1.54x -> 1.45x the floor on one H100 (docs/benchmarks.md), ~3.5 min
+        with inductor.patch(max_autotune=True, max_autotune_gemm_search_space="EXHAUSTIVE",
+                            coordinate_descent_tuning=True, coordinate_descent_check_all_directions=True):
             results["compiled_batch1_autotuned"] = measure()
 
 

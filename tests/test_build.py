@@ -34,6 +34,8 @@ def test_build_writes_verified_shards_and_resumes_without_rewriting(tmp_path):
     manifest = build(BuildConfig(encoder="tiny", dataset="gsm8k", out=out, limit=40, shard_size=16, batch_size=8), progress=False)
     assert [s["rows"] for s in manifest["shards"]] == [16, 16, 8]
     assert manifest["rows"] == 40 and manifest["encoder"]["untrained"] is True
+    import ray  # the build turned off Ray Data's per-operator reservation (it held 4 GPUs' render tasks to ~20 of 64 cores)
+    assert ray.data.DataContext.get_current().op_resource_reservation_enabled is False or "RAY_DATA_ENABLE_OP_RESOURCE_RESERVATION" in os.environ
     records, _ = load_records("gsm8k")
     assert _ids(out) == [r.id for r in records[:40]]  # source order inside and across shards
 

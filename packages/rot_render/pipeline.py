@@ -137,6 +137,10 @@ def _start_ray(address: str | None):
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    if "RAY_DATA_ENABLE_OP_RESOURCE_RESERVATION" not in os.environ:  # a set value is kept
+        # Ray Data's per-operator reservation held the render tasks to ~20 at once on 64 cores, ~4 300 rows/s: less
+        # than 4 GPUs' 12 encoders take (~4 900); off, ~37 at once (docs/benchmarks.md, 4-GPU build)
+        context.op_resource_reservation_enabled = False
     return ray
 
 
