@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import re
 import statistics
 import subprocess
 import sys
@@ -118,6 +119,20 @@ def build_rates(stdout: str) -> tuple[float, float] | None:
         return None
     return (float(lines[0].split(" images/s (")[0].rsplit(" at ", 1)[1]),
             float(lines[0].split(" images/s once")[0].rsplit("(", 1)[1]))
+
+
+def operator_stats(stats_text: str) -> dict:
+    """Per Ray Data operator of a build (its build-stats.txt): tasks, span, mean task time and how many of its tasks
+    ran at once (their summed time / the span): the figure that showed the render tasks held to ~20 of 64 cores."""
+    seconds = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+    operators = {}
+    pattern = (r"Operator \d+ (\S+): (\d+) tasks executed, \d+ blocks produced in ([\d.]+)s\n"
+               r"\* Remote wall time: \S+ min, \S+ max, ([\d.]+)(us|ms|s) mean, ([\d.]+)(us|ms|s) total")
+    for name, tasks, span, mean, mean_unit, total, total_unit in re.findall(pattern, stats_text):
+        name = name.replace("MapBatches(", "").replace(")", "")  # "render_batch", "EncodeBatch", "render_batch->EncodeBatch"
+        operators[name] = {"tasks": int(tasks), "span_s": float(span), "task_ms_mean": round(float(mean) * seconds[mean_unit] * 1e3, 1),
+                           "tasks_at_once": round(float(total) * seconds[total_unit] / max(float(span), 1e-9), 1)}
+    return operators
 
 
 def profile_encode(encoder: VisionEncoder, images) -> dict:

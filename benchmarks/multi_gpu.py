@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from gpu_bench import build_rates, qwen3_vl_4b_config
+from gpu_bench import build_rates, operator_stats, qwen3_vl_4b_config
 from rot_data.records import load_records
 from rot_fixtures.tiny import bpe_tokenizer, save_random_vlm, tiny_vlm_config
 
@@ -85,6 +85,8 @@ def build(out: Path, encoder: str, limit: int | None, shard_size: int, work: Pat
     rates = build_rates(output)
     if rates:
         result["images_per_s_with_startup"], result["images_per_s_steady"] = rates
+    if (out / "build-stats.txt").exists():
+        result["operators"] = operator_stats((out / "build-stats.txt").read_text())
     return result
 
 
