@@ -3,20 +3,21 @@
 # The LR schedule follows the clock (--train-seconds BUDGET), so the run anneals within the call; the steps
 # it reached are logged. Outputs in $OUT: the checkpoint folder (and TensorBoard logs) as a tar split in
 # 15 MB parts, eval.json, metrics.jsonl, loss.png, pretrain_config.json, pretrain.log.
-# Usage on the device machine: DATA=.device/data BUDGET=420 bash pipelines/anchor_pretrain.sh
+# Usage on the device machine: BUDGET=420 bash pipelines/anchor_pretrain.sh (the data ship in the package;
+# DATA=<folder> reads another copy; EXTRA="--init <checkpoint> ..." continues from a checkpoint)
 set -euo pipefail
 export PYTHONPATH=$PWD/packages PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_MININTERVAL=20
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # shapes change every step
-DATA=${DATA:-../shared/data}; OUT=${OUT:-/tmp/out}; RUN=${RUN:-/tmp/anchor}; BUDGET=${BUDGET:-420}; SEED=${SEED:-0}
+OUT=${OUT:-/tmp/out}; RUN=${RUN:-/tmp/anchor}; BUDGET=${BUDGET:-420}; SEED=${SEED:-0}
 mkdir -p "$OUT"
 (nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no GPU") | tee "$OUT/pretrain.log"
-python3 -m rot_anchor.cli pretrain --out "$RUN" --data-dir "$DATA" --steps 100000 --train-seconds "$BUDGET" --no-evaluate \
+python3 -m rot_anchor.cli pretrain --out "$RUN" ${DATA:+--data-dir "$DATA"} --steps 100000 --train-seconds "$BUDGET" --no-evaluate \
     --workers "${WORKERS:-12}" --seed "$SEED" ${EXTRA:-} >> "$OUT/pretrain.log" 2>&1 || echo "pretraining failed: see pretrain.log"
 grep -E "resuming|anchor pretraining:|rror|Traceback" "$OUT/pretrain.log" | grep -v "step/s" | tail -20
 tar -C "$RUN" -cf - model tensorboard | split -b 15M - "$OUT/anchor.tar.part-"
 cp "$RUN"/{metrics.jsonl,loss.png,pretrain_config.json} "$OUT/"
 # a quick look on EVAL_LIMIT rows per set (the full figures: rot-anchor evaluate on the returned checkpoint)
-timeout "${EVAL_SECONDS:-90}" python3 -m rot_anchor.cli evaluate "$RUN/model" --data-dir "$DATA" --limit "${EVAL_LIMIT:-200}" \
+timeout "${EVAL_SECONDS:-90}" python3 -m rot_anchor.cli evaluate "$RUN/model" ${DATA:+--data-dir "$DATA"} --limit "${EVAL_LIMIT:-200}" \
     --out "$OUT/eval-quick.json" 2>&1 | grep -E "^reading|^cot from|^answer from|rror" || echo "quick evaluation did not finish"
 python3 - "$RUN/metrics.jsonl" <<'PY'
 import json, sys

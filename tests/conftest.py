@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def tiny_vision_configs() -> dict:
@@ -29,9 +28,10 @@ def tiny_vision_configs() -> dict:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.skip(f"{SHARED_DATA} not present")
-    return SHARED_DATA
+    """The data folder that ships in the package (the same layout as ../shared/data): nothing is skipped on a clone."""
+    from rot_data.records import PACKAGE_DATA
+
+    return PACKAGE_DATA
 
 
 @pytest.fixture(scope="session")

@@ -70,17 +70,22 @@ def test_sample_prompts_are_the_chat_template_the_trainer_uses(shared_data):
 def test_every_sample_counts_equally_so_each_task_gets_its_share_of_the_loss(shared_data):
     from rot_anchor.tasks import TASKS, Mixture, PretrainData
 
-    data = PretrainData(byte_tokenizer(), shared_data, seed=3, mixture=Mixture(batch=40, gsm_batch=8, group_weights=(1.0, 0.5)))
+    data = PretrainData(byte_tokenizer(), None, seed=3, mixture=Mixture(batch=40, text_batch=8, group_weights=(1.0, 0.5)))
     micro_batches = data.batch(0)
     per_task = torch.zeros(len(TASKS))
-    rows = 0
+    rows, text_tokens, text_weight = 0, 0, 0.0
     for micro in micro_batches:
-        weight_per_row = (micro["token_weight"] * micro["loss_mask"]).sum(1)  # the tokens micro_batch_loss predicts
+        predicted = micro["loss_mask"][:, 1:]  # the tokens micro_batch_loss predicts (each row's weight is constant)
+        weight_per_row = (micro["token_weight"][:, 1:] * predicted).sum(1)
         per_task.index_add_(0, micro["task"], weight_per_row)
         rows += len(weight_per_row)
+        text = micro["task"] >= TASKS.index("ocr_english")
+        text_tokens += int(predicted[text].sum())
+        text_weight += float(micro["token_weight"][text][:, 0].sum())
     assert rows == 48 and per_task.sum().item() == pytest.approx(1.5)  # each group's weights sum to the group weight
     answer_rows = sum(int((m["task"] == TASKS.index("answer")).sum()) for m in micro_batches)
-    assert answer_rows and per_task[TASKS.index("answer")].item() >= answer_rows * 0.5 / 48  # by samples, not tokens
+    assert answer_rows and per_task[TASKS.index("answer")].item() >= answer_rows * 1.0 / 40 - 1e-6  # by samples
+    assert text_weight / 8 == pytest.approx(0.5 / text_tokens)  # the text group: every character weighs the same
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +93,7 @@ def micro_run(tmp_path_factory, shared_data):
     from rot_anchor.pretrain import PretrainConfig, run
 
     out = tmp_path_factory.mktemp("anchor-micro")
-    cfg = PretrainConfig(out=str(out), data_dir=str(shared_data), size="micro", steps=30, batch=24, gsm_batch=4,
+    cfg = PretrainConfig(out=str(out), size="micro", steps=30, batch=24, text_batch=8,
                          lr=3e-3, warmup_steps=5, workers=0, log_every=10, save_every=15)
     run(cfg)
     return out, cfg
@@ -98,7 +103,7 @@ def test_micro_pretraining_learns_and_writes_its_records(micro_run):
     out, _ = micro_run
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20, 30]
-    for task in ("cot", "answer", "ocr", "ocr_random"):
+    for task in ("cot", "answer", "ocr", "ocr_random", "ocr_english"):
         assert rows[-1][f"loss/{task}"] < 0.8 * rows[0][f"loss/{task}"], task
     assert (out / "loss.png").stat().st_size > 0 and list((out / "tensorboard").iterdir())
     assert (out / "model" / "config.json").exists() and (out / "model" / "preprocessor_config.json").exists()

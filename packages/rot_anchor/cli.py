@@ -19,11 +19,11 @@ DEFAULTS = {f.name: f.default for f in fields(PretrainConfig)}
 @app.command()
 def pretrain(
     out: Path = typer.Option(..., help="run folder: resume.pt, model/ (the checkpoint), metrics.jsonl, tensorboard/, loss.png, eval.json"),
-    data_dir: Path = typer.Option(..., help="the shared data folder (icot_gsm8k train; valid/test questions to exclude; evaluation sets)"),
+    data_dir: Optional[Path] = typer.Option(None, help="another copy of the shipped data folder (valid/test questions to exclude; evaluation sets)"),
     size: str = typer.Option(DEFAULTS["size"], help="anchor (shipped size) or micro (CPU smoke test)"),
     steps: int = typer.Option(DEFAULTS["steps"]),
     batch: int = typer.Option(DEFAULTS["batch"], help="arithmetic samples per step"),
-    gsm_batch: int = typer.Option(DEFAULTS["gsm_batch"], help="GSM8k samples per step"),
+    text_batch: int = typer.Option(DEFAULTS["text_batch"], help="text-reading samples per step (English, equations, printable)"),
     lr: float = typer.Option(DEFAULTS["lr"]),
     warmup_steps: int = typer.Option(DEFAULTS["warmup_steps"]),
     seed: int = typer.Option(DEFAULTS["seed"]),
@@ -31,16 +31,16 @@ def pretrain(
     save_every: int = typer.Option(DEFAULTS["save_every"]),
     train_seconds: Optional[float] = typer.Option(None, help="schedule by the clock: decay the LR over this many seconds of training and stop there (--steps is then an upper bound)"),
     init: Optional[str] = typer.Option(None, help="start from this checkpoint folder's weights (fresh optimizer)"),
-    mix: Optional[str] = typer.Option(None, help="arithmetic task weights, e.g. cot=0.2,answer=0.5,ocr=0.15,ocr_random=0.15"),
+    mix: Optional[str] = typer.Option(None, help="task weights to change, e.g. answer=0.5,ocr_printable=0.4 (tasks: cot, answer, ocr, ocr_random in the arithmetic group; ocr_english, ocr_equation, ocr_printable in the text group)"),
     evaluate: bool = typer.Option(True, help="measure the three figures once training has reached its last step"),
     eval_limit: Optional[int] = typer.Option(None, help="rows per evaluation set (default: all)"),
 ) -> None:
     """Train the anchor (seeded; a killed run resumes from <out>/resume.pt), export <out>/model, then measure it."""
     from rot_anchor.pretrain import run
 
-    cfg = PretrainConfig(out=str(out), data_dir=str(data_dir), size=size, steps=steps, batch=batch, gsm_batch=gsm_batch,
+    cfg = PretrainConfig(out=str(out), data_dir=str(data_dir) if data_dir else None, size=size, steps=steps, batch=batch, text_batch=text_batch,
                          lr=lr, warmup_steps=warmup_steps, seed=seed, workers=workers, save_every=save_every, train_seconds=train_seconds,
-                         init=init, arithmetic_tasks=_mix(mix))
+                         init=init, task_weights=_mix(mix))
     try:
         model, tokenizer, finished = run(cfg)
     except FileNotFoundError as error:
@@ -66,7 +66,7 @@ def _mix(text: Optional[str]) -> Optional[dict]:
 @app.command("evaluate")
 def evaluate_command(
     model: str = typer.Argument(NAME, help="a checkpoint folder, or 'anchor' (the shipped one)"),
-    data_dir: Path = typer.Option(..., help="the shared data folder"),
+    data_dir: Optional[Path] = typer.Option(None, help="another copy of the shipped data folder"),
     out: Path = typer.Option(Path("anchor-eval.json")),
     limit: Optional[int] = typer.Option(None, help="rows per evaluation set (default: all)"),
 ) -> None:

@@ -27,11 +27,11 @@ from rot_anchor.tasks import PATCHIFIER, TASKS, Mixture, PretrainData
 @dataclass
 class PretrainConfig:
     out: str
-    data_dir: str | None
+    data_dir: str | None = None  # another copy of the shipped data folder (the valid/test files to exclude)
     size: str = "anchor"
     steps: int = 4000
     batch: int = 256  # arithmetic samples per step
-    gsm_batch: int = 32  # GSM8k samples per step (long lines)
+    text_batch: int = 128  # text-reading samples per step (English, equations, printable strings)
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 200
@@ -42,7 +42,7 @@ class PretrainConfig:
     log_every: int = 25
     save_every: int = 500
     init: str | None = None  # start from this checkpoint folder's weights (a fresh optimizer), e.g. to continue a run
-    arithmetic_tasks: dict | None = None  # task weights of the arithmetic group (default: Mixture's)
+    task_weights: dict | None = None  # task weights to change, in either group (default: Mixture's)
     train_seconds: float | None = None  # schedule by the clock: the cosine runs over this many seconds of training
     # (``steps`` is then only an upper bound; the steps reached are logged). Made for fixed-length GPU sessions.
 
@@ -167,8 +167,10 @@ def run(cfg: PretrainConfig):
         step, seconds_before = state["step"], state["seconds"]
         print(f"resuming {out} at step {step} of {cfg.steps}")
     (out / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    mixture = Mixture(cfg.batch, cfg.gsm_batch)
-    mixture.arithmetic_tasks = cfg.arithmetic_tasks or mixture.arithmetic_tasks
+    mixture = Mixture(cfg.batch, cfg.text_batch)
+    for task, weight in (cfg.task_weights or {}).items():
+        group = mixture.arithmetic_tasks if task in mixture.arithmetic_tasks else mixture.text_tasks
+        group[task] = weight
     data = PretrainData(tokenizer, Path(cfg.data_dir) if cfg.data_dir else None, cfg.seed, mixture)
     loader = torch.utils.data.DataLoader(StepBatches(data, cfg.steps), sampler=range(step, cfg.steps), batch_size=None,
                                          num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None,

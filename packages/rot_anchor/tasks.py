@@ -1,14 +1,17 @@
 """The anchor's pretraining data: every sample is one chat turn, made on the fly from a seeded generator.
 
-Four tasks, all in the layouts that the rest of the project feeds the model:
+Tasks, all in the layouts that the rest of the project feeds the model:
 - ``cot``: question -> ``cot #### answer`` as text (the SFT-CoT layout);
 - ``answer``: question, then ``<img_begin>`` [the rendered CoT's visual tokens] ``<img_end>`` -> answer
   (exactly where RoT's latents stand: the upper bound RoT aims at, and what makes the LM read its tower);
-- ``ocr``: ``<img_begin>`` [a rendered line] ``<img_end>`` -> the line's text;
+- ``ocr``: ``<img_begin>`` [a rendered line] ``<img_end>`` -> the line's text, for multiplication CoTs;
 - ``ocr_random``: the same with the digits of a multiplication CoT replaced by random ones, so the
-  language model must read rather than recompute.
+  language model must read rather than recompute;
+- ``ocr_english``, ``ocr_equation``, ``ocr_printable``: reading English prose (GSM8k train, the Python
+  documentation), calculator-note equation lines and random printable strings (``texts.py``), some joined
+  into long lines up to the build's ``--max-tokens``.
 Lines are rendered by the project's renderer with the build's default settings and patchified by the
-build's own patchifier. Arithmetic questions of the shared valid/test files are never generated.
+build's own patchifier. No question of a shipped valid/test file is ever generated, and no held-out text read.
 """
 
 from __future__ import annotations
@@ -19,33 +22,35 @@ from pathlib import Path
 
 import numpy as np
 
+from rot_anchor import texts
 from rot_anchor.model import IM_END, IM_START, IMAGE_PAD, IMG_BEGIN, IMG_END
 from rot_data import multiplication
-from rot_data.records import load_records
+from rot_data.records import PACKAGE_DATA
 from rot_render.encoder import HALF_MEAN, HALF_STD, Patchifier
-from rot_render.render import RenderSettings, line_text, render_line
+from rot_render.render import RenderSettings, fit_line, render_line
 
 TOKEN_PX = 32  # Qwen3-VL: patch 16 with a 2x2 merge
 PATCHIFIER = Patchifier(16, 2, 2, HALF_MEAN, HALF_STD)
-TASKS = ("cot", "answer", "ocr", "ocr_random")
-HELD_OUT = ["icot_mult_4x4/valid.txt", "icot_mult_4x4/test_bigbench.txt",
-            "icot_mult_5x5/valid.txt", "icot_mult_5x5/test_bigbench.txt"]
+TASKS = ("cot", "answer", "ocr", "ocr_random", "ocr_english", "ocr_equation", "ocr_printable")
+HELD_OUT = ["icot_mult_4x4/valid.txt", "icot_mult_4x4/test_bigbench.txt", "icot_mult_5x5/valid.txt",
+            "icot_mult_5x5/test_bigbench.txt", "mult_3x3/valid.txt", "mult_3x3/test.txt", "mult_6x6/valid.txt",
+            "mult_6x6/test.txt"]  # under the shipped data folder (or --data-dir)
 
 
 @dataclass
 class Mixture:
-    """What one optimizer step sees: an arithmetic group and a GSM8k group (long lines), each with task weights."""
+    """What one optimizer step sees: an arithmetic group and a text group, each with task weights."""
 
-    batch: int = 256
-    gsm_batch: int = 32
-    sizes: dict = field(default_factory=lambda: {3: 0.2, 4: 0.4, 5: 0.4})  # n x n for cot / answer
-    ocr_sizes: tuple = (3, 4, 5)
-    arithmetic_tasks: dict = field(default_factory=lambda: {"cot": 0.3, "answer": 0.3, "ocr": 0.2, "ocr_random": 0.2})
-    gsm_tasks: dict = field(default_factory=lambda: {"cot": 0.3, "answer": 0.2, "ocr": 0.5})
-    max_gsm_chars: int = 700  # longer GSM8k CoTs are skipped (a few percent)
-    span_fraction: float = 0.3  # OCR lines cut to a random run of words: reading must not depend on a line's length
-    group_weights: tuple = (1.0, 0.5)  # arithmetic, GSM8k: arithmetic is what the gates measure
-    micro_batch_tokens: int = 65536  # padded tokens per forward pass (fewer passes: a step is bound by launch overhead)
+    batch: int = 256  # arithmetic samples per step
+    text_batch: int = 128  # text-reading samples per step
+    sizes: dict = field(default_factory=lambda: {3: 0.1, 4: 0.3, 5: 0.4, 6: 0.2})  # n x n for cot / answer
+    ocr_sizes: tuple = (3, 4, 5, 6)
+    arithmetic_tasks: dict = field(default_factory=lambda: {"cot": 0.15, "answer": 0.45, "ocr": 0.2, "ocr_random": 0.2})
+    text_tasks: dict = field(default_factory=lambda: {"ocr_english": 0.4, "ocr_equation": 0.25, "ocr_printable": 0.35})
+    span_fraction: float = 0.3  # multiplication OCR lines cut to a random run of words
+    long_fraction: float = 0.1  # text lines joined to a random length up to the line's cap (--max-tokens)
+    group_weights: tuple = (1.0, 1.0)  # arithmetic (every sample counts equally), text (every character counts equally)
+    micro_batch_tokens: int = 98304  # padded tokens per forward pass (fewer passes: a step is bound by launch overhead)
 
 
 def _pick(rng: random.Random, weights: dict):
@@ -69,23 +74,24 @@ class SampleMaker:
         """The chat template's user turn and assistant prompt, as ids (a test checks it equals apply_chat_template)."""
         return [self.im_start] + self.user + user_ids + [self.im_end] + self.newline + [self.im_start] + self.assistant
 
-    def image(self, text: str) -> tuple[np.ndarray, int]:
-        """(uint8 patches of the rendered line, its number of visual tokens)."""
-        patches, (_, h, w) = PATCHIFIER.grey_patches(render_line(text, self.settings, TOKEN_PX))
-        return patches, h * w // 4
+    def image(self, text: str) -> tuple[np.ndarray, int, str]:
+        """(uint8 patches of the rendered line, its number of visual tokens, the text drawn: cut at --max-tokens)."""
+        drawn = fit_line(text, self.settings, TOKEN_PX)[0]
+        patches, (_, h, w) = PATCHIFIER.grey_patches(render_line(drawn, self.settings, TOKEN_PX))
+        return patches, h * w // 4, drawn
 
     def make(self, task: str, question: str, cot: str, answer: str) -> dict:
         patches = None
         if task == "cot":
-            prompt, target = self.prompt(self.encode(question)), self.encode(f"{line_text(cot, self.settings)} #### {answer}")
+            prompt, target = self.prompt(self.encode(question)), self.encode(f"{fit_line(cot, self.settings, TOKEN_PX)[0]} #### {answer}")
         elif task == "answer":
-            patches, n = self.image(cot)
+            patches, n, _ = self.image(cot)
             prompt = self.prompt(self.encode(question)) + [self.img_begin] + [self.pad] * n
             target = [self.img_end] + self.encode(answer)
-        else:  # ocr, ocr_random: the text drawn is the target
-            patches, n = self.image(cot)
+        else:  # every reading task: the text drawn is the target
+            patches, n, drawn = self.image(cot)
             prompt = self.prompt([self.img_begin] + [self.pad] * n + [self.img_end])
-            target = self.encode(line_text(cot, self.settings))
+            target = self.encode(drawn)
         ids = prompt + target + [self.im_end]
         return {"ids": ids, "loss_from": len(prompt), "patches": patches, "task": TASKS.index(task)}
 
@@ -106,16 +112,15 @@ class PretrainData:
 
     def __init__(self, tokenizer, data_dir: Path | None, seed: int, mixture: Mixture = Mixture()):
         self.maker, self.seed, self.mixture = SampleMaker(tokenizer), seed, mixture
-        held_out = [Path(data_dir) / f for f in HELD_OUT] if data_dir else []
+        base = Path(data_dir) if data_dir else PACKAGE_DATA
+        held_out = [base / f for f in HELD_OUT]
         missing = [str(p) for p in held_out if not p.exists()]
-        if data_dir is None or missing:
-            raise FileNotFoundError(f"--data-dir must hold the shared valid/test files to exclude ({missing or HELD_OUT}); "
-                                    "pass the folder of the shared data (e.g. ../shared/data)")
+        if missing:
+            raise FileNotFoundError(f"the valid/test files to exclude are missing: {', '.join(missing)}; "
+                                    "leave --data-dir out to use the shipped ones")
         self.excluded = multiplication.excluded_questions(held_out)
-        gsm, _ = load_records("gsm8k", "train")  # shipped; calculator notes removed, as the build does
-        icot, _ = load_records("icot_gsm8k", "train", data_dir=Path(data_dir))
-        limit = mixture.max_gsm_chars
-        self.gsm = [(r.question, r.cot, r.answer) for r in gsm + icot if len(r.cot) <= limit and len(r.question) <= limit]
+        self.max_characters = RenderSettings().max_tokens * 4  # long lines are drawn up to the cap, then cut
+        texts.gsm8k_train(), texts.english_paragraphs()  # loaded once here, shared by the loader's workers
 
     def _multiplication(self, n: int, rng: random.Random) -> tuple[str, str, str]:
         while True:
@@ -135,29 +140,34 @@ class PretrainData:
             cot = random_span(cot, rng)
         return self.maker.make(task, question, cot, answer)
 
-    def gsm_sample(self, rng: random.Random) -> dict:
-        task = _pick(rng, self.mixture.gsm_tasks)
-        question, cot, answer = rng.choice(self.gsm)
-        if task == "ocr" and rng.random() < self.mixture.span_fraction:
-            cot = random_span(cot, rng)
-        return self.maker.make(task, question, cot, answer)
+    def text_sample(self, rng: random.Random) -> dict:
+        task = _pick(rng, self.mixture.text_tasks)
+        pieces = {"ocr_english": texts.english_line, "ocr_equation": texts.equations_text,
+                  "ocr_printable": lambda r: texts.printable_line(r, int(round(300 ** r.random())))}[task]
+        if rng.random() < self.mixture.long_fraction:
+            line = texts.long_line(rng, pieces, rng.randint(200, self.max_characters))
+        else:
+            line = pieces(rng)
+        return self.maker.make(task, "", line, "")
 
     def batch(self, step: int) -> list[dict]:
-        """The step's micro-batches. Every sample of a group counts equally, whatever its length: a sample's
-        tokens carry ``group weight / (samples in the group x the sample's target tokens)``, so a task's share of
-        the loss is its share of the mixture (counted per token, a 10-digit answer would weigh a tenth of a
-        100-character CoT, and the answer task would barely be trained)."""
+        """The step's micro-batches. In the arithmetic group every sample counts equally, whatever its length: a
+        sample's tokens carry ``group weight / (samples in the group x the sample's target tokens)``, so a task's
+        share of the loss is its share of the mixture (counted per token, a 10-digit answer would weigh a tenth of a
+        100-character CoT, and the answer task would barely be trained). In the text group every target token counts
+        equally (reading is measured per character)."""
         rng = random.Random(self.seed * 1_000_003 + step)
-        groups = [[self.arithmetic_sample(rng) for _ in range(self.mixture.batch)]]
-        if self.mixture.gsm_batch:
-            groups.append([self.gsm_sample(rng) for _ in range(self.mixture.gsm_batch)])
+        groups = [[self.arithmetic_sample(rng) for _ in range(self.mixture.batch)],
+                  [self.text_sample(rng) for _ in range(self.mixture.text_batch)]]
         micro_batches = []
-        for weight, group in zip(self.mixture.group_weights, groups):
+        for index, (weight, group) in enumerate(zip(self.mixture.group_weights, groups)):
+            group_tokens = sum(len(s["ids"]) - s["loss_from"] for s in group)
             for sample in group:
-                sample["weight"] = weight / (len(group) * (len(sample["ids"]) - sample["loss_from"]))
+                targets = len(sample["ids"]) - sample["loss_from"]
+                sample["weight"] = weight / (len(group) * targets) if index == 0 else weight / group_tokens
             for chunk in by_length(group, self.mixture.micro_batch_tokens):
                 micro_batches.append(collate(chunk, self.maker.tokenizer.pad_token_id))
-        return micro_batches
+        return [m for m in micro_batches if len(m["ids"])]
 
 
 def by_length(samples: list[dict], max_tokens: int) -> list[list[dict]]:

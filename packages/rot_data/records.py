@@ -30,7 +30,8 @@ from typing import Iterator
 PACKAGE_DATA = Path(__file__).parent / "data"
 CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
 
-# name -> (folder under the data dir, file name per split); gsm8k's folder ships in the package.
+# name -> (folder under the data dir, file name per split). Every split but icot_gsm8k's train ships in the package
+# (packages/rot_data/data/README.md: sources and licences); --data-dir points at another copy.
 BUILTIN_SOURCES = {
     "gsm8k": ("gsm8k", {"train": "train.jsonl", "test": "test.jsonl"}),
     "gsm_hard": ("gsm_hard", {"test": "test.jsonl"}),
@@ -39,6 +40,8 @@ BUILTIN_SOURCES = {
     "icot_gsm8k": ("icot_gsm8k", {"train": "train_no_aug.txt", "valid": "valid.txt", "test": "test.txt"}),
     "icot_mult_4x4": ("icot_mult_4x4", {"valid": "valid.txt", "test": "test_bigbench.txt"}),
     "icot_mult_5x5": ("icot_mult_5x5", {"valid": "valid.txt", "test": "test_bigbench.txt"}),
+    "mult_3x3": ("mult_3x3", {"valid": "valid.txt", "test": "test.txt"}),  # generated here, same format
+    "mult_6x6": ("mult_6x6", {"valid": "valid.txt", "test": "test.txt"}),
 }
 
 
@@ -239,11 +242,12 @@ def resolve_source(source: str, split: str, data_dir: Path | None) -> tuple[str,
         folder, files = BUILTIN_SOURCES[source]
         if split not in files:
             raise RecordError(f"--dataset {source} has splits {sorted(files)}, not '{split}'; pass --split with one of them")
-        base = PACKAGE_DATA if source == "gsm8k" else data_dir
-        if base is None:
-            raise RecordError(f"--dataset {source} is not shipped with the package; pass --data-dir pointing at a folder that holds {folder}/")
+        base = data_dir if data_dir is not None else PACKAGE_DATA
         path = Path(base) / folder / files[split]
         if not path.exists():
+            if data_dir is None:
+                raise RecordError(f"--dataset {source} --split {split} is not shipped with the package; pass --data-dir "
+                                  f"pointing at a folder that holds {folder}/{files[split]}")
             raise RecordError(f"{path} does not exist; check --data-dir")
         return f"{source}-{split}", path
     path = Path(source)
