@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -216,3 +217,26 @@ def test_the_shipped_rot_4x4_model_multiplies_questions_it_never_saw(tmp_path):
     assert summary["accuracy"] >= 0.95, summary  # 100% on the 1000 test rows, 99.9% on 1000 fresh ones
     missing = runner.invoke(app, ["run", "--checkpoint", "rot-5x5", "--dataset", str(rows), "--out", str(tmp_path / "x")])
     assert missing.exit_code == 1 and "rot-5x5/rot_config.json is missing" in missing.output, missing.output
+
+
+def test_reading_lines_cover_every_printable_character_and_the_calculator_layout():
+    """The text group's generators: random strings reach every printable character (all drawable in the default
+    font, so no glyph is unseen), equation lines are calculator notes, and long lines are cut where the build cuts."""
+    from rot_anchor import texts
+    from rot_anchor.tasks import PretrainData, SampleMaker
+    from rot_render.render import drawing_problem
+
+    rng = random.Random(0)
+    drawn = "".join(texts.printable_line(rng, 200) for _ in range(200))
+    assert set(texts.PRINTABLE) <= set(drawn) and drawing_problem(texts.PRINTABLE) is None
+    for _ in range(50):
+        line = texts.equation_line(rng)
+        assert re.fullmatch(r"<<[^<>]+=[^<>]+>>( <<[^<>]+=[^<>]+>>)*", line), line
+    assert texts.heldout_english() and not set(texts.heldout_english()) & set(texts.english_paragraphs())
+    maker = SampleMaker(byte_tokenizer())
+    sample = maker.make("ocr_english", "", texts.long_line(rng, texts.english_line, 3000), "")
+    n_visual = sample["ids"].count(maker.pad)
+    target = maker.tokenizer.decode(sample["ids"][sample["loss_from"]:-1])
+    assert n_visual == 512 and 1000 < len(target) < 3000  # cut at --max-tokens 512, the target is what was drawn
+    data = PretrainData(byte_tokenizer(), None, seed=0)
+    assert {t for m in data.batch(1) for t in m["task"].tolist()} == set(range(7))  # every task in one step

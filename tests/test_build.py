@@ -161,3 +161,23 @@ def test_shard_writer_takes_its_rows_from_mixed_blocks_in_source_order(tmp_path)
     assert table["id"].to_pylist() == ["s1-p0", "s1-p1", "s1-p2"] and summary["rows"] == 3
     assert table["embedding"].to_pylist() == [bytes([0, 1]), bytes([1, 1]), bytes([2, 1])]
     assert table.column_names == shards.SCHEMA.names  # bookkeeping columns are not stored
+
+
+def test_inspect_read_transcribes_stored_rows_against_their_cot(tmp_path, tiny_qwen3_vl):
+    """`rot-render inspect --read N`: the shipped anchor reads N rows' stored embeddings of the main job's own data
+    (GSM8k solutions) back as their CoT; a reader of another width and a bad N are one-line errors."""
+    rows = tmp_path / "gsm8k-12.jsonl"
+    source = Path(shards.__file__).parent / "data" / "gsm8k" / "test.jsonl"  # shipped
+    rows.write_text("".join(source.read_text().splitlines(True)[:12]))
+    out = tmp_path / "shards"
+    _cli("build", "--dataset", str(rows), "--out", str(out))
+    result = _cli("inspect", str(out), "--read", "6")
+    found = re.search(r"read back 6 rows with anchor: ([\d.]+)% of (\d+) characters", result.stdout)
+    assert found and float(found.group(1)) >= 97.0, result.stdout
+    assert "drawn: " in result.stdout and "read:  " in result.stdout
+    again = _cli("inspect", str(out), "--read", "6")  # seeded: the same rows, the same figure
+    assert found.group(0) in again.stdout
+    wrong = _cli("inspect", str(out), "--read", "2", "--reader", str(tiny_qwen3_vl), check=False)
+    assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1 and "64-wide" in wrong.stderr, wrong.stderr
+    zero = _cli("inspect", str(out), "--read", "0", check=False)
+    assert zero.returncode == 1 and "--read 0" in zero.stderr, zero.stderr

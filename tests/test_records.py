@@ -33,7 +33,7 @@ def test_icot_text_format(tmp_path):
 
 @pytest.mark.parametrize("name, rows", [("gsm_hard", 1319), ("svamp", 1000), ("multiarith", 600), ("icot_gsm8k", 1319)])
 def test_shared_sets_load_with_the_right_counts(shared_data, name, rows):
-    records, skipped = load_records(name, "test", require_cot=name == "icot_gsm8k")  # shipped: no --data-dir
+    records, skipped = load_records(name, "test", require_cot=False)  # shipped: no --data-dir
     assert len(records) == rows and not skipped
     assert all(r.question and r.answer for r in records)
 
@@ -76,8 +76,9 @@ def test_malformed_rows_are_skipped_and_counted(bad_file):
 def test_unknown_dataset_and_missing_data_dir_say_what_to_do():
     with pytest.raises(RecordError, match="neither a built-in name"):
         load_records("nope")
-    with pytest.raises(RecordError, match="pass --data-dir"):
-        load_records("svamp", "test")
+    with pytest.raises(RecordError, match="not shipped with the package; pass --data-dir"):
+        load_records("icot_gsm8k", "train")
+    assert load_records("svamp", "test", require_cot=False)[0]  # shipped: no --data-dir
     with pytest.raises(RecordError, match="has splits"):
         load_records("gsm8k", "valid")
 
@@ -89,6 +90,18 @@ def test_the_four_benchmarks_load_for_evaluation_with_their_file_sizes(shared_da
 
 
 GOOD = b'{"question": "q", "cot": "1 + 1 = 2", "answer": "2"}'
+
+
+def test_a_row_with_two_answer_markers_is_a_bad_row(tmp_path):
+    """The true answer must not be drawn into the CoT image while a second '####' becomes the answer."""
+    text = tmp_path / "rows.txt"
+    text.write_text("1 2 * 3 4||3 6 #### 3 6 1\nq||cot #### 2 2 1 1 7 7 7 1 #### 99\n")
+    with pytest.raises(RecordError, match=r"rows.txt:2: line has 2 '####' markers"):
+        load_records(str(text))
+    solution = tmp_path / "rows.jsonl"
+    solution.write_text('{"question": "q", "answer": "1 + 1 = 2 #### 2 #### 5"}\n')
+    with pytest.raises(RecordError, match=r"rows.jsonl:1: solution has 2 '####' markers"):
+        load_records(str(solution))
 
 
 def test_invalid_utf8_is_one_bad_row_with_file_and_line(tmp_path):
@@ -157,3 +170,52 @@ def test_a_broken_json_document_stops_with_file_and_line(tmp_path, content, mess
     with pytest.raises(RecordError) as error:
         load_records(str(path), on_error="skip")
     assert str(error.value) == f"{path}{message}"
+
+
+def test_cr_lf_and_crlf_each_end_a_row(tmp_path):
+    """Ten rows with lone CR, LF and CR LF endings mixed are ten rows: none joined to its neighbour, none lost."""
+    endings = [b"\r", b"\n", b"\r\n"]
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"".join(GOOD.replace(b'"q"', f'"q{i}"'.encode()) + endings[i % 3] for i in range(10)))
+    records, skipped = load_records(str(path), on_error="skip")
+    assert [r.question for r in records] == [f"q{i}" for i in range(10)] and not skipped
+    assert [r.line for r in records] == list(range(1, 11))
+    text = tmp_path / "rows.txt"
+    text.write_bytes(b"1 2 * 3 4||3 6 #### 3 6 1\r5 6 * 7 4||5 5 + 0 6 #### 5 5 6\r")
+    assert len(load_records(str(text))[0]) == 2
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("rows.jsonl.gz", None, "is gzip-compressed; decompress it"),
+    ("rows.csv", b"question,cot,answer\nq,c,1\n", "is CSV; convert it to .jsonl"),
+    ("rows.jsonl", "\ufeff" + '{"question": "q", "cot": "c", "answer": "1"}\n', "is UTF-16 (little-endian); re-save it as UTF-8"),
+    ("rows.zip", b"PK\x03\x04rest", "is a zip archive"),
+])
+def test_a_file_of_another_format_is_named_by_what_it_is(tmp_path, name, content, says):
+    import gzip
+
+    path = tmp_path / name
+    if content is None:
+        path.write_bytes(gzip.compress(GOOD + b"\n"))
+    elif isinstance(content, str):
+        path.write_bytes(b"\xff\xfe" + content[1:].encode("utf-16-le"))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(RecordError) as error:
+        load_records(str(path))
+    assert says in str(error.value) and str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_fifo_and_a_symlink_loop_are_named(tmp_path):
+    import os
+
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(RecordError, match="is a FIFO; give a"):
+        load_records(str(fifo))
+    loop = tmp_path / "loop.jsonl"
+    os.symlink(loop, loop)
+    with pytest.raises(RecordError, match="cannot be opened"):
+        load_records(str(loop))
+    with pytest.raises(RecordError, match="is a folder"):
+        load_records(str(tmp_path))

@@ -69,6 +69,7 @@ def evaluate_command(
     data_dir: Optional[Path] = typer.Option(None, help="another copy of the shipped data folder"),
     out: Path = typer.Option(Path("anchor-eval.json")),
     limit: Optional[int] = typer.Option(None, help="rows per evaluation set (default: all)"),
+    batch_size: int = typer.Option(256, help="lines generated at once (1024 suits a GPU)"),
 ) -> None:
     """Reading (characters, lines), CoT from text and answer from the true CoT image."""
     import torch
@@ -78,10 +79,10 @@ def evaluate_command(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vlm, tokenizer = read.load(model, device=device)
     read.prepare_tower(vlm)
-    _measure(vlm, tokenizer, data_dir, limit, out)
+    _measure(vlm, tokenizer, data_dir, limit, out, batch_size)
 
 
-def _measure(model, tokenizer, data_dir: Path, limit: Optional[int], out: Path) -> None:
+def _measure(model, tokenizer, data_dir: Optional[Path], limit: Optional[int], out: Path, batch_size: int = 256) -> None:
     import time
 
     import torch
@@ -90,11 +91,15 @@ def _measure(model, tokenizer, data_dir: Path, limit: Optional[int], out: Path) 
 
     started = time.perf_counter()
     on_gpu = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if on_gpu else "cpu"
+
+    def write(results: dict) -> None:  # after every set: a run cut off by a time limit keeps what it measured
+        results.update(seconds=time.perf_counter() - started, device=device, limit=limit)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):  # bf16 as in training (flash kernels need it)
-        results = evaluate(model, tokenizer, data_dir, limit)
-    results["seconds"] = time.perf_counter() - started
-    results["device"] = torch.cuda.get_device_name() if on_gpu else "cpu"
-    out.write_text(json.dumps(results, indent=2) + "\n")
+        results = evaluate(model, tokenizer, data_dir, limit, batch_size, after_each_set=write)
+    write(results)
     for name, scores in results["reading"].items():
         typer.echo(f"reading {name}: {100 * scores['char_accuracy']:.2f}% characters, {100 * scores['line_accuracy']:.1f}% lines "
                    f"({scores['lines']} lines)")

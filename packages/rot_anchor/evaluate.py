@@ -73,7 +73,9 @@ def _answer(text: str) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, data_dir: Path | None = None, limit: int | None = None, batch_size: int = 256) -> dict:
+def evaluate(model, tokenizer, data_dir: Path | None = None, limit: int | None = None, batch_size: int = 256,
+             after_each_set=None) -> dict:
+    """Every figure; ``after_each_set(results)`` is called as each set finishes (so a cut-off run keeps what it measured)."""
     model.eval()
     results = {"reading": {}, "cot_from_text": {}, "answer_from_image": {}}
     reading = reading_lines(data_dir, limit)
@@ -83,6 +85,7 @@ def evaluate(model, tokenizer, data_dir: Path | None = None, limit: int | None =
         bar.set_postfix_str(f"reading {name}")
         results["reading"][name] = reading_scores(read_lines(model, tokenizer, references, batch_size), references)
         bar.update()
+        after_each_set and after_each_set(results)
     for name in answer_sets:
         records = _records(name, "valid", data_dir, limit)
         golds = [" ".join(r.answer.split()) for r in records]
@@ -92,12 +95,14 @@ def evaluate(model, tokenizer, data_dir: Path | None = None, limit: int | None =
             texts_out = read.generate(model, tokenizer, prompts, [None] * len(records), 400, batch_size)
             results["cot_from_text"][f"{name}-valid"] = _accuracy([_answer(t) for t in texts_out], golds)
             bar.update()
+            after_each_set and after_each_set(results)
         bar.set_postfix_str(f"answer from image {name}")
         visual = _visual(model, [r.cot for r in records])
         prompts = [read.answer_prompt(tokenizer, r.question, len(v)) for r, v in zip(records, visual)]
         texts_out = read.generate(model, tokenizer, prompts, visual, 32, batch_size)
         results["answer_from_image"][f"{name}-valid"] = _accuracy([" ".join(t.split()) for t in texts_out], golds)
         bar.update()
+        after_each_set and after_each_set(results)
     bar.close()
     return results
 

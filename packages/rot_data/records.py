@@ -104,7 +104,9 @@ def _require_text(row: dict, key: str) -> str:
 def _split_gsm8k_solution(solution: str, keep_calculator: bool) -> tuple[str, str]:
     if "####" not in solution:
         raise ValueError("solution has no '#### <answer>' line")
-    cot, answer = solution.rsplit("####", 1)
+    if solution.count("####") > 1:  # which one is the answer is a guess; the other would be drawn into the CoT
+        raise ValueError(f"solution has {solution.count('####')} '####' markers; a solution ends with exactly one '#### <answer>'")
+    cot, answer = solution.split("####")
     if not keep_calculator:
         cot = CALCULATOR_NOTE.sub("", cot)
     return cot.strip(), answer.strip().replace(",", "")
@@ -116,7 +118,9 @@ def _parse_row(row, fmt: str, keep_calculator: bool) -> tuple[str, str, str]:
         if "||" not in row or "####" not in row:
             raise ValueError("line is not 'question||cot #### answer'")
         question, rest = row.split("||", 1)
-        cot, answer = rest.rsplit("####", 1)
+        if rest.count("####") > 1:  # which one is the answer is a guess; the other would be drawn into the CoT
+            raise ValueError(f"line has {rest.count('####')} '####' markers; a row is 'question||cot #### answer' with exactly one")
+        cot, answer = rest.split("####")
         return question.strip(), cot.strip(), answer.strip()
     if not isinstance(row, dict):
         raise TypeError(f"row is {type(row).__name__}, not an object")
@@ -160,8 +164,34 @@ def _detect_format(path: Path, first_row) -> str:
     )
 
 
+LINE_END = re.compile(rb"\r\n|\r|\n")
+SUFFIXES = ".jsonl, .json, .parquet or .txt (question||cot #### answer)"
+_MAGIC = ((b"\x1f\x8b", "gzip-compressed"), (b"PK\x03\x04", "a zip archive"), (b"\xff\xfe", "UTF-16 (little-endian)"),
+          (b"\xfe\xff", "UTF-16 (big-endian)"), (b"BZh", "bzip2-compressed"), (b"\xfd7zXZ", "xz-compressed"))
+
+
+def file_kind_problem(path: Path) -> str | None:
+    """Why ``path`` is not a rows file this loader reads, named by what it is (None: go ahead and parse it)."""
+    if not path.is_file():
+        kind = "a FIFO" if path.is_fifo() else "a folder" if path.is_dir() else "not a regular file"
+        return f"--dataset {path} is {kind}; give a {SUFFIXES} file"
+    if path.suffix.lower() in (".csv", ".tsv"):
+        return f"--dataset {path} is {path.suffix[1:].upper()}; convert it to {SUFFIXES}"
+    with path.open("rb") as handle:
+        head = handle.read(4096)
+    for magic, kind in _MAGIC:
+        if head.startswith(magic) and path.suffix != ".parquet":
+            return f"--dataset {path} is {kind}; {'decompress it' if 'compress' in kind or 'zip' in kind else 're-save it as UTF-8'} to a {SUFFIXES} file"
+    if path.suffix != ".parquet" and head.count(b"\x00") > len(head) // 4:
+        return f"--dataset {path} looks like UTF-16 or binary data (NUL bytes); re-save it as UTF-8 {SUFFIXES}"
+    return None
+
+
 def _raw_rows(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, raw row) pairs; a row that is not valid UTF-8 or JSON is yielded as a RecordError."""
+    problem = file_kind_problem(path)
+    if problem:
+        raise RecordError(problem)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -185,27 +215,24 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, object]]:
             raise RecordError(f"{path}: expected a JSON list of rows")
         yield from enumerate(rows, start=1)
     else:
-        with path.open("rb") as handle:  # split on LF only, decode each line on its own
-            for line_number, raw in enumerate(handle, start=1):
-                if line_number == 1:
-                    raw = raw.removeprefix(UTF8_BOM)
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    yield line_number, RecordError(f"invalid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})")
-                    continue
-                line = line.removesuffix("\n").removesuffix("\r")
-                if not line.strip():
-                    continue
-                if path.suffix == ".txt":
-                    yield line_number, line
-                    continue
-                try:
-                    yield line_number, json.loads(line)
-                except json.JSONDecodeError as error:
-                    yield line_number, RecordError(f"bad JSON ({error.msg})")
-                except (ValueError, RecursionError) as error:  # e.g. an integer of more than 4300 digits, or deep nesting
-                    yield line_number, RecordError(f"bad JSON ({type(error).__name__}: {str(error)[:80]})")
+        # CR LF, LF and a lone CR each end a line (JSON escapes CR inside strings, so none is cut); each line decoded alone
+        for line_number, raw in enumerate(LINE_END.split(path.read_bytes().removeprefix(UTF8_BOM)), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield line_number, RecordError(f"invalid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})")
+                continue
+            if not line.strip():
+                continue
+            if path.suffix == ".txt":
+                yield line_number, line
+                continue
+            try:
+                yield line_number, json.loads(line)
+            except json.JSONDecodeError as error:
+                yield line_number, RecordError(f"bad JSON ({error.msg})")
+            except (ValueError, RecursionError) as error:  # e.g. an integer of more than 4300 digits, or deep nesting
+                yield line_number, RecordError(f"bad JSON ({type(error).__name__}: {str(error)[:80]})")
 
 
 def _own_id(raw) -> str | None:
@@ -251,10 +278,18 @@ def resolve_source(source: str, split: str, data_dir: Path | None) -> tuple[str,
             raise RecordError(f"{path} does not exist; check --data-dir")
         return f"{source}-{split}", path
     path = Path(source)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as error:  # a symlink loop, a name too long, ...
+        raise RecordError(f"--dataset {source} cannot be opened ({error.strerror or error}); give a {SUFFIXES} file") from None
+    if not exists and path.is_symlink():
+        raise RecordError(f"--dataset {source} cannot be opened: a symbolic link that leads nowhere (a loop or a "
+                          f"missing target); give a {SUFFIXES} file")
+    if not exists:
         raise RecordError(f"--dataset {source}: neither a built-in name ({', '.join(BUILTIN_SOURCES)}) nor an existing file")
-    if not path.is_file():
-        raise RecordError(f"--dataset {source} is a folder; give a .jsonl/.json/.parquet/.txt file")
+    problem = file_kind_problem(path)
+    if problem:
+        raise RecordError(problem)
     return f"{path.stem}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}", path
 
 

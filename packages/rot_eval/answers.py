@@ -1,6 +1,8 @@
 """Pull the final answer out of generated text and compare it with the gold answer.
 
-Numbers are compared as numbers ("1,000" == "1000.0", "$5.50" == "5.5", "3/4" == "0.75"); answers
+Numbers are compared as numbers ("1,000" == "1000.0", "$5.50" == "5.5", "3/4" == "0.75"): whole numbers exactly,
+others up to what float formatting can change (a relative 1e-15, a few float64 steps: GSM-Hard's targets are floats such as
+3.3333333333333335, and its answers are large, so a looser tolerance would count answers off by hundreds as right); answers
 that are not numbers (e.g. the digit strings of the multiplication sets) are compared as text with
 whitespace normalised.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+FLOAT_FORMATTING = 1e-15  # relative: what printing a float with fewer digits changes, nothing more
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?|-?\.\d+")
 
 
@@ -41,4 +44,8 @@ def is_correct(prediction: str, gold: str) -> bool:
     if gold_number is None:
         return False
     predicted_number = parse_number(predicted_text)
-    return predicted_number is not None and abs(predicted_number - gold_number) <= 1e-4 * max(1.0, abs(gold_number))
+    if predicted_number is None:
+        return False
+    if predicted_number.is_integer() and gold_number.is_integer():
+        return predicted_number == gold_number  # exact (floats hold whole numbers exactly up to 2**53)
+    return abs(predicted_number - gold_number) <= FLOAT_FORMATTING * max(1.0, abs(gold_number))

@@ -71,13 +71,13 @@ def viz(
 ) -> None:
     """Save the latent heatmap, the token-similarity matrix and per-token statistics for one question (and, with
     --reader, what the latents read as)."""
-    from rot_train.export import DEFAULT_INFERENCE_LATENTS
+    from rot_train.export import latent_budget
     from rot_eval.generate import generate_rot, load_for_inference
     from rot_train.shard_stream import ShardSet
     from rot_eval.viz import draw, nearest_text
 
     model, tokenizer, config = load_for_inference(checkpoint)
-    latents = latents or config.get("inference_latents", DEFAULT_INFERENCE_LATENTS)
+    latents = latent_budget(config, latents)
     (result,) = generate_rot(model, tokenizer, [question], latents=latents)
     paths = draw(result.latents, out, question[:60])
     if shards:

@@ -10,8 +10,19 @@ from tqdm import tqdm
 
 from rot_data.records import load_records
 from rot_eval.answers import final_segment, is_correct
-from rot_train.export import DEFAULT_INFERENCE_LATENTS
+from rot_train.export import latent_budget
 from rot_eval.generate import generate_rot, generate_text, load_for_inference, timed
+
+
+def check_positions(model, tokenizer, records, new_positions: int, what: str) -> None:
+    """Refuse, before decoding, a budget the backbone has no positions for (it would run on for minutes, then fail)."""
+    lm = model.lm if hasattr(model, "lm") else model
+    config = getattr(lm.config, "text_config", lm.config)
+    limit = getattr(config, "max_position_embeddings", None)
+    longest = max(len(tokenizer(r.question, add_special_tokens=False)["input_ids"]) for r in records) + 16  # chat turn
+    if limit and longest + new_positions > limit:
+        raise ValueError(f"{what} asks for {new_positions} positions after the longest question's {longest}, more than the "
+                         f"backbone's max_position_embeddings {limit}: keep them within {limit - longest} in all")
 
 
 def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data_dir: Path | None = None,
@@ -21,6 +32,10 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
     """``control``: replace the latents by ``zeros``, by another question's (``shuffled``: the batch's latents
     rolled by one row) or by the ``truth`` (the visual embeddings of the question's rendered CoT, read from
     ``truth_shards``, a shard set of the evaluated split built with the training encoder)."""
+    for flag, value in (("--limit", limit), ("--batch-size", batch_size), ("--max-answer-tokens", max_answer_tokens),
+                        ("--max-cot-tokens", max_cot_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: use at least 1" + (" (leave it out for every row)" if flag == "--limit" else ""))
     if control not in CONTROLS:
         raise ValueError(f"--control {control}: use one of {', '.join(c for c in CONTROLS if c)}")
     if control == "truth" and truth_shards is None:
@@ -28,10 +43,12 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model, tokenizer, config = load_for_inference(checkpoint, device=device, dtype=dtype)
-    latents = latents or config.get("inference_latents", DEFAULT_INFERENCE_LATENTS)
+    latents = latent_budget(config, latents)
     records, _ = load_records(dataset, split, data_dir=data_dir, require_cot=False)
-    records = records[:limit] if limit else records
+    records = records[:limit] if limit is not None else records
     mode = config.get("mode", "rot")
+    thinking = {"rot": (latents, "--latents"), "sft-cot": (max_cot_tokens, "--max-cot-tokens")}.get(mode, (0, ""))
+    check_positions(model, tokenizer, records, thinking[0] + max_answer_tokens + 2, f"{thinking[1]} + answer tokens".strip(" +"))
     if control and mode != "rot":
         raise ValueError(f"--control applies to RoT exports; {checkpoint} is an {mode} baseline")
     truth = _truth_embeddings(truth_shards) if control == "truth" else None

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from rot_data.edit_distance import edit_distance
 from rot_data.records import load_records
-from rot_train.export import DEFAULT_INFERENCE_LATENTS
+from rot_train.export import latent_budget
 from rot_eval.generate import generate_rot, load_for_inference
 from rot_train.shard_stream import ShardSet
 from rot_eval.viz import token_of_characters
@@ -56,7 +56,7 @@ def read_back(checkpoint: str, dataset: str, shards: Path, out: Path, split: str
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, config = load_for_inference(checkpoint, device=device)
-    latents = latents or config.get("inference_latents", DEFAULT_INFERENCE_LATENTS)
+    latents = latent_budget(config, latents)
     vlm, vlm_tokenizer = read.load(reader, device=device)
     manifest = ShardSet.open(shards, verify=False).manifest
     render, token_px = manifest["render"], manifest["encoder"]["token_px"]

@@ -201,18 +201,37 @@ def read(
 
 
 @app.command()
-def inspect(folder: Path = typer.Argument(..., help="a shard folder written by rot-render build")) -> None:
-    """Verify every shard's checksum against the manifest and print the summary."""
+def inspect(
+    folder: Path = typer.Argument(..., help="a shard folder written by rot-render build"),
+    read: Optional[int] = typer.Option(None, "--read", help="also transcribe this many random rows' stored embeddings and score them against their CoT"),
+    reader: Optional[str] = typer.Option(None, help="the VLM that reads them (default: the encoder that built the set, e.g. anchor)"),
+    seed: int = typer.Option(0, help="which rows --read draws"),
+) -> None:
+    """Verify every shard's checksum against the manifest and print the summary (--read N: and read N rows back)."""
     problems = shards.verify(folder)
     if problems:
         for problem in problems:
             typer.secho(f"error: {problem}", fg="red", err=True)
         raise typer.Exit(1)
+    if read is not None and read < 1:
+        _fail(f"--read {read}: give the number of rows to read back, at least 1")
     manifest = shards.read_manifest(folder)
     try:
         typer.echo(_inspect_summary(folder, manifest))
     except (KeyError, TypeError, ValueError) as error:
         _fail(f"{folder / shards.MANIFEST} lacks or garbles the field {error}; re-run the rot-render build command with --overwrite")
+    if read is not None:
+        from rot_render.readcheck import read_shards
+
+        try:
+            scores = read_shards(folder, read, reader, seed)
+        except (ValueError, OSError) as error:
+            _fail(str(error).splitlines()[0])
+        for example in scores["examples"]:
+            typer.echo(f"  {example['id']}\n    drawn: {example['truth'][:160]}\n    read:  {example['read'][:160]}")
+        typer.echo(f"  read back {_count(scores['rows'], 'row')} with {scores['reader']}: "
+                   f"{100 * scores['char_accuracy']:.2f}% of {scores['characters']} characters, "
+                   f"{100 * scores['line_accuracy']:.1f}% of lines exact")
 
 
 def _inspect_summary(folder: Path, manifest: dict) -> str:

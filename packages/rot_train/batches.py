@@ -76,7 +76,7 @@ class RoTCollator:
         pad_id = pad_token_id(self.tokenizer)
         prefix_ids, prefix_mask = pad([question_ids(self.tokenizer, r["question"]) + [self.img_begin_id] for r in rows], pad_id, left=True)
         suffix_ids, suffix_mask = pad([[self.img_end_id] + answer_ids(self.tokenizer, r["answer"]) for r in rows], pad_id, left=False)
-        n_latents = torch.tensor([min(len(e), self.max_latents or len(e)) for e in embeddings])
+        n_latents = torch.tensor([len(e) if self.max_latents is None else min(len(e), self.max_latents) for e in embeddings])
         slots = max(1, int(n_latents.max()))
         targets = torch.zeros(len(rows), slots, embeddings[0].shape[1])
         for i, (embedding, n) in enumerate(zip(embeddings, n_latents.tolist())):

@@ -58,7 +58,7 @@ def export(model: RoTModel, tokenizer, folder: Path, cfg, shard_set, token_ids: 
         "llm_dim": model.lm.config.hidden_size, "latent_dim": shard_set.dim, "head_width": cfg.head_width,
         "tokens": {IMG_BEGIN: token_ids[IMG_BEGIN], IMG_END: token_ids[IMG_END]},
         "shards_fingerprint": shard_set.fingerprint, "max_latents": cfg.max_latents,
-        "inference_latents": cfg.inference_latents or inference_budget(shard_set, cfg.max_latents), "latent_gradient": cfg.latent_gradient,
+        "inference_latents": cfg.inference_latents if cfg.inference_latents is not None else inference_budget(shard_set, cfg.max_latents), "latent_gradient": cfg.latent_gradient,
         "train_config": asdict(cfg),
     }
     (folder / "rot_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -66,6 +66,15 @@ def export(model: RoTModel, tokenizer, folder: Path, cfg, shard_set, token_ids: 
 
 
 DEFAULT_INFERENCE_LATENTS = 32  # the paper's budget for GSM8k-style tasks; exports older than the recorded budget
+
+
+def latent_budget(rot_config: dict, latents: int | None = None) -> int:
+    """The latents to decode: ``latents`` when given (0 included: refused, not read as 'not given'), else the budget
+    the export recorded (exports older than that record: the paper's 32)."""
+    budget = rot_config.get("inference_latents", DEFAULT_INFERENCE_LATENTS) if latents is None else latents
+    if budget < 1:
+        raise ValueError(f"--latents {budget}: a RoT model decodes at least 1 latent (the SFT-noCoT baseline answers with none)")
+    return budget
 
 
 def inference_budget(shard_set, max_latents: int | None = None) -> int:

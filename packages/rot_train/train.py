@@ -76,6 +76,14 @@ class TrainConfig:
         for key, value in STAGE_DEFAULTS[self.stage].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        for names, lowest, what in ((AT_LEAST_ONE, 1, "at least 1"), (NOT_NEGATIVE, 0, "0 or more")):
+            for name in names:  # a given 0 is a value, never "not given": refuse what makes no sense, in one line
+                value = getattr(self, name)
+                if value is not None and value < lowest:
+                    raise ValueError(f"--{name.replace('_', '-')} {value:g}: use {what}"
+                                     + (" (leave it out for the default)" if name in OPTIONAL else ""))
+        if self.lr <= 0:
+            raise ValueError(f"--lr {self.lr:g}: use a learning rate > 0")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"--max-seconds {self.max_seconds:g}: use a number of seconds > 0 (leave it out for no time limit)")
         if self.curriculum_steps < 0 or self.curriculum_stride < 1:
@@ -91,6 +99,12 @@ class TrainConfig:
         """Leading latents the model rolls out itself at optimizer step ``step`` (None: all of them)."""
         return self.curriculum_stride * (step // self.curriculum_steps) if self.curriculum_steps else None
 
+
+AT_LEAST_ONE = ("micro_batch", "grad_accum", "epochs", "max_steps", "max_latents", "inference_latents", "head_width",
+                "lora_r", "shuffle_buffer")
+NOT_NEGATIVE = ("warmup_steps", "vision_weight", "reader_weight", "lm_weight", "lora_alpha", "lora_dropout", "seed",
+                "num_workers", "save_every", "keep_checkpoints")
+OPTIONAL = ("max_steps", "max_latents", "inference_latents")  # None: not given
 
 # The official configuration's per-stage values: Stage I trains the head on MSE x10 + LM loss, Stage II (and
 # the SFT baselines) on the LM loss alone. The one place these live: the CLI reads them from here.
@@ -398,7 +412,7 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     model, tokenizer, token_ids = build_model(cfg, device, dtype, shard_set)
     stream = make_stream(cfg, shard_set, tokenizer, token_ids, rank, world_size)
     total_steps = stream.batches_per_epoch // cfg.grad_accum * cfg.epochs  # the LR schedule's length
-    stop_step = min(cfg.max_steps or total_steps, total_steps)  # --max-steps only stops early
+    stop_step = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)  # --max-steps only stops early
     if total_steps < 1:
         raise ValueError(f"{shard_set.rows} rows give no optimizer step with micro batch {cfg.micro_batch} x accumulation "
                          f"{cfg.grad_accum} x {world_size} ranks; lower --micro-batch or --grad-accum")
