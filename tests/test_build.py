@@ -175,9 +175,48 @@ def test_inspect_read_transcribes_stored_rows_against_their_cot(tmp_path, tiny_q
     found = re.search(r"read back 6 rows with anchor: ([\d.]+)% of (\d+) characters", result.stdout)
     assert found and float(found.group(1)) >= 97.0, result.stdout
     assert "drawn: " in result.stdout and "read:  " in result.stdout
-    again = _cli("inspect", str(out), "--read", "6")  # seeded: the same rows, the same figure
-    assert found.group(0) in again.stdout
-    wrong = _cli("inspect", str(out), "--read", "2", "--reader", str(tiny_qwen3_vl), check=False)
-    assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1 and "64-wide" in wrong.stderr, wrong.stderr
-    zero = _cli("inspect", str(out), "--read", "0", check=False)
-    assert zero.returncode == 1 and "--read 0" in zero.stderr, zero.stderr
+    from typer.testing import CliRunner
+
+    from rot_render.cli import app
+    from rot_render.readcheck import read_shards
+
+    with pytest.raises(ValueError, match="takes 64-wide visual tokens but .* stores 384-wide ones"):
+        read_shards(out, 2, reader=str(tiny_qwen3_vl))
+    zero = CliRunner().invoke(app, ["inspect", str(out), "--read", "0"])
+    assert zero.exit_code == 1 and "--read 0" in zero.output, zero.output
+
+
+def test_a_build_keeps_the_users_files_refuses_a_held_folder_and_ignores_stale_scratch(tmp_path):
+    """One writer per folder: a build into a folder another process holds is refused in one line, before any work;
+    a foreign Parquet under a shard's name is refused, not overwritten; a user's dot-file survives; a stale
+    .encoder-starts (left by builds killed with SIGKILL) does not fail the next build."""
+    import pyarrow as pa
+
+    from rot_render.pipeline import STARTS
+
+    rows = tmp_path / "rows.txt"
+    rows.write_text("\n".join(f"{a} * 5||{a} #### {a}" for a in range(1, 9)) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    notes = out / ".shard-plan.tmp-notes"
+    notes.write_text("mine")
+    pq.write_table(pa.table({"x": [1, 2]}), out / "shard-00000.parquet")
+    foreign = _cli("build", "--dataset", str(rows), "--out", str(out), "--encoder", "tiny", check=False)
+    assert foreign.returncode == 1 and "shard-00000.parquet is a Parquet file that rot-render did not write" in foreign.stderr
+    assert len(foreign.stderr.strip().splitlines()) <= 2  # the tiny-tower note and the error
+    (out / "shard-00000.parquet").unlink()
+    (out / STARTS).write_text("x\n" * 10)  # more starts than any build allows
+    holder = subprocess.Popen(["python", "-c", "import time; from pathlib import Path; from rot_data import locks\n"
+                               f"with locks.exclusive(Path({str(out)!r}), 'rot-render build --dataset other'):\n"
+                               "    print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    started = time.perf_counter()
+    busy = _cli("build", "--dataset", str(rows), "--out", str(out), "--encoder", "tiny", check=False)
+    assert busy.returncode == 1 and "is in use by rot-render build --dataset other (pid" in busy.stderr, busy.stderr
+    assert time.perf_counter() - started < 20  # refused before Ray starts
+    holder.kill()
+    holder.wait()
+    _cli("build", "--dataset", str(rows), "--out", str(out), "--encoder", "tiny")
+    assert notes.read_text() == "mine" and len(_ids(out)) == 8
+    file_out = _cli("build", "--dataset", str(rows), "--out", str(notes), "--encoder", "tiny", check=False)
+    assert file_out.returncode == 1 and "is a file, not a folder" in file_out.stderr

@@ -236,7 +236,7 @@ def test_a_missing_backbone_folder_says_not_found_and_exports_store_resolved_pat
     from rot_train.export import portable_name
 
     for name in ("./nope", "runs/a/b", "/no/such/folder"):
-        with pytest.raises(FileNotFoundError, match=f"--backbone {name}: not found \\(no such folder\\)"):
+        with pytest.raises(ValueError, match=f"--backbone {name}: no such checkpoint folder"):
             checkpoint_dir(name)
     (tmp_path / "ckpt").mkdir()
     monkeypatch.chdir(tmp_path)

@@ -104,9 +104,17 @@ def test_max_seconds_stops_at_an_optimizer_step_then_checkpoints_exports_and_res
     assert json.loads((out / "export" / "rot_config.json").read_text())["train_config"]["max_seconds"] == 2.0
     assert json.loads((out / "run.json").read_text())["total_steps"] == 300  # the LR schedule is not rescaled
 
+    first_samples = summary["samples"]
+    with open(out / "metrics.jsonl", "a") as log:  # a killed run logged a step past its last checkpoint
+        log.write(json.dumps({"step": steps + 1, "loss": 9.9}) + "\n")
     summary, _ = run(TrainConfig(max_steps=steps + 2, resume=True, **common))
     assert summary["steps"] == steps + 2 and summary["stopped_early"] is None
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, steps + 3))
+    assert 9.9 not in [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["resumed_from_step"] == steps and summary["samples"] == first_samples + summary["samples_this_run"]
+    assert summary["samples"] == (steps + 2) * summary["global_batch"] and summary["seconds"] > summary["seconds_this_run"]
+    with pytest.raises(ValueError, match="--resume: .* holds no checkpoint"):
+        run(TrainConfig(max_steps=2, resume=True, **dict(common, out=str(tmp_path / "never-ran"))))
 
     # under the launcher on 2 ranks (gloo): rank 0's clock decides for both, so both stop at the same step and export
     two = tmp_path / "two-ranks"

@@ -63,9 +63,17 @@ def _visual(model, lines: list[str], chunk: int = 512) -> list[torch.Tensor]:
 
 
 def read_lines(model, tokenizer, lines: list[str], batch_size: int = 256) -> list[str]:
-    """What the model reads in each rendered line (greedy, up to the line's own length in tokens + 8)."""
-    longest = max(len(tokenizer(line, add_special_tokens=False)["input_ids"]) for line in lines) + 8
-    return read.transcribe(model, tokenizer, _visual(model, lines), longest, batch_size)
+    """What the model reads in each rendered line (greedy). Lines go in batches of similar length, each generating
+    up to its longest line's tokens + 8: a batch of short lines does not wait on the longest line of the set."""
+    lengths = [len(tokenizer(line, add_special_tokens=False)["input_ids"]) for line in lines]
+    order = sorted(range(len(lines)), key=lengths.__getitem__)
+    read_as = [""] * len(lines)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        visual = _visual(model, [lines[i] for i in chunk])
+        for i, text in zip(chunk, read.transcribe(model, tokenizer, visual, max(lengths[i] for i in chunk) + 8, batch_size)):
+            read_as[i] = text
+    return read_as
 
 
 def _answer(text: str) -> str:

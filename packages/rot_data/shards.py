@@ -85,10 +85,14 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+TEMPORARY = ".rot-partial-"  # a temporary file's mark: '.shard-00003.parquet.rot-partial-<pid>', a name no user picks
+PARTIAL_SHARDS = ".shard-[0-9][0-9][0-9][0-9][0-9].parquet" + TEMPORARY + "*"  # what a killed writer leaves
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write under a temporary name, then rename: the final name only ever holds a whole file. A write that fails
     (a full disk) removes its temporary file; one killed outright leaves it for the next build to remove."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary = path.with_name(f".{path.name}{TEMPORARY}{os.getpid()}")
     try:
         write(temporary)
     except BaseException:
@@ -119,6 +123,15 @@ def shard_fingerprint(path: Path) -> str | None:
     return value.decode() if value else None
 
 
+def foreign_parquet(path: Path) -> bool:
+    """A readable Parquet file that this project did not write (no build fingerprint, not the shard schema)."""
+    try:
+        schema = pq.read_schema(path)
+    except Exception:  # unreadable: a damaged shard of ours, re-encoded as such
+        return False
+    return b"rot.fingerprint" not in (schema.metadata or {}) and not set(SCHEMA.names) <= set(schema.names)
+
+
 def read_back(path: Path, ids: list[str]) -> str | None:
     """Why a shard without a recorded checksum cannot be kept (None: every page reads back with its
     CRC right and the rows are exactly ``ids``, in order)."""
@@ -126,7 +139,7 @@ def read_back(path: Path, ids: list[str]) -> str | None:
         table = pq.ParquetFile(path, page_checksum_verification=True).read()
     except Exception as error:
         return f"cannot be read ({str(error).splitlines()[0][:120]})"
-    if table.column("id").to_pylist() != ids:
+    if "id" not in table.column_names or table.column("id").to_pylist() != ids:
         return "holds other rows than planned"
     return None
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import rot_anchor
+from rot_data import hub
 from rot_render.packed_attention import NAME as PACKED, register as register_packed_attention
 
 TINY = "tiny"
@@ -186,11 +187,7 @@ class Patchifier:
 
 def _checkpoint_dir(name: str) -> Path:
     """A local folder, or the hub snapshot holding config, processor config and safetensors index."""
-    if Path(name).is_dir():
-        return Path(name)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(name, allow_patterns=["*.json"]))
+    return hub.snapshot(name, "--encoder", ["*.json"])
 
 
 def _vision_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
@@ -207,9 +204,9 @@ def _vision_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
     for file_name in files:
         path = folder / file_name
         if not path.exists():
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(name, file_name))
+            if Path(name).is_dir():
+                raise ValueError(f"--encoder {name}: {file_name} is missing from the folder; copy the whole checkpoint")
+            path = hub.file_of(name, file_name, "--encoder")
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
                 for prefix in VISION_PREFIXES:

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 import rot_anchor
 from rot_data.checksums import file_sha256
-from rot_data import shards
+from rot_data import locks, shards
 from rot_render.encoder import PACKED, EncoderSource, VisionEncoder, read_encoder_source
 from rot_data.records import bad_row, load_records
 from rot_render.render import RenderSettings, check_font, drawing_problem, line_text, render_fitted
@@ -190,7 +190,7 @@ def _kept_shards(config: BuildConfig, build_fingerprint: str, plan: list[list],
         else:
             why = f"{stale[0]} was made with different settings (encoder, render, dataset or its rows, dtype or shard size)"
         raise BuildError(f"{why}; pass --overwrite to replace the shard set in {out}, or choose another --out")
-    for path in stale + list(out.glob(".shard-*.tmp-*")):  # and what a killed writer left half-written
+    for path in stale + list(out.glob(shards.PARTIAL_SHARDS)):  # and what a killed writer left half-written
         path.unlink()
     recorded = {s["name"]: s for s in manifest["shards"]} if manifest is not None and not stale else {}
     names = {shards.shard_name(i): i for i in range(len(plan))}
@@ -212,10 +212,24 @@ def _kept_shards(config: BuildConfig, build_fingerprint: str, plan: list[list],
 
 
 def build(config: BuildConfig, progress: bool = True) -> dict:
-    """Run the whole job and return the manifest (which is also written to ``config.out``)."""
-    started = time.perf_counter()
+    """Run the whole job and return the manifest (which is also written to ``config.out``). The build holds
+    ``config.out``'s writer lock throughout: a second build into the same folder is refused, not interleaved."""
     _check_options(config)
     check_font(config.render.font_path)
+    try:
+        with locks.exclusive(config.out, f"rot-render build --dataset {config.dataset}"):
+            (config.out / STARTS).unlink(missing_ok=True)  # scratch state of an earlier build killed before its cleanup
+            foreign = [p for p in sorted(config.out.glob("shard-*.parquet")) if shards.foreign_parquet(p)]
+            if foreign:  # a user's file under a shard's name: never overwritten (checked before Ray starts)
+                raise BuildError(f"{foreign[0]} is a Parquet file that rot-render did not write; move it out of "
+                                 f"{config.out} (the build would overwrite it) or choose another --out")
+            return _build(config, progress)
+    except locks.FolderBusy as error:
+        raise BuildError(str(error)) from None
+
+
+def _build(config: BuildConfig, progress: bool) -> dict:
+    started = time.perf_counter()
     records, skipped = load_records(config.dataset, config.split, data_dir=config.data_dir,
                                     on_error=config.on_error, keep_calculator=config.keep_calculator)  # bad rows: fail fast
     with ThreadPoolExecutor(1) as pool:  # the encoder is read and the rows checked while Ray starts (each takes seconds)
@@ -393,7 +407,7 @@ def _encode_and_write(ray, plan: BuildPlan, progress: bool) -> tuple[float, floa
         raise
     finally:
         (config.out / STARTS).unlink(missing_ok=True)
-    for leftover in config.out.glob(".shard-*.tmp-*"):  # of a writer task killed mid-write and run again
+    for leftover in config.out.glob(shards.PARTIAL_SHARDS):  # of a writer task killed mid-write and run again
         leftover.unlink(missing_ok=True)
     arrivals.append((time.perf_counter(), arrivals[-1][1] if arrivals else 0))  # the last shard written
     (config.out / STATS).write_text(dataset.stats() + "\n")  # where the time went, operator by operator

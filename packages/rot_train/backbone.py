@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from rot_data import hub
+
 IMG_BEGIN, IMG_END = "<img_begin>", "<img_end>"
 TEXT_ARCHITECTURE = {"qwen3_vl": "qwen3", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2"}
 VISION_PREFIXES = ("model.visual.", "visual.")
@@ -25,14 +27,8 @@ TEXT_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidde
 
 
 def checkpoint_dir(name: str) -> Path:
-    """A local folder as it is; anything that looks like a path but is not a folder is an error, not a hub id."""
-    if Path(name).is_dir():
-        return Path(name)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"--backbone {name}: not found (no such folder); pass a checkpoint folder, a hub id or 'anchor'")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]))
+    """A local folder as it is, else a hub id (fetched or cached); anything else is a one-line ``ModelNotFound``."""
+    return hub.snapshot(name, "--backbone", ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
 
 
 def _text_tensors(folder: Path) -> dict[str, torch.Tensor]:

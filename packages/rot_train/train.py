@@ -82,8 +82,6 @@ class TrainConfig:
                 if value is not None and value < lowest:
                     raise ValueError(f"--{name.replace('_', '-')} {value:g}: use {what}"
                                      + (" (leave it out for the default)" if name in OPTIONAL else ""))
-        if self.lr <= 0:
-            raise ValueError(f"--lr {self.lr:g}: use a learning rate > 0")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"--max-seconds {self.max_seconds:g}: use a number of seconds > 0 (leave it out for no time limit)")
         if self.curriculum_steps < 0 or self.curriculum_stride < 1:
@@ -102,7 +100,7 @@ class TrainConfig:
 
 AT_LEAST_ONE = ("micro_batch", "grad_accum", "epochs", "max_steps", "max_latents", "inference_latents", "head_width",
                 "lora_r", "shuffle_buffer")
-NOT_NEGATIVE = ("warmup_steps", "vision_weight", "reader_weight", "lm_weight", "lora_alpha", "lora_dropout", "seed",
+NOT_NEGATIVE = ("lr", "warmup_steps", "vision_weight", "reader_weight", "lm_weight", "lora_alpha", "lora_dropout", "seed",
                 "num_workers", "save_every", "keep_checkpoints")
 OPTIONAL = ("max_steps", "max_latents", "inference_latents")  # None: not given
 
@@ -194,15 +192,24 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, shar
     return model, tokenizer, token_ids
 
 
-class MetricsLog:
-    """Rank 0's per-step record: a JSON-lines file (tests and plots read it) and TensorBoard."""
+def _totals(before: dict, samples: int, started: float) -> dict:
+    return {"samples": before["samples"] + samples, "seconds": before["seconds"] + time.perf_counter() - started}
 
-    def __init__(self, out: Path, enabled: bool):
+
+class MetricsLog:
+    """Rank 0's per-step record: a JSON-lines file (tests and plots read it) and TensorBoard. A resumed run first drops
+    the lines of steps after its checkpoint (a killed run logged them; they are trained again), so each step is there once."""
+
+    def __init__(self, out: Path, enabled: bool, after_step: int = 0):
         self.enabled = enabled
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.file = open(out / "metrics.jsonl", "a")
+            path = out / "metrics.jsonl"
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines(True) if line.strip() and json.loads(line)["step"] <= after_step]
+                path.write_text("".join(kept))
+            self.file = open(path, "a")
             self.writer = SummaryWriter(str(out / "tensorboard"))
 
     def write(self, step: int, values: dict) -> None:
@@ -333,8 +340,10 @@ class Checkpoints:
         self.engine, self.model, self.cfg, self.shard_set, self.rank = engine, model, cfg, shard_set, rank
         self.token_ids, self.folder = list(token_ids.values()), Path(cfg.out) / "checkpoints"
 
-    def save(self, step: int, epoch: int, next_batch: int) -> None:
-        state = {"step": step, "epoch": epoch, "next_batch": next_batch, "shards_fingerprint": self.shard_set.fingerprint,
+    def save(self, step: int, epoch: int, next_batch: int, totals: dict) -> None:
+        """``totals``: the samples and seconds of the whole run so far (a resumed run's summary counts them all)."""
+        state = {"step": step, "epoch": epoch, "next_batch": next_batch, "totals": totals,
+                 "shards_fingerprint": self.shard_set.fingerprint,
                  "shards_dim": self.shard_set.dim, "token_rows": token_rows(self.model.lm, self.token_ids),
                  "torch_rng": torch.get_rng_state(),
                  "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}  # lets ds_to_universal convert it
@@ -346,20 +355,21 @@ class Checkpoints:
             _commit_checkpoint(self.folder, f"step{step}", self.cfg.keep_checkpoints)
         torch.distributed.barrier()
 
-    def resume(self, tag: str) -> tuple[int, int, int]:
-        """Load checkpoint ``tag``; returns (step, epoch, next micro-batch)."""
+    def resume(self, tag: str) -> tuple[int, int, int, dict]:
+        """Load checkpoint ``tag``; returns (step, epoch, next micro-batch, the run's totals before it)."""
         _, state = self.engine.load_checkpoint(str(self.folder), tag=tag, load_module_strict=False)
         _optimizer_state_beside_weights(self.engine.optimizer)
         set_token_rows(self.model.lm, self.token_ids, state["token_rows"])
         torch.set_rng_state(state["torch_rng"])
-        return state["step"], state["epoch"], state["next_batch"]
+        return state["step"], state["epoch"], state["next_batch"], state.get("totals", {"samples": 0, "seconds": 0.0})
 
 
 def check_out_folder(cfg: TrainConfig) -> Path:
     """A fresh run never writes into an earlier run's folder (its losses would be appended to that run's log)."""
-    if cfg.keep_checkpoints < 0:
-        raise ValueError(f"--keep-checkpoints {cfg.keep_checkpoints} must be 0 (keep every checkpoint) or more")
     out = Path(cfg.out)
+    if cfg.resume and not (out / "checkpoints" / "latest").exists():
+        raise ValueError(f"--resume: {out} holds no checkpoint (checkpoints/latest) to continue; leave --resume out to "
+                         "start a fresh run there")
     if not cfg.resume and ((out / "metrics.jsonl").exists() or (out / "checkpoints" / "latest").exists()):
         raise ValueError(f"{out} holds an earlier run (metrics.jsonl / checkpoints): pass --resume to continue it, "
                          "or choose another --out (or delete that folder)")
@@ -397,6 +407,21 @@ def train_micro_step(engine, batch: dict, cfg: TrainConfig, step: int, device) -
 
 
 def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
+    """The training run, holding ``--out``'s writer lock on rank 0 (a second run into the same folder is refused)."""
+    import contextlib
+
+    from rot_data import locks
+
+    first_rank = os.environ.get("RANK", "0") == "0"  # the launcher's global rank; a run without it is rank 0
+    holding = locks.exclusive(Path(cfg.out), f"rot-train {cfg.mode} stage {cfg.stage}") if first_rank else contextlib.nullcontext()
+    try:
+        with holding:
+            return _run(cfg)
+    except locks.FolderBusy as error:
+        raise ValueError(str(error)) from None
+
+
+def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     """Set up (shards, model, engine) -> resume -> epochs of micro-batches -> final checkpoint -> export."""
     import deepspeed
     from tqdm import tqdm
@@ -420,25 +445,31 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     # 2. the DeepSpeed engine (and the checkpoint to resume from, checked against these shards first)
     ds_config = deepspeed_config(cfg, world_size, total_steps, device)
     latest = out / "checkpoints" / "latest"
-    resume_tag = _resume_tag(latest.parent, world_size, rank, ds_config, shard_set) if cfg.resume and latest.exists() else None
+    resume_tag = _resume_tag(latest.parent, world_size, rank, ds_config, shard_set) if cfg.resume else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     # a CUDA graph reads weights where they lie; ZeRO-3 gathers them into new buffers at every call
     model.use_cuda_graphs = device.type == "cuda" and engine.zero_optimization_stage() < 3
     checkpoints = Checkpoints(engine, model, cfg, shard_set, token_ids, rank)
-    step, epoch, next_batch = checkpoints.resume(resume_tag) if resume_tag else (0, 0, 0)
+    step, epoch, next_batch, before = checkpoints.resume(resume_tag) if resume_tag else (0, 0, 0, {"samples": 0, "seconds": 0.0})
+    resumed_from = step
 
     # 3. what the run records: run.json, per-step metrics, optionally the ids each rank consumed
     # pitfall of latent methods: latents whose norm is far from the token embeddings' destabilise training
     embedding_norm = float(model.lm.get_input_embeddings().weight.float().norm(dim=-1).mean())
-    run_info = {"config": asdict(cfg), "world_size": world_size,
-                "global_batch": cfg.micro_batch * cfg.grad_accum * world_size, "shards_fingerprint": shard_set.fingerprint,
-                "trainable_parameters": sum(p.numel() for p in trainable), "total_steps": total_steps, "device": str(device),
-                "embedding_row_norm": embedding_norm}
+    global_batch = cfg.micro_batch * cfg.grad_accum * world_size
+    untrained_rows = max(0, shard_set.rows - stream.batches_per_epoch // cfg.grad_accum * global_batch)
+    run_info = {"config": asdict(cfg), "world_size": world_size, "global_batch": global_batch,
+                "shards_fingerprint": shard_set.fingerprint, "trainable_parameters": sum(p.numel() for p in trainable),
+                "total_steps": total_steps, "stop_step": stop_step, "device": str(device), "embedding_row_norm": embedding_norm,
+                "rows_per_epoch_untrained": untrained_rows}
+    if untrained_rows and rank == 0:  # the tail that fills no whole optimizer step: said, not dropped in silence
+        print(f"note: {untrained_rows} of the {shard_set.rows} rows fill no whole optimizer step (global batch {global_batch}) "
+              "and are left out of each epoch (a different one each epoch: the order is reshuffled)")
     if rank == 0:
         (out / "run.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
-    metrics = MetricsLog(out, rank == 0)
+    metrics = MetricsLog(out, rank == 0, after_step=step)
     ids_log = open(out / f"ids-rank{rank}.jsonl", "a") if cfg.log_ids else None
     progress = tqdm(total=stop_step, initial=step, desc=cfg.mode if cfg.mode != "rot" else f"stage {cfg.stage}", disable=rank != 0, unit="step")
 
@@ -470,7 +501,7 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
             progress.update()
             sums = {}
             if cfg.save_every and step % cfg.save_every == 0:
-                checkpoints.save(step, epoch, next_batch)
+                checkpoints.save(step, epoch, next_batch, _totals(before, samples, started))
             out_of_time = cfg.max_seconds is not None and step < stop_step and _out_of_time(started, cfg.max_seconds, device)
             if step >= stop_step or out_of_time:
                 break
@@ -481,17 +512,21 @@ def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
 
     # 5. the end (also after --max-seconds: --resume continues from this checkpoint): a last checkpoint, the export
     # (a collective under ZeRO-3), the summary and the loss picture
-    checkpoints.save(step, epoch, next_batch)
+    totals = _totals(before, samples, started)
+    checkpoints.save(step, epoch, next_batch, totals)
     stopped = f"stopped by --max-seconds {cfg.max_seconds:g} at step {step} of {stop_step}" if out_of_time else None
-    summary = {"steps": step, "planned_steps": stop_step, "stopped_early": stopped, "samples": samples, "seconds": elapsed,
+    summary = {"steps": step, "planned_steps": stop_step, "schedule_steps": total_steps, "stopped_early": stopped,
+               "samples": totals["samples"], "seconds": totals["seconds"], "resumed_from_step": resumed_from if resume_tag else None,
+               "samples_this_run": samples, "seconds_this_run": elapsed,
                "samples_per_s": samples / max(elapsed, 1e-9), "global_batch": run_info["global_batch"],
+               "rows_per_epoch_untrained": untrained_rows,
                "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     exporting.export(model, tokenizer, out / "export", cfg, shard_set, token_ids, write=rank == 0)
     if rank == 0:
         exporting.plot_losses(out / "metrics.jsonl", out / "loss.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         name = cfg.mode if cfg.mode != "rot" else f"stage {cfg.stage}"
-        print(f"{name} {stopped or 'done'}: {step} steps, {samples} samples in {elapsed:.1f} s "
+        print(f"{name} {stopped or 'done'}: {step} steps, {totals['samples']} samples in {totals['seconds']:.1f} s "
               f"({summary['samples_per_s']:.2f} samples/s, global batch {summary['global_batch']}); export in {out / 'export'}")
     metrics.close()
     if ids_log:

@@ -1,0 +1,72 @@
+"""Every failure a user meets is one line naming the file, folder, flag or model and the fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from rot_data import locks
+from rot_data.hub import ModelNotFound
+
+
+@pytest.mark.parametrize("load", ["encoder", "backbone"])
+def test_an_unreachable_hub_id_names_the_model_and_says_offline(monkeypatch, tmp_path, load):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    if load == "encoder":
+        from rot_render.encoder import read_encoder_source as read
+    else:
+        from rot_train.backbone import checkpoint_dir as read
+    with pytest.raises(ModelNotFound) as error:
+        read("Qwen/Qwen3-VL-4B-Instruct")
+    message = str(error.value)
+    assert message.startswith(f"--{load} Qwen/Qwen3-VL-4B-Instruct: ") and "offline" in message
+    assert "local checkpoint folder" in message and "\n" not in message
+
+
+def test_one_writer_per_folder_and_a_dead_holder_frees_it(tmp_path):
+    out = tmp_path / "out"
+    with locks.exclusive(out, "first build"):
+        with pytest.raises(locks.FolderBusy, match=r"--out .*/out is in use by first build \(pid \d+"):
+            with locks.exclusive(out, "second build"):
+                pass
+        # another process is refused too (flock is per open file, across processes)
+        other = subprocess.run(["python", "-c", "from pathlib import Path; from rot_data import locks\n"
+                                f"with locks.exclusive(Path({str(out)!r}), 'other'): pass"], capture_output=True, text=True)
+        assert other.returncode == 1 and "is in use by first build" in other.stderr
+    assert locks.holder(out) is None  # released and removed at the end of the block
+    with locks.exclusive(out, "after"):
+        assert "after" in locks.holder(out)
+    # a holder killed with SIGKILL leaves the file but not the lock
+    holder = subprocess.Popen(["python", "-c", "import time; from pathlib import Path; from rot_data import locks\n"
+                               f"with locks.exclusive(Path({str(out)!r}), 'killed'):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(locks.FolderBusy):
+        with locks.exclusive(out, "too early"):
+            pass
+    holder.kill()
+    holder.wait()
+    with locks.exclusive(out, "taken over"):
+        assert "taken over" in locks.holder(out)
+
+
+def test_an_out_that_is_a_file_or_not_writable_is_refused_before_any_work(tmp_path):
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    assert locks.out_folder_problem(file) == f"--out {file} is a file, not a folder; choose a folder path"
+    if os.geteuid() != 0:  # root writes everywhere
+        locked = tmp_path / "ro"
+        locked.mkdir(mode=0o500)
+        assert "is not writable" in locks.out_folder_problem(locked / "sub")
+
+
+def test_a_training_run_refuses_a_folder_another_run_holds(tmp_path):
+    from rot_train.train import TrainConfig, run
+
+    out = tmp_path / "run"
+    with locks.exclusive(out, "rot-train rot stage 1"):
+        with pytest.raises(ValueError, match=r"--out .*/run is in use by rot-train rot stage 1 \(pid"):
+            run(TrainConfig(stage=1, shards=str(tmp_path / "no-shards"), backbone="anchor", out=str(out)))
