@@ -93,6 +93,8 @@ def _measure(model, tokenizer, data_dir: Optional[Path], limit: Optional[int], o
     on_gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if on_gpu else "cpu"
 
+    out.parent.mkdir(parents=True, exist_ok=True)
+
     def write(results: dict) -> None:  # after every set: a run cut off by a time limit keeps what it measured
         results.update(seconds=time.perf_counter() - started, device=device, limit=limit)
         out.write_text(json.dumps(results, indent=2) + "\n")
