@@ -28,7 +28,7 @@
 #   On the GPU machine (carry .whl for ray/deepspeed):  N=4 SEED=0 PARTS=data,stage1,stage2,eval bash pipelines/miniature.sh
 #   Parts side by side on a 4-GPU machine: PARTS=data first, then one process per GPU with GPU=<index> set.
 #   On this CPU, at smoke scale:  SMOKE=1 ANCHOR=<a micro anchor folder> bash pipelines/miniature.sh
-# Knobs: N (digits), SEED, ANCHOR (encoder and backbone: 'anchor' = the shipped one), DATA (shared data), W (work dir),
+# Knobs: N (digits), SEED, ANCHOR (encoder and backbone: 'anchor' = the shipped one), DATA (valid/test files: the shipped ones), W (work dir),
 # ROWS (generated training rows), EPOCHS (Stage II / SFT epochs over them), STEPS1 (Stage I steps), CSTEPS (optimizer
 # steps per curriculum stage), VW / RW (vision / reader loss weights of the reader runs), MB (micro-batch), LIMIT (eval
 # rows), GPU (pin this process's parts to one GPU); for the reader runs EXTRA (more trainer options, e.g. --train-head)
@@ -38,7 +38,7 @@
 set -euo pipefail
 [ -f pipelines/device_env.sh ] && [ -z "${SMOKE:-}" ] && source pipelines/device_env.sh
 export PYTHONPATH=$PWD/packages${PYTHONPATH:+:$PYTHONPATH}
-N=${N:-4}; SEED=${SEED:-0}; ANCHOR=${ANCHOR:-anchor}; DATA=$(realpath "${DATA:-../shared/data}")
+N=${N:-4}; SEED=${SEED:-0}; ANCHOR=${ANCHOR:-anchor}; DATA=$(realpath "${DATA:-packages/rot_data/data}")  # the shipped valid/test files
 W=$(realpath -m "${W:-/tmp/miniature-${N}x${N}}"); OUT=${OUT:-$W/out}; mkdir -p "$W" "$OUT"
 STEPS1=${STEPS1:-300}; MB=${MB:-256}; ROWS=${ROWS:-102400}; EPOCHS=${EPOCHS:-3}; CSTEPS=${CSTEPS:-100}; LIMIT=${LIMIT:-}
 VW=${VW:-10}; RW=${RW:-1}; EXTRA=${EXTRA:-}; TAG=${TAG:-}; ROLL=${ROLL:-}; SHARDS=${SHARDS:-shards}; S1=${S1:-stage1}

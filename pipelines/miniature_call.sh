@@ -29,10 +29,10 @@ one_seed() {  # the whole recipe for one seed on one GPU
   EPOCHS=4 TAG=-h ROLL="--max-seconds $(( left > 30 ? left : 30 ))" PARTS=rollout mini
   if [ "$EVAL" = 1 ]; then EVAL_RUNS=rollout-h PARTS=eval mini; fi
 }
-gpu=0
-for seed in $SEEDS; do
-  one_seed $gpu "$seed" > "$LOGS/seed$seed.log" 2>&1 &
-  gpu=$((gpu + 1))
+GPUS=$( [ -n "${SMOKE:-}" ] && echo 1 || nvidia-smi -L | wc -l ); i=0
+for seed in $SEEDS; do  # more seeds than GPUs: they share GPUs in turn (small models leave a GPU half idle)
+  one_seed $(( i % GPUS )) "$seed" > "$LOGS/seed$seed.log" 2>&1 &
+  i=$((i + 1))
 done
 wait
 for seed in $SEEDS; do  # the true summary: how far each rollout phase got, and each accuracy

@@ -50,7 +50,8 @@ def test_edit_distance_matches_dynamic_programming():
         a, b = ("".join(rng.choice("01 +(") for _ in range(rng.randint(0, 40))) for _ in range(2))
         assert edit_distance(a, b) == reference(a, b)
     assert reading_scores(["1 2 3", "4 5"], ["1 2 3", "4 6"]) == {"lines": 2, "characters": 8, "char_accuracy": 1 - 1 / 8,
-                                                                  "line_accuracy": 0.5}
+                                                                  "line_accuracy": 0.5,
+                                                                  "worst": [{"errors": 1, "line": "4 6", "read": "4 5"}]}
 
 
 def test_sample_prompts_are_the_chat_template_the_trainer_uses(shared_data):

@@ -28,11 +28,16 @@ READING_SETS = [("icot_mult_4x4", "test"), ("icot_mult_5x5", "test"), ("gsm8k", 
 FRESH_PRINTABLE = 1000  # random printable lines, seeded apart from training's generator
 
 
+WORST_LINES = 5  # the lines read worst, kept with each set's figures (where the errors are)
+
+
 def reading_scores(predictions: list[str], references: list[str]) -> dict:
-    errors = sum(edit_distance(p, r) for p, r in zip(predictions, references))
+    distances = [edit_distance(p, r) for p, r in zip(predictions, references)]
     characters = sum(len(r) for r in references)
-    return {"lines": len(references), "characters": characters, "char_accuracy": max(0.0, 1 - errors / characters),
-            "line_accuracy": sum(p == r for p, r in zip(predictions, references)) / len(references)}
+    worst = sorted(range(len(references)), key=lambda i: -distances[i])[:WORST_LINES]
+    return {"lines": len(references), "characters": characters, "char_accuracy": max(0.0, 1 - sum(distances) / characters),
+            "line_accuracy": sum(d == 0 for d in distances) / len(references),
+            "worst": [{"errors": distances[i], "line": references[i], "read": predictions[i]} for i in worst if distances[i]]}
 
 
 def _records(name: str, split: str, data_dir: Path | None, limit: int | None):

@@ -48,7 +48,8 @@ class Mixture:
     arithmetic_tasks: dict = field(default_factory=lambda: {"cot": 0.15, "answer": 0.45, "ocr": 0.2, "ocr_random": 0.2})
     text_tasks: dict = field(default_factory=lambda: {"ocr_english": 0.4, "ocr_equation": 0.25, "ocr_printable": 0.35})
     span_fraction: float = 0.3  # multiplication OCR lines cut to a random run of words
-    long_fraction: float = 0.1  # text lines joined to a random length up to the line's cap (--max-tokens)
+    long_fraction: float = 0.2  # text lines joined to a random length up to the line's cap (--max-tokens)
+    run_fraction: float = 0.1  # words of random printable lines that are one character repeated (rules, tables)
     group_weights: tuple = (1.0, 1.0)  # arithmetic (every sample counts equally), text (every character counts equally)
     micro_batch_tokens: int = 98304  # padded tokens per forward pass (fewer passes: a step is bound by launch overhead)
 
@@ -143,7 +144,7 @@ class PretrainData:
     def text_sample(self, rng: random.Random) -> dict:
         task = _pick(rng, self.mixture.text_tasks)
         pieces = {"ocr_english": texts.english_line, "ocr_equation": texts.equations_text,
-                  "ocr_printable": lambda r: texts.printable_line(r, int(round(300 ** r.random())))}[task]
+                  "ocr_printable": lambda r: texts.printable_line(r, int(round(300 ** r.random())), self.mixture.run_fraction)}[task]
         if rng.random() < self.mixture.long_fraction:
             line = texts.long_line(rng, pieces, rng.randint(200, self.max_characters))
         else:

@@ -20,11 +20,25 @@ UNICODE_SYMBOLS = "’‘“”–—−×÷€£¢¥°±²³¼½¾…•·éè�
 PRINTABLE = "".join(chr(c) for c in range(33, 127)) + UNICODE_SYMBOLS  # every printable ASCII character but space
 
 
-def printable_line(rng: random.Random, length: int) -> str:
-    """About ``length`` characters of random printable 'words' (1-10 characters) separated by single spaces."""
+RULE_CHARACTERS = "-=_*.~#+"  # what tables, rules and leaders repeat (``+-----+``, ``=====``, ``.....``)
+
+
+def run_word(rng: random.Random) -> str:
+    """One character repeated 2-80 times, sometimes between table corners: reading it means counting glyphs."""
+    character = rng.choice(RULE_CHARACTERS) if rng.random() < 0.7 else rng.choice(PRINTABLE)
+    corner = rng.choice(("", "", "+", "|"))
+    return corner + character * int(round(2 + 78 * rng.random() ** 2)) + corner
+
+
+def printable_line(rng: random.Random, length: int, runs: float = 0.0) -> str:
+    """About ``length`` characters of random printable 'words' (1-10 characters) separated by single spaces;
+    a ``runs`` fraction of the words are runs of one character (training only: the evaluation set has none)."""
     words, size = [], 0
     while size < length:
-        word = "".join(rng.choice(PRINTABLE) for _ in range(rng.randint(1, 10)))
+        if runs and rng.random() < runs:
+            word = run_word(rng)
+        else:
+            word = "".join(rng.choice(PRINTABLE) for _ in range(rng.randint(1, 10)))
         words.append(word)
         size += len(word) + 1
     return " ".join(words)[:max(1, length)].strip() or rng.choice(PRINTABLE)
