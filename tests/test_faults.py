@@ -266,7 +266,9 @@ def test_encoder_actors_that_keep_dying_end_the_build_in_one_line_and_resume(ref
         build(_config(out), progress=False)
     killer.stop.set()
     killer.join()
-    assert len(killer.killed) == ENCODER_RESTARTS + 1  # the first start and its restarts; the next start refuses
+    # the first start and its restarts die; the next start refuses (the killer may catch that one too before it raises,
+    # and Ray's one more start refuses at once): bounded, where an unbounded build would lose all 50 kills
+    assert ENCODER_RESTARTS + 1 <= len(killer.killed) <= ENCODER_RESTARTS + 3
     assert str(error.value) == (
         f"the encoder actors died {ENCODER_RESTARTS + 1} times in this build (memory? the GPU? see Ray's lines above); "
         f"the finished shards in {out} are kept: fix the cause, then re-run the same command to resume")
