@@ -70,3 +70,15 @@ def micro_anchor(tmp_path_factory) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_stops_before_the_summary():
+    """Ray, started in this process by in-process builds, prints its actors' errors when it shuts down (the fault
+    tests kill encoders on purpose): shut it down here, so the run ends on pytest's own summary."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

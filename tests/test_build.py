@@ -110,7 +110,8 @@ def test_skipped_rows_are_counted_in_the_manifest(tmp_path):
     assert failed.stderr.strip().splitlines()[-1] == f"error: {source}:2: empty CoT (this source has nothing to render); fix the row or pass --on-error skip"
     built = _cli("build", "--encoder", "tiny", "--dataset", str(source), "--out", str(out), "--on-error", "skip")
     # Ray's lines that mean nothing to this job's user stay out of its output (issue 14.8)
-    noise = ("Token authentication is enabled", "Progress bars disabled", "execution finished", "Deprecat")
+    noise = ("Token authentication is enabled", "Progress bars disabled", "execution finished", "Deprecat",
+             "core_worker.cc", " E ")  # no error-level line on a build that succeeds
     assert not [line for line in (built.stdout + built.stderr).splitlines() if any(n in line for n in noise)]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rows"] == 1 and manifest["skipped_rows"] == 1
@@ -220,3 +221,15 @@ def test_a_build_keeps_the_users_files_refuses_a_held_folder_and_ignores_stale_s
     assert notes.read_text() == "mine" and len(_ids(out)) == 8
     file_out = _cli("build", "--dataset", str(rows), "--out", str(notes), "--encoder", "tiny", check=False)
     assert file_out.returncode == 1 and "is a file, not a folder" in file_out.stderr
+
+
+def test_the_ray_noise_filter_cuts_only_the_constructor_argument_line():
+    from rot_render.ray_output import without_noise
+
+    ray_line = (b"[2026-12-03 17:53:01,855 E 8709 8709] core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches("
+                b"render_batch)->MapBatches(EncodeBatch))' and ID: 'e2c3' has constructor arguments in the object store and "
+                b"max_restarts > 0. If the arguments ... for more details.\n")
+    bar = b"\rrender+encode:   0%|          | 0/7473 [00:00<?, ?row/s]"
+    assert without_noise(bar + ray_line + bar) == bar + bar  # inside the bar's line, as it appears
+    other = b"[2026-12-03 17:53:02,000 E 8709 8709] core_worker.cc:100: a real error\n"
+    assert without_noise(other + ray_line + b"done\n") == other + b"done\n"

@@ -70,3 +70,21 @@ def test_a_training_run_refuses_a_folder_another_run_holds(tmp_path):
     with locks.exclusive(out, "rot-train rot stage 1"):
         with pytest.raises(ValueError, match=r"--out .*/run is in use by rot-train rot stage 1 \(pid"):
             run(TrainConfig(stage=1, shards=str(tmp_path / "no-shards"), backbone="anchor", out=str(out)))
+
+
+def test_a_taken_launcher_port_is_named_with_the_flag_that_frees_it():
+    """Two trainings on one machine: the second's process group cannot bind the launcher's port (29500 by default)."""
+    import socket
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   DS_ACCELERATOR="cpu")
+        result = subprocess.run([sys.executable, "-c", "from rot_train.train import init_distributed; init_distributed()"],
+                                env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert (f"ValueError: port {port} is in use (another training on this machine?): give this one another, "
+            "e.g. deepspeed --master_port 29501 ...") in result.stderr

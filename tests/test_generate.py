@@ -159,10 +159,39 @@ def test_eval_run_writes_predictions_summary_and_the_table(exported, shared_data
         correct_first = sum(r["extracted"].split()[:1] == r["gold"].split()[:1] for r in rows) / 6  # a number per answer
         assert summary["per_answer_token"] == [correct_first]
         runs.append(out)
-    table = subprocess.run(["rot-eval", "table", *map(str, runs)], capture_output=True, text=True, check=True).stdout
+    # the README's layout: a control run beside the real ones; it must be its own row, never the model's cell
+    control = tmp_path / "eval" / "zeros"
+    result = subprocess.run(["rot-eval", "run", "--checkpoint", str(exported), "--dataset", "svamp", "--data-dir",
+                             str(shared_data), "--out", str(control), "--limit", "6", "--latents", "4", "--max-answer-tokens",
+                             "3", "--batch-size", "4", "--control", "zeros"], capture_output=True, text=True, check=True)
+    assert "RoT on svamp [test] with the zeros control: accuracy" in result.stdout
+    picture = tmp_path / "compression.png"
+    table = subprocess.run(["rot-eval", "table", *map(str, runs), str(control), "--plot", str(picture)],
+                           capture_output=True, text=True, check=True).stdout
     lines = table.strip().splitlines()
-    assert lines[0] == "| method | svamp | multiarith | Avg | Avg #L | s/sample |"
-    assert lines[2].startswith("| RoT (") and "| 4.0 |" in lines[2]
+    assert lines[0] == "| run | model | dataset | split | control | n | accuracy % | 95% interval | mean #L | s/question |"
+    rows = [line.split(" | ") for line in lines[2:5]]
+    assert [(r[0], r[2], r[4], r[5]) for r in rows] == [(f"| {runs[0]}", "svamp", "-", "6"), (f"| {runs[1]}", "multiarith", "-", "6"),
+                                                       (f"| {control}", "svamp", "zeros", "6")]
+    svamp = json.loads((runs[0] / "summary.json").read_text())["accuracy"]
+    assert rows[0][6] == f"{100 * svamp:.1f}"  # the real run's accuracy, not the control's
+    grid = lines[lines.index("Paper layout (runs without a control, one per cell):") + 1:]
+    assert grid[0] == "| model | svamp | multiarith | Avg | Avg #L |" and "| 4.0 |" in grid[2]
+    from PIL import Image
+
+    assert Image.open(picture).size[0] > 500 and f"picture: {picture}" in table
+
+    # two runs of one model on one dataset (a --limit run beside the full one): both rows, the cell left out, and said
+    from rot_eval.evaluate import evaluate
+    from rot_eval.table import load_runs, paper_table, runs_table
+
+    again = tmp_path / "svamp-3"
+    evaluate(str(exported), "svamp", again, data_dir=shared_data, limit=3, latents=4, max_answer_tokens=3, batch_size=4)
+    summaries = load_runs([*runs, again])
+    assert len(runs_table(summaries).splitlines()) == 2 + 3
+    grid, notes = paper_table(summaries)
+    assert grid.splitlines()[0] == "| model | multiarith | Avg | Avg #L |"
+    assert notes == [f"RoT ({exported.parent.name}) on svamp: 2 runs ({runs[0]}, {again}), not in the grid"]
 
 
 def test_viz_writes_the_three_pictures_and_nearest_text(exported, tiny_shards, tmp_path):

@@ -9,9 +9,12 @@ from typing import Optional
 
 import typer
 
+from rot_data.terminal import wide_help_when_piped
+
 from rot_anchor import NAME
 from rot_anchor.pretrain import PretrainConfig
 
+wide_help_when_piped()
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The anchor VLM: pretraining and its figures.")
 DEFAULTS = {f.name: f.default for f in fields(PretrainConfig)}
 

@@ -7,8 +7,11 @@ from typing import List, Optional
 
 import typer
 
+from rot_data.terminal import wide_help_when_piped
+
 import rot_anchor
 
+wide_help_when_piped()
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evaluate RoT and SFT-baseline exports.")
 
 
@@ -40,7 +43,8 @@ def run_eval(
         typer.secho(f"error: {message}", fg="red", err=True)
         raise typer.Exit(1)
     low, high = summary["accuracy_95ci"]
-    typer.echo(f"{summary['method']} on {dataset} [{split}]: accuracy {100 * summary['accuracy']:.2f}% "
+    controlled = f" with the {control} control" if control else ""
+    typer.echo(f"{summary['method']} on {dataset} [{split}]{controlled}: accuracy {100 * summary['accuracy']:.2f}% "
                f"(95% interval {100 * low:.1f}-{100 * high:.1f}%) over "
                f"{summary['examples']} examples, mean #L {summary['mean_reasoning_tokens']:.1f}, "
                f"{summary['seconds_per_sample']:.4f} s/sample ({summary['samples_per_s']:.1f} samples/s, "
@@ -48,15 +52,26 @@ def run_eval(
 
 
 @app.command()
-def table(runs: List[Path] = typer.Argument(..., help="evaluation output folders (each with summary.json)")) -> None:
-    """Print the paper-style markdown table (Pass@1 %, Avg, Avg #L, s/sample) across runs."""
-    from rot_eval.evaluate import table as make_table
+def table(
+    runs: List[Path] = typer.Argument(..., help="evaluation output folders (each with summary.json)"),
+    plot: Optional[Path] = typer.Option(None, help="also draw accuracy against mean reasoning tokens per run (a .png)"),
+) -> None:
+    """Every run as its own row (control, n, 95% interval), then the paper's grid where each cell has one run."""
+    from rot_eval.table import load_runs, paper_table, plot as draw, runs_table
 
     missing = [r for r in runs if not (r / "summary.json").exists()]
     if missing:
         typer.secho(f"error: {missing[0] / 'summary.json'} is missing; run rot-eval run --out {missing[0]} first", fg="red", err=True)
         raise typer.Exit(1)
-    typer.echo(make_table(runs))
+    summaries = load_runs(runs)
+    typer.echo(runs_table(summaries))
+    grid, notes = paper_table(summaries)
+    if grid:
+        typer.echo("\nPaper layout (runs without a control, one per cell):\n" + grid)
+    for note in notes:
+        typer.echo(f"note: {note}")
+    if plot:
+        typer.echo(f"picture: {draw(summaries, plot)}")
 
 
 @app.command()

@@ -144,26 +144,3 @@ def _cot_tokens(tokenizer, text: str, mode: str) -> int:
     if mode != "sft-cot":
         return 0
     return len(tokenizer(text.rsplit("####", 1)[0], add_special_tokens=False)["input_ids"])
-
-
-BENCHMARKS = ["gsm8k", "gsm_hard", "svamp", "multiarith"]
-
-
-def table(runs: list[Path]) -> str:
-    """The paper's table (Pass@1 %, mean #L) from the summary.json of evaluation runs."""
-    summaries = [json.loads((Path(r) / "summary.json").read_text()) for r in runs]
-    methods: dict[str, dict[str, dict]] = {}
-    for s in summaries:
-        methods.setdefault(f"{s['method']} ({Path(s['checkpoint']).parent.name or s['checkpoint']})", {})[s["dataset"]] = s
-    datasets = BENCHMARKS + sorted({s["dataset"] for s in summaries} - set(BENCHMARKS))
-    datasets = [d for d in datasets if any(d in m for m in methods.values())]
-    lines = ["| method | " + " | ".join(datasets) + " | Avg | Avg #L | s/sample |",
-             "|---" * (len(datasets) + 4) + "|"]
-    for name, by_dataset in methods.items():
-        cells = [f"{100 * by_dataset[d]['accuracy']:.1f}" if d in by_dataset else "-" for d in datasets]
-        present = list(by_dataset.values())
-        average = sum(s["accuracy"] for s in present) / len(present)
-        mean_l = sum(s["mean_reasoning_tokens"] for s in present) / len(present)
-        speed = sum(s["seconds_per_sample"] for s in present) / len(present)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * average:.1f} | {mean_l:.1f} | {speed:.4f} |")
-    return "\n".join(lines)

@@ -7,11 +7,14 @@ from typing import Optional
 
 import typer
 
+from rot_data.terminal import wide_help_when_piped
+
 import rot_anchor
 from rot_data import shards
 from rot_data.records import RecordError
 from rot_render.render import RenderSettings
 
+wide_help_when_piped()
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Render chains of thought as one-line images and encode them with a frozen VLM vision tower.")
 

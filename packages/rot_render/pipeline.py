@@ -30,6 +30,7 @@ from rot_data.checksums import file_sha256
 from rot_data import locks, shards
 from rot_render.encoder import PACKED, EncoderSource, VisionEncoder, read_encoder_source
 from rot_data.records import bad_row, load_records
+from rot_render.ray_output import ray_noise_filtered
 from rot_render.render import RenderSettings, check_font, drawing_problem, line_text, render_fitted
 
 
@@ -264,9 +265,10 @@ def _build(config: BuildConfig, progress: bool) -> dict:
     encode_seconds, steady_rate, first_rows_seconds, written = 0.0, 0.0, 0.0, {}
     if todo:
         encode_started = time.perf_counter()
-        steady_rate, first_rows_at, written = _encode_and_write(
-            ray, BuildPlan(config, render, token_px, expected_sha256, build_fingerprint, encoder_info["dim"], plan, todo,
-                           num_encoders, n_gpus), progress)
+        with ray_noise_filtered():  # Ray's error-level line about its own actor arguments, printed on every build
+            steady_rate, first_rows_at, written = _encode_and_write(
+                ray, BuildPlan(config, render, token_px, expected_sha256, build_fingerprint, encoder_info["dim"], plan,
+                               todo, num_encoders, n_gpus), progress)
         encode_seconds, first_rows_seconds = time.perf_counter() - encode_started, first_rows_at - encode_started
 
     summaries = [written[i] if i in written else kept[i] for i in range(n_shards)]

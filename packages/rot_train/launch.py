@@ -13,6 +13,8 @@ from typing import Callable, List, Optional
 
 import typer
 
+from rot_data.terminal import wide_help_when_piped
+
 import rot_anchor
 
 from rot_train.shard_stream import ShardError
@@ -21,6 +23,7 @@ from rot_train.train import CONFIGS, STAGE_DEFAULTS, TrainConfig, run
 HELP = {"stage1": "RoT Stage I: train the projection head, LLM frozen.",
         "stage2": "RoT Stage II: LoRA on the LLM (or --full-finetune), head frozen.",
         "sft": "SFT baselines (question -> CoT -> answer, or question -> answer) with the Stage II settings."}
+wide_help_when_piped()
 app = typer.Typer(add_completion=False)
 
 

@@ -121,7 +121,13 @@ def init_distributed():
             port = probe.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     accelerator = deepspeed.get_accelerator()
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    try:
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    except (RuntimeError, OSError) as error:  # the launcher's default port 29500, taken by another training here
+        if "EADDRINUSE" in str(error) or "address already in use" in str(error).lower():
+            raise ValueError(f"port {os.environ.get('MASTER_PORT')} is in use (another training on this machine?): "
+                             "give this one another, e.g. deepspeed --master_port 29501 ...") from None
+        raise
     _unlink_cpu_allreduce_buffer()
     local_rank = int(os.environ["LOCAL_RANK"])
     accelerator.set_device(local_rank) if accelerator.device_name() != "cpu" else None
