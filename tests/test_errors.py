@@ -88,3 +88,16 @@ def test_a_taken_launcher_port_is_named_with_the_flag_that_frees_it():
     assert result.returncode != 0
     assert (f"ValueError: port {port} is in use (another training on this machine?): give this one another, "
             "e.g. deepspeed --master_port 29501 ...") in result.stderr
+
+
+def test_rot_anchor_evaluate_answers_bad_input_in_one_line(tmp_path):
+    """A data folder without the evaluation files, a model folder that does not exist, a count below 1."""
+    cases = [(["--data-dir", str(tmp_path), "--limit", "2"],
+              f"error: {tmp_path}/icot_mult_4x4/test_bigbench.txt does not exist; check --data-dir"),
+             ([str(tmp_path / "nowhere"), "--limit", "2"],
+              f"error: the VLM {tmp_path / 'nowhere'}: no such checkpoint folder; pass the path of a local checkpoint folder"),
+             (["--batch-size", "0"], "error: --batch-size 0: use at least 1")]
+    for args, message in cases:
+        result = subprocess.run(["rot-anchor", "evaluate", *args, "--out", str(tmp_path / "eval.json")],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1 and result.stderr.strip() == message, result.stderr[-2000:]

@@ -79,10 +79,20 @@ def evaluate_command(
 
     from rot_anchor import read
 
+    from rot_data.records import RecordError
+
+    if limit is not None and limit < 1 or batch_size < 1:
+        flag, value = ("--limit", limit) if limit is not None and limit < 1 else ("--batch-size", batch_size)
+        typer.secho(f"error: {flag} {value}: use at least 1", fg="red", err=True)
+        raise typer.Exit(1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    vlm, tokenizer = read.load(model, device=device)
-    read.prepare_tower(vlm)
-    _measure(vlm, tokenizer, data_dir, limit, out, batch_size)
+    try:
+        vlm, tokenizer = read.load(model, device=device)
+        read.prepare_tower(vlm)
+        _measure(vlm, tokenizer, data_dir, limit, out, batch_size)
+    except (RecordError, OSError, ValueError) as error:  # a missing data file or checkpoint, a folder that is no model
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(1)
 
 
 def _measure(model, tokenizer, data_dir: Optional[Path], limit: Optional[int], out: Path, batch_size: int = 256) -> None:

@@ -21,8 +21,10 @@ def load(name: str = "anchor", device: str = "cpu", dtype: torch.dtype = torch.f
 
     import rot_anchor
 
+    from rot_data.hub import snapshot
+
     logging.disable_progress_bar()  # a bar for loading 11 M parameters is noise
-    folder = rot_anchor.resolve(name)
+    folder = snapshot(rot_anchor.resolve(name), "the VLM", ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
     model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
