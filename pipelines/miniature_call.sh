@@ -4,6 +4,10 @@
 #   Stage I (100 steps) -> teacher-forced Stage II (1 000 steps, head trained, lr 1e-3, reader loss) ->
 #   Stage II on its own rollouts until DEADLINE seconds after this script started (--max-seconds) -> valid and test.
 # On a 4-GPU machine (carry .whl):   SEEDS="0 1 2 3" bash pipelines/miniature_call.sh
+# A seed whose rollout phase needs more than one call continues in the next (rot-4x4 on anchor version 3 did):
+#   CONTINUE=<its compact export, carried in> SEEDS=<seed> bash pipelines/miniature_call.sh
+# trains that export on its own rollouts for the call's time (6 epochs planned; run rollout-h2-s<seed>). Every run
+# ends with a compact copy of its export (rot-train compact, 12 MB: <run>/compact) that fits beside the wheels.
 # Each part is a pipelines/miniature.sh command (the table's rows give them one by one). Knobs: SEEDS (one per GPU,
 # in order), DEADLINE (default 520: a 10-minute call with the evaluation after it), EVAL (0: keep the exports in $W
 # for evaluation elsewhere), and miniature.sh's (N, DATA, W, ROWS, STEPS1, ...). On this CPU, at smoke scale (one seed,
@@ -20,14 +24,20 @@ mini() { bash pipelines/miniature.sh; }
 SEED=0 PARTS=data mini > "$LOGS/data.log" 2>&1
 echo "data: $(grep -E '^done:' "$LOGS/data.log") ($(elapsed) s)"
 
-one_seed() {  # the whole recipe for one seed on one GPU
+one_seed() {  # the whole recipe for one seed on one GPU (or, with CONTINUE, more of its rollout phase)
   [ -z "${SMOKE:-}" ] && export GPU=$1
   export SEED=$2
-  PARTS=stage1 mini
-  EPOCHS=4 TAG=-h EXTRA="--train-head --lr 1e-3" PARTS=reader-tf mini
+  local run=rollout-h epochs=4 from=""
+  if [ -n "${CONTINUE:-}" ]; then
+    run=rollout-h2 epochs=6 from="--backbone $CONTINUE --init $CONTINUE"
+  else
+    PARTS=stage1 mini
+    EPOCHS=4 TAG=-h EXTRA="--train-head --lr 1e-3" PARTS=reader-tf mini
+  fi
   local left=$(( DEADLINE - $(elapsed) - 38 ))  # ~38 s of launcher and model start-up before the clock starts
-  EPOCHS=4 TAG=-h ROLL="--max-seconds $(( left > 30 ? left : 30 ))" PARTS=rollout mini
-  if [ "$EVAL" = 1 ]; then EVAL_RUNS=rollout-h PARTS=eval mini; fi
+  EPOCHS=$epochs TAG=${run#rollout} ROLL="$from --max-seconds $(( left > 30 ? left : 30 )) --no-gradient-checkpointing" PARTS=rollout mini
+  if [ "$EVAL" = 1 ]; then EVAL_RUNS=$run PARTS=eval mini; fi
+  python3 -m rot_train compact "$W/$run-s$SEED/export" --out "$W/$run-s$SEED/compact" --base "${ANCHOR:-anchor}"
 }
 GPUS=$( [ -n "${SMOKE:-}" ] && echo 1 || nvidia-smi -L | wc -l ); i=0
 for seed in $SEEDS; do  # more seeds than GPUs: they share GPUs in turn (small models leave a GPU half idle)
@@ -39,4 +49,4 @@ for seed in $SEEDS; do  # the true summary: how far each rollout phase got, and 
   echo "seed $seed: $(grep -E '^stage 2 (done|stopped)' "$LOGS/seed$seed.log" | tail -1 | sed 's/; export in .*//')"
   grep -E '^RoT on' "$LOGS/seed$seed.log" | sed 's/ over .*//; s/^/    /' || true
 done
-echo "exports: $W/rollout-h-s<seed>/export; logs: $LOGS ($(elapsed) s)"
+echo "exports: $W/rollout-h${CONTINUE:+2}-s<seed>/export (and /compact); logs: $LOGS ($(elapsed) s)"

@@ -101,3 +101,41 @@ def test_rot_anchor_evaluate_answers_bad_input_in_one_line(tmp_path):
         result = subprocess.run(["rot-anchor", "evaluate", *args, "--out", str(tmp_path / "eval.json")],
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 1 and result.stderr.strip() == message, result.stderr[-2000:]
+
+
+def test_rot_anchor_pretrain_answers_bad_input_in_one_line(tmp_path):
+    """Values below their bound, an unknown size, a file as --out, an --init that is no checkpoint."""
+    from rot_anchor.pretrain import PretrainConfig
+
+    out = str(tmp_path / "run")
+    for field, value, message in (("steps", 0, "--steps 0: use at least 1"), ("batch", 0, "--batch 0: use at least 1"),
+                                  ("lr", -1e-3, "--lr -0.001: use 0 or more"), ("workers", -1, "--workers -1: use 0 or more"),
+                                  ("train_seconds", 0.0, "--train-seconds 0: use a number of seconds > 0"),
+                                  ("size", "huge", "--size huge: use anchor or micro")):
+        with pytest.raises(ValueError) as error:
+            PretrainConfig(out=out, **{field: value})
+        assert str(error.value).startswith(message)
+    (tmp_path / "file").write_text("")
+    cases = [(["--out", str(tmp_path / "file")], f"error: --out {tmp_path / 'file'} is a file; give a folder for the run"),
+             (["--out", out, "--init", str(tmp_path / "nowhere")],
+              f"error: --init {tmp_path / 'nowhere'}: no such checkpoint folder; pass the path of a local checkpoint folder")]
+    for args, message in cases:
+        result = subprocess.run(["rot-anchor", "pretrain", "--size", "micro", "--steps", "1", "--workers", "0", "--no-evaluate",
+                                 *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1 and result.stderr.strip() == message, result.stderr[-2000:]
+
+
+def test_an_export_without_its_weights_is_one_line_naming_the_folder(tmp_path):
+    """A copy of rot-4x4 that lost model/delta.safetensors: rot-eval says which folder is incomplete, no OSError."""
+    import shutil
+
+    import rot_anchor
+
+    broken = tmp_path / "broken"
+    shutil.copytree(rot_anchor.SHIPPED[rot_anchor.ROT_4X4], broken)
+    (broken / "model" / "delta.safetensors").unlink()
+    result = subprocess.run(["rot-eval", "run", "--checkpoint", str(broken), "--dataset", "icot_mult_4x4", "--limit", "2",
+                             "--out", str(tmp_path / "ev")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"error: {broken / 'model'} holds no weights (model.safetensors or delta.safetensors): if it is part of an export, "
+        "the export is incomplete; copy the whole export folder again, or export the run again"), result.stderr[-2000:]

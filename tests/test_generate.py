@@ -88,6 +88,55 @@ def test_export_round_trip_gives_the_same_model(exported):
     torch.testing.assert_close(first[0].latents, second[0].latents)
 
 
+def test_delta_quantization_stays_within_half_a_step_per_row():
+    from rot_train.delta import dequantize, quantize
+
+    torch.manual_seed(0)
+    delta = torch.randn(6, 11) * torch.tensor([1e-4, 1e-2, 1.0, 3.0, 0.0, 1e-3])[:, None]
+    for bits in (8, 4):
+        q, scale = quantize(delta, bits)
+        back = dequantize(q, scale, bits, delta.shape[1])
+        assert back.shape == delta.shape and q.numel() == 6 * ((11 * bits + 7) // 8)  # 4 bits: two to a byte
+        assert torch.all((back - delta).abs() <= scale[:, None] / 2 + 1e-9)
+        assert torch.equal(back[4], torch.zeros(11))  # an unchanged row stays exactly unchanged
+
+
+def test_a_compact_export_is_a_quarter_of_the_size_and_decodes_the_same(exported, tiny_shards, tiny_qwen3_vl, tmp_path):
+    """rot-train compact: a full fine-tuning export as int8 differences from its base loads everywhere an export
+    does and decodes the same tokens; a base with other weights is refused in one line."""
+    import shutil
+
+    from rot_fixtures.tiny import save_tiny_vlm
+    from rot_train.export import compact
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_qwen3_vl, base)
+    model, tokenizer, config = load_export(exported)
+    torch.manual_seed(2)
+    with torch.no_grad():  # what fine-tuning does: every weight moved a little
+        for parameter in model.lm.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02 * parameter.abs().mean())
+    full = tmp_path / "full"
+    stage2 = TrainConfig(stage=2, shards=str(tiny_shards), backbone=str(base), out="x", head_width=32, full_finetune=True)
+    export(model, tokenizer, full, stage2, ShardSet.open(tiny_shards), config["tokens"])
+    result = subprocess.run(["rot-train", "compact", str(full), "--out", str(tmp_path / "small"), "--base", str(base)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "weights as 8-bit differences" in result.stdout, result.stderr
+    sizes = {kind: (tmp_path / kind / "model" / name).stat().st_size
+             for kind, name in (("full", "model.safetensors"), ("small", "delta.safetensors"))}
+    assert sizes["small"] < 0.3 * sizes["full"]  # fp32 weights -> int8 (and a scale per row)
+    reference = generate_rot(load_export(full)[0], tokenizer, QUESTIONS, latents=5, max_answer_tokens=6)
+    decoded = generate_rot(load_export(tmp_path / "small")[0], tokenizer, QUESTIONS, latents=5, max_answer_tokens=6)
+    assert [g.token_ids for g in decoded] == [g.token_ids for g in reference]
+    for a, b in zip(decoded, reference):
+        torch.testing.assert_close(a.latents, b.latents, atol=0.05, rtol=0.02)  # bf16 head, int8 differences
+    with pytest.raises(ValueError, match="--out .* exists"):
+        compact(full, tmp_path / "small", str(base))
+    save_tiny_vlm(base, seed=1)  # another version of the base
+    with pytest.raises(ValueError, match="has other weights"):
+        load_export(tmp_path / "small")
+
+
 def test_fixed_budget_and_dynamic_termination(exported):
     model, tokenizer, _ = load_export(exported)
     fixed = generate_rot(model, tokenizer, QUESTIONS, latents=6, max_answer_tokens=3)

@@ -41,12 +41,12 @@ def pretrain(
     """Train the anchor (seeded; a killed run resumes from <out>/resume.pt), export <out>/model, then measure it."""
     from rot_anchor.pretrain import run
 
-    cfg = PretrainConfig(out=str(out), data_dir=str(data_dir) if data_dir else None, size=size, steps=steps, batch=batch, text_batch=text_batch,
-                         lr=lr, warmup_steps=warmup_steps, seed=seed, workers=workers, save_every=save_every, train_seconds=train_seconds,
-                         init=init, task_weights=_mix(mix))
     try:
+        cfg = PretrainConfig(out=str(out), data_dir=str(data_dir) if data_dir else None, size=size, steps=steps, batch=batch,
+                             text_batch=text_batch, lr=lr, warmup_steps=warmup_steps, seed=seed, workers=workers,
+                             save_every=save_every, train_seconds=train_seconds, init=init, task_weights=_mix(mix))
         model, tokenizer, finished = run(cfg)
-    except FileNotFoundError as error:
+    except (OSError, ValueError) as error:  # FileNotFoundError is an OSError; a bad value or model name a ValueError
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(1)
     if evaluate and finished:
@@ -81,10 +81,10 @@ def evaluate_command(
 
     from rot_data.records import RecordError
 
-    if limit is not None and limit < 1 or batch_size < 1:
-        flag, value = ("--limit", limit) if limit is not None and limit < 1 else ("--batch-size", batch_size)
-        typer.secho(f"error: {flag} {value}: use at least 1", fg="red", err=True)
-        raise typer.Exit(1)
+    for flag, value in (("--limit", limit), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            typer.secho(f"error: {flag} {value}: use at least 1", fg="red", err=True)
+            raise typer.Exit(1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         vlm, tokenizer = read.load(model, device=device)

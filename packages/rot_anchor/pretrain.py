@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import rot_anchor
 from rot_anchor import read
-from rot_anchor.model import IMAGE_PAD, build_anchor
+from rot_anchor.model import IMAGE_PAD, SIZES, build_anchor
 from rot_anchor.tasks import PATCHIFIER, TASKS, Mixture, PretrainData
+from rot_data.ranges import refuse_out_of_range
 
 
 @dataclass
@@ -45,6 +47,16 @@ class PretrainConfig:
     task_weights: dict | None = None  # task weights to change, in either group (default: Mixture's)
     train_seconds: float | None = None  # schedule by the clock: the cosine runs over this many seconds of training
     # (``steps`` is then only an upper bound; the steps reached are logged). Made for fixed-length GPU sessions.
+
+    def __post_init__(self):
+        if self.size not in SIZES:
+            raise ValueError(f"--size {self.size}: use {' or '.join(SIZES)}")
+        refuse_out_of_range(self, ("steps", "batch", "log_every", "save_every"),
+                            ("text_batch", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "clip", "seed", "workers"))
+        if self.train_seconds is not None and self.train_seconds <= 0:
+            raise ValueError(f"--train-seconds {self.train_seconds:g}: use a number of seconds > 0 (leave it out to schedule by --steps)")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out} is a file; give a folder for the run")
 
 
 def progress(cfg: PretrainConfig, step: int, seconds: float) -> float:
@@ -152,7 +164,10 @@ def run(cfg: PretrainConfig):
     if cfg.init:
         from transformers import Qwen3VLForConditionalGeneration
 
-        model.load_state_dict(Qwen3VLForConditionalGeneration.from_pretrained(cfg.init, dtype=torch.float32).state_dict())
+        from rot_data.hub import MODEL_FILES, snapshot
+
+        init = snapshot(rot_anchor.resolve(cfg.init), "--init", MODEL_FILES)
+        model.load_state_dict(Qwen3VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32).state_dict())
     read.prepare_tower(model)
     model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]

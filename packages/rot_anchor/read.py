@@ -21,10 +21,10 @@ def load(name: str = "anchor", device: str = "cpu", dtype: torch.dtype = torch.f
 
     import rot_anchor
 
-    from rot_data.hub import snapshot
+    from rot_data.hub import MODEL_FILES, snapshot
 
     logging.disable_progress_bar()  # a bar for loading 11 M parameters is noise
-    folder = snapshot(rot_anchor.resolve(name), "the VLM", ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
+    folder = snapshot(rot_anchor.resolve(name), "the VLM", MODEL_FILES)
     model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(folder)
 

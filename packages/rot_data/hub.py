@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
+MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]  # configs, weights, tokenizer, chat template
+
+
 class ModelNotFound(ValueError):
     """A model name that is no local folder and that the hub (or its cache) cannot give."""
 

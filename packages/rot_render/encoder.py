@@ -9,7 +9,6 @@ image) and the post-merger output is split back per image.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 import rot_anchor
 from rot_data import hub
+from rot_data.checksums import tensors_sha256
 from rot_render.packed_attention import NAME as PACKED, register as register_packed_attention
 
 TINY = "tiny"
@@ -98,12 +98,7 @@ def grid_thw_for(tower, grids, device) -> torch.Tensor:
 
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     """A hash of the tower's tensors (names and bytes), so a shard set names the exact weights."""
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
-        digest.update(name.encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return tensors_sha256(state_dict)
 
 
 @dataclass

@@ -94,11 +94,11 @@ class EncodeBatch:
     """Ray actor: holds the frozen tower on its GPU (or the CPU) and encodes a batch in one packed call."""
 
     def __init__(self, encoder: str, expected_sha256: str, dtype: str, height: int, attn_implementation: str,
-                 starts_file: str, max_starts: int, cpu_threads: int = 0):
+                 starts_file: str, max_starts: int, cpu_encoders: int = 0):
         import torch
 
-        if cpu_threads:  # Ray gives a 1-CPU actor one thread; on a CPU-only node the encoders share all its cores
-            torch.set_num_threads(cpu_threads)
+        if cpu_encoders:  # Ray gives a 1-CPU actor one torch thread; on CPU-only nodes the encoders share the cores
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // cpu_encoders))
 
         # Ray restarts a dead actor forever (a finite max_restarts stalled 2-actor builds on 2 CPUs), so the actors
         # count their own starts: past the budget the constructor fails, which Ray does not retry, and the build ends
@@ -370,7 +370,7 @@ def _encode_and_write(ray, plan: BuildPlan, progress: bool) -> tuple[float, floa
         fn_constructor_kwargs={"encoder": config.encoder, "expected_sha256": plan.expected_sha256, "dtype": config.dtype,
                                "height": render.height, "attn_implementation": config.attn_implementation,
                                "starts_file": str(config.out / STARTS), "max_starts": plan.num_encoders + ENCODER_RESTARTS,
-                               "cpu_threads": 0 if plan.n_gpus else max(1, int(ray.cluster_resources().get("CPU", 1)) // plan.num_encoders)},
+                               "cpu_encoders": 0 if plan.n_gpus else plan.num_encoders},
         batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=plan.num_encoders),
         num_gpus=gpu_share(plan.num_encoders, plan.n_gpus), num_cpus=0 if plan.n_gpus else 1,
     )

@@ -25,6 +25,11 @@ def without_noise(text: bytes) -> bytes:
     return text
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
 @contextmanager
 def ray_noise_filtered():
     """Filter descriptor 2 of this process for the block's lifetime. Start it after Ray: Ray's own processes keep
@@ -42,8 +47,8 @@ def ray_noise_filtered():
             head, pending = without_noise(pending[:cut]), pending[cut:]
             if not pending.lstrip().startswith(b"["):  # a partial line that cannot be a Ray log line goes out too
                 head, pending = head + pending, b""
-            os.write(saved, head)
-        os.write(saved, without_noise(pending))
+            _write_all(saved, head)
+        _write_all(saved, without_noise(pending))
 
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from rot_data import hub
+from rot_train import delta
 
 IMG_BEGIN, IMG_END = "<img_begin>", "<img_end>"
 TEXT_ARCHITECTURE = {"qwen3_vl": "qwen3", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2"}
@@ -28,13 +29,29 @@ TEXT_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidde
 
 def checkpoint_dir(name: str) -> Path:
     """A local folder as it is, else a hub id (fetched or cached); anything else is a one-line ``ModelNotFound``."""
-    return hub.snapshot(name, "--backbone", ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
+    return hub.snapshot(name, "--backbone", hub.MODEL_FILES)
 
 
-def _text_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """The language-model tensors of a VLM checkpoint under causal-LM names ('model.*', 'lm_head.*')."""
+def weights_folders(name: str) -> tuple[Path, Path]:
+    """(weights folder, tokenizer folder) of a backbone name: a RoT export's are its model/ and tokenizer/."""
+    import rot_anchor
+
+    folder = checkpoint_dir(rot_anchor.resolve(name))
+    if not (folder / "rot_config.json").exists():
+        return folder, folder
+    if not (folder / "model").is_dir():
+        raise ValueError(f"--backbone {name} is a LoRA export: pass its base backbone and --init {name}, "
+                         "or an export of a --full-finetune run")
+    return folder / "model", folder / "tokenizer"
+
+
+def text_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The language-model tensors of a checkpoint folder under causal-LM names ('model.*', 'lm_head.*'); a
+    compact export's (rot-train compact) are its base's plus the stored differences."""
     from safetensors import safe_open
 
+    if (folder / delta.FILE).exists():
+        return delta.add(folder / delta.FILE, text_tensors(weights_folders(delta.base_name(folder / delta.FILE))[0]))
     index = folder / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     tensors = {}
@@ -65,21 +82,19 @@ def load_backbone(name: str, dtype: torch.dtype = torch.bfloat16, device: str | 
     give their language model only; a RoT export of a full fine-tuning run gives its trained LM (to train on)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    import rot_anchor
-
-    folder = checkpoint_dir(rot_anchor.resolve(name))
-    tokenizer_folder = folder
-    if (folder / "rot_config.json").exists():  # a RoT export: train on from its fully fine-tuned LM (--init <export>)
-        if not (folder / "model").is_dir():
-            raise ValueError(f"--backbone {name} is a LoRA export: pass its base backbone and --init {name}, "
-                             "or an export of a --full-finetune run")
-        folder, tokenizer_folder = folder / "model", folder / "tokenizer"
+    folder, tokenizer_folder = weights_folders(name)  # a RoT export: train on from its fully fine-tuned LM
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise FileNotFoundError(f"{folder} holds no weights (model.safetensors or {delta.FILE}): if it is part of an "
+                                "export, the export is incomplete; copy the whole export folder again, or export the run again")
     config = AutoConfig.from_pretrained(str(folder))
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
-    if config.model_type not in TEXT_ARCHITECTURE:
+    if config.model_type in TEXT_ARCHITECTURE:
+        text_config = text_config_of(config)
+    elif (folder / delta.FILE).exists():
+        text_config = config
+    else:
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device), tokenizer
-    tensors = _text_tensors(folder)
-    text_config = text_config_of(config)
+    tensors = text_tensors(folder)
     text_config.tie_word_embeddings = "lm_head.weight" not in tensors
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)

@@ -12,6 +12,7 @@ An export folder holds:
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rot_anchor
-from rot_train.backbone import IMG_BEGIN, IMG_END, gathered, load_backbone, set_token_rows, token_rows
+from rot_train import delta
+from rot_train.backbone import IMG_BEGIN, IMG_END, gathered, load_backbone, set_token_rows, text_tensors, token_rows, weights_folders
 from rot_train.fused import FusedInput
 from rot_train.model import RoTModel
 
@@ -139,6 +141,23 @@ def load_export(folder: Path | str, device="cpu", dtype=torch.float32) -> tuple[
 
         model.lm = PeftModel.from_pretrained(lm, folder / "lora")
     return model.to(device, dtype).eval(), tokenizer, config
+
+
+def compact(folder: Path | str, out: Path | str, base: str = rot_anchor.NAME, bits: int = 8) -> dict:
+    """A copy of a full fine-tuning export whose LLM weights are their difference from ``base`` in ``bits`` bits
+    (rot_train.delta) and whose head is bf16; it loads everywhere an export does. Returns the sizes, for the summary."""
+    folder, out = export_folder(folder), Path(out)
+    if read_config(folder)["weights"] != "model":
+        raise ValueError(f"{folder} is a LoRA export, already small: only a --full-finetune export is made compact")
+    if out.exists():
+        raise ValueError(f"--out {out} exists: name a new folder")
+    model = folder / "model"
+    tensors = text_tensors(model)
+    shutil.copytree(folder, out, ignore=lambda _, names: [n for n in names if n in ("model.safetensors", "head.safetensors")])
+    counts = delta.write(tensors, text_tensors(weights_folders(base)[0]), base, out / "model" / delta.FILE, bits)
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(folder / "head.safetensors").items()}, out / "head.safetensors")
+    size = lambda root: sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
+    return {**counts, "bytes_before": size(folder), "bytes_after": size(out)}
 
 
 def plot_losses(metrics_file: Path, png: Path) -> None:

@@ -119,6 +119,25 @@ app.command("stage2", help=HELP["stage2"])(train_command(2))
 app.command("sft", help=HELP["sft"])(train_command(2, mode="sft-cot"))
 
 
+@app.command("compact", help="A copy of a --full-finetune export in a few MB, for shipping or carrying: its LLM weights "
+             "as 8- or 4-bit differences from the base it was trained from (which must be installed to load it), its head bf16.")
+def compact_command(
+    export: str = typer.Argument(..., help="the export folder (<--out>/export) of a --full-finetune Stage II or SFT run"),
+    out: str = typer.Option(..., help="the new folder; it loads wherever an export does"),
+    base: str = typer.Option(rot_anchor.NAME, help="the backbone the run started from (--backbone of its first stage)"),
+    bits: int = typer.Option(8, help="8: the weights as trained, within bf16 rounding; 4: half the size, lossier (measure it)"),
+) -> None:
+    from rot_train.export import compact
+
+    try:
+        sizes = compact(export, out, base, bits)
+    except (FileNotFoundError, ValueError) as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"compact export in {out}: {sizes['bytes_before'] / 1e6:.1f} MB -> {sizes['bytes_after'] / 1e6:.1f} MB "
+               f"({sizes['quantized']:,} weights as {bits}-bit differences from '{base}', {sizes['whole']:,} kept whole)")
+
+
 def run_script(command: str) -> None:
     """``rot_train/<command>.py``: the same command, for ``deepspeed rot_train/stage2.py ...`` from packages/."""
     app(args=[command, *sys.argv[1:]], prog_name=f"rot_train/{command}.py")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rot_data.ranges import refuse_out_of_range
 from rot_train import export as exporting
 from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone, set_token_rows, token_rows
 from rot_train.batches import ReadingTurn, RoTCollator, SFTCollator
@@ -76,12 +77,7 @@ class TrainConfig:
         for key, value in STAGE_DEFAULTS[self.stage].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
-        for names, lowest, what in ((AT_LEAST_ONE, 1, "at least 1"), (NOT_NEGATIVE, 0, "0 or more")):
-            for name in names:  # a given 0 is a value, never "not given": refuse what makes no sense, in one line
-                value = getattr(self, name)
-                if value is not None and value < lowest:
-                    raise ValueError(f"--{name.replace('_', '-')} {value:g}: use {what}"
-                                     + (" (leave it out for the default)" if name in OPTIONAL else ""))
+        refuse_out_of_range(self, AT_LEAST_ONE, NOT_NEGATIVE, OPTIONAL)
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"--max-seconds {self.max_seconds:g}: use a number of seconds > 0 (leave it out for no time limit)")
         if self.curriculum_steps < 0 or self.curriculum_stride < 1:
