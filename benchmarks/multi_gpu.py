@@ -123,10 +123,10 @@ def compare_shards(a: Path, b: Path) -> dict:
 def launch(stage: int, gpus: int, zero: int, out: Path, common: list[str], work: Path, timeout: int, device: int | None = None,
            extra: list[str] = ()) -> dict:
     """One `deepspeed --module rot_train stage<N>` run; ``device`` pins a 1-GPU run to that GPU (two can run side by side)."""
-    micro = (16 if GPU else 4) // gpus  # global batch 32 (GPU) / 8 (CPU) with 2 accumulation steps
+    micro = (16 if GPU else 4) // gpus  # global batch 32 (GPU) / 8 (CPU) in 2 accumulation steps
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port())]
     launcher += ["--include", f"localhost:{device}"] if GPU and device is not None else ["--num_gpus", str(gpus)]
-    args = launcher + ["--module", "rot_train", f"stage{stage}", *common, "--micro-batch", str(micro), "--grad-accum", "2",
+    args = launcher + ["--module", "rot_train", f"stage{stage}", *common, "--global-batch", str(2 * micro * gpus), "--micro-batch", str(micro),
                        "--zero", str(zero), "--out", str(out), *extra]
     result = command(args, work / f"{out.parent.name}-{out.name}.log", timeout)
     result.update(read_run(out))
@@ -281,7 +281,7 @@ def main():
                     built[name]["steady_vs_1gpu"] = built[name]["images_per_s_steady"] / one
             save()
         elif part == "noise":  # the noise of batch shapes alone: 1 GPU, the same global batch in micro-batches of the 2-GPU size
-            halved = ["--micro-batch", "8" if GPU else "2", "--grad-accum", "4"]
+            halved = ["--micro-batch", "8" if GPU else "2"]  # the same global batch in 4 accumulation steps
             jobs = [(launch, 1, 1, 2, s1[2] / "one", common, work, timeout, 0),
                     (launch, 1, 1, 2, s1[2] / "one-halved", common, work, timeout, 1, halved)]
             for name, result in zip(("stage1_zero2_1gpu", "stage1_zero2_1gpu_halved_micro_batch"), side_by_side(*jobs)):

@@ -56,7 +56,7 @@ part() { [[ ",$PARTS," == *",$1,"* ]]; }
 log() { echo "== $*" | tee -a "$OUT/commands.txt"; }
 run() { local shown="$*"; log "${shown#on_gpu }"; "$@"; }
 on_gpu() { if [ -n "${GPU:-}" ]; then CUDA_VISIBLE_DEVICES=$GPU "$@"; else "$@"; fi; }
-TRAIN="--backbone $ANCHOR --micro-batch $MB --grad-accum 1 --seed $SEED --warmup-steps 20 --head-width 512 --num-workers 2"
+TRAIN="--backbone $ANCHOR --global-batch $MB --micro-batch $MB --seed $SEED --warmup-steps 20 --head-width 512 --num-workers 2"
 STAGE2="$TRAIN --epochs $EPOCHS --lr 3e-4 --full-finetune"
 
 if part data; then  # training rows; held-out questions are never generated

@@ -181,7 +181,7 @@ def test_a_full_disk_ends_the_build_in_one_line_and_leaves_nothing_half_written(
 
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(micro_batch=4, grad_accum=2, head_width=32, max_latents=12, warmup_steps=1, num_workers=1, epochs=2, lr=1e-3)
+TINY = dict(global_batch=8, micro_batch=4, head_width=32, max_latents=12, warmup_steps=1, num_workers=1, epochs=2, lr=1e-3)
 
 
 def _trainer(shards_path, backbone, out, *extra, **options):

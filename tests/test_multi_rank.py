@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow  # Ray / DeepSpeed launcher runs: pytest -m 'not s
 ARGS = ["--epochs", "1", "--lr", "1e-3", "--warmup-steps", "1", "--head-width", "32", "--max-latents", "12",
         "--save-every", "3", "--log-ids"]
 # the same global batch of 8: 2 ranks x micro 2 x accumulation 2, or 1 rank x micro 4 x accumulation 2
-TWO = ["--micro-batch", "2", "--grad-accum", "2"]
-ONE = ["--micro-batch", "4", "--grad-accum", "2"]
+TWO = ["--global-batch", "8", "--micro-batch", "2"]
+ONE = ["--global-batch", "8", "--micro-batch", "4"]
 
 
 def _stage1(shards, backbone, out, ranks, *extra):

@@ -78,8 +78,14 @@ def test_bad_shard_sets_are_refused_with_the_file_and_the_fix(tiny_shards, tmp_p
     shutil.copy(tiny_shards / "shard-00000.parquet", broken / "shard-00001.parquet")
     with pytest.raises(ShardError, match=r"shard-00001.parquet does not match its checksum"):
         ShardSet.open(broken)
-    with pytest.raises(ShardError, match="does not exist; build it first"):
+    with pytest.raises(ShardError, match="nowhere does not exist; build a shard set there first: rot-render build"):
         ShardSet.open(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()  # never built: not "the build did not finish"
+    with pytest.raises(ShardError, match="empty holds no shard set \\(no manifest.json, no shards\\): build one there first"):
+        ShardSet.open(tmp_path / "empty")
+    (broken / "manifest.json").unlink()  # a build that wrote shards and was killed before its manifest
+    with pytest.raises(ShardError, match="manifest.json is missing: the build did not finish; re-run the same rot-render build"):
+        ShardSet.open(broken)
     with pytest.raises(ShardError, match="embedding dim 64 but the head in X was trained on dim 32"):
         ShardSet.open(tiny_shards).check_dim(32, "the head in X")
 

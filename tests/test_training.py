@@ -16,7 +16,7 @@ from rot_train.train import TrainConfig, run
 pytestmark = pytest.mark.slow  # Ray / DeepSpeed launcher runs: pytest -m 'not slow' skips them
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(micro_batch=4, grad_accum=2, head_width=32, max_latents=12, warmup_steps=1, num_workers=1, epochs=2)
+TINY = dict(global_batch=8, micro_batch=4, head_width=32, max_latents=12, warmup_steps=1, num_workers=1, epochs=2)
 
 
 def _clean_env(**extra):
@@ -118,8 +118,8 @@ def test_max_seconds_stops_at_an_optimizer_step_then_checkpoints_exports_and_res
     two = tmp_path / "two-ranks"
     result = _launch("stage1", *_args(tiny_shards, tiny_qwen3_vl, two, epochs=50, max_seconds=1), ranks=2)
     summary = json.loads((two / "summary.json").read_text())
-    assert 1 <= summary["steps"] < summary["planned_steps"] == 150
-    assert f"stage 1 stopped by --max-seconds 1 at step {summary['steps']} of 150" in result.stdout
+    assert 1 <= summary["steps"] < summary["planned_steps"] == 300  # 48 rows / global batch 8 x 50 epochs
+    assert f"stage 1 stopped by --max-seconds 1 at step {summary['steps']} of 300" in result.stdout
     assert (two / "export" / "head.safetensors").exists()
 
     refusal = "--max-seconds 0: use a number of seconds > 0 (leave it out for no time limit)"
@@ -232,7 +232,7 @@ def test_bad_shards_end_with_a_one_line_error(tiny_shards, tiny_qwen3_vl, tmp_pa
     # resuming a run on shards of another embedding size (DeepSpeed's loader used to fail with a size mismatch)
     fingerprint = manifest["fingerprint"]
     assert _cli_error(["--shards", str(other), "--backbone", str(tiny_qwen3_vl), "--out", str(head), "--resume",
-                       "--head-width", "32"]) == (
+                       "--head-width", "32", "--global-batch", "8"]) == (
         f"error: {head / 'checkpoints'} was trained on shards {fingerprint} (dim 64), {other} are {fingerprint} (dim 32); "
         "resume with the same --shards or start a new --out")
     # a fresh run into the folder of an earlier one (its losses were appended to the earlier run's metrics.jsonl)
@@ -355,3 +355,77 @@ def test_the_recorded_inference_budget_is_the_shards_mean_or_the_training_cap_wh
     assert inference_budget(shards) == 44
     assert inference_budget(shards, max_latents=32) == 32
     assert inference_budget(shards, max_latents=64) == 44
+
+
+def test_the_global_batch_gives_the_same_losses_however_it_is_split(tiny_shards, tiny_qwen3_vl, tmp_path):
+    """--global-batch 8 as one micro-batch (the CPU default: no accumulation), 4 x 2 and 2 x 4: the same losses;
+    run.json and the summary say how it was split, and the summary counts the model's FLOPs."""
+    common = dict(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), max_steps=3, lr=1e-3,
+                  **{k: v for k, v in TINY.items() if k != "micro_batch"})
+    runs = {}
+    for micro in (None, 4, 2):
+        out = tmp_path / f"micro-{micro}"
+        summary, _ = run(TrainConfig(out=str(out), micro_batch=micro, **common))
+        runs[micro] = (_losses(out), json.loads((out / "run.json").read_text()), summary)
+    assert [(r["micro_batch"], r["grad_accum"], r["micro_batch_chosen_by"]) for _, r, _ in runs.values()] == [
+        (8, 1, "no accumulation on a CPU"), (4, 2, "given"), (2, 4, "given")]
+    for losses, _, _ in runs.values():
+        assert losses == pytest.approx(runs[None][0], rel=1e-3)  # fp32 sums of other shapes round differently
+    summary = runs[None][2]
+    assert summary["global_batch"] == 8 and summary["model_tflop_per_sample"] > 0 and summary["mfu"] is None
+
+
+def test_a_batch_split_that_cannot_work_is_refused_in_one_line(tiny_shards, tiny_qwen3_vl, tmp_path):
+    from rot_train.batch_size import given
+
+    with pytest.raises(ValueError, match="--micro-batch 3 does not divide the 8 samples per rank of --global-batch 8 on 1 "
+                                         "rank\\(s\\): use one of 8, 4, 2, 1"):
+        given(8, 1, 3)
+    with pytest.raises(ValueError, match="--global-batch 7 does not split over 2 ranks: use a multiple of 2"):
+        given(7, 2, 1)
+    with pytest.raises(ValueError, match="48 rows give no optimizer step of --global-batch 64; lower it \\(at most 48\\)"):
+        run(TrainConfig(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(tmp_path / "r"),
+                        **dict(TINY, global_batch=64)))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_the_flop_count_agrees_with_torch_counting_the_step(tiny_shards, tiny_qwen3_vl, stage):
+    """rot_train.flops counts a training step's matrix FLOPs from the batch's lengths; torch's FlopCounterMode
+    counts the matrix products the step actually runs (rows of one length: no padding; no recomputation). Its CPU
+    attention kernel is not among the ops it counts, so the comparison is of the weights' products."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone
+    from rot_train.batch_size import worst_case_row
+    from rot_train.flops import Counter
+    from rot_train.model import RoTModel
+    from rot_train.shard_stream import ShardSet
+    from rot_train.train import forward_options, make_collate
+
+    shard_set = ShardSet.open(tiny_shards)
+    cfg = TrainConfig(stage=stage, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out="o", full_finetune=True,
+                      **dict(TINY, max_latents=None))
+    lm, tokenizer = load_backbone(str(tiny_qwen3_vl), dtype=torch.float32)
+    ids = add_latent_tokens(lm, tokenizer)
+    model = RoTModel(lm, shard_set.dim, ids[IMG_BEGIN], ids[IMG_END], cfg.head_width)
+    model.requires_grad_(stage == 2)
+    model.head.requires_grad_(stage == 1)
+    row, tokens = worst_case_row(shard_set, None)
+    batch = make_collate(cfg, shard_set, tokenizer, ids)([row] * 4, [torch.randn(tokens, shard_set.dim)] * 4)
+    batch["weights"] = torch.ones(4)
+    with FlopCounterMode(display=False) as counted:
+        model(batch, **forward_options(cfg, 0))["loss"].backward()
+    counter = Counter(model, cfg)
+    assert counter.of_batch(batch, None, with_attention=False) == pytest.approx(counted.get_total_flops(), rel=0.03)
+    assert counter.of_batch(batch, None) > counter.of_batch(batch, None, with_attention=False)
+
+
+def test_a_warm_up_longer_than_the_run_is_scaled_to_half_of_it(tiny_shards, tiny_qwen3_vl, tmp_path, capfd):
+    """--max-steps 4 with --warmup-steps 20 reached a fifth of the peak learning rate; now it warms up over 2 steps,
+    says so, and records it in run.json."""
+    out = tmp_path / "short"
+    run(TrainConfig(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(out), max_steps=4,
+                    **dict(TINY, warmup_steps=20, lr=1e-3)))
+    assert "note: --warmup-steps 20 is more than half of the 4 steps this run makes: warming up over 2" in capfd.readouterr().out
+    assert json.loads((out / "run.json").read_text())["warmup_steps"] == 2
+    assert max(_losses(out, "lr")) == pytest.approx(1e-3, rel=0.01)

@@ -184,8 +184,19 @@ def verify(out: Path) -> list[str]:
     except ManifestError as error:
         return [rebuild_advice(error, out)]
     if manifest is None:
-        return [f"{out / MANIFEST} is missing: the build did not finish; re-run the same rot-render build command to resume"]
+        return [no_manifest(out)]
     return shard_problems(out, manifest)
+
+
+def no_manifest(out: Path) -> str:
+    """Why a folder has no manifest, in one line: never there, never built, or a build that did not finish."""
+    build = f"rot-render build --dataset <rows> --out {out}"
+    if not out.is_dir():
+        return f"{out} does not exist; build a shard set there first: {build}"
+    started = any(out.glob("shard-*.parquet")) or any(out.glob(PARTIAL_SHARDS))
+    if not started:
+        return f"{out} holds no shard set (no {MANIFEST}, no shards): build one there first: {build}"
+    return f"{out / MANIFEST} is missing: the build did not finish; re-run the same rot-render build command to resume"
 
 
 def rebuild_advice(error: ManifestError, out: Path) -> str:

@@ -62,8 +62,8 @@ def train_command(stage: int, mode: str = "rot") -> Callable:
         mode: str = typer.Option(mode, help="rot, or the baselines sft-cot / sft-nocot (LoRA, same settings, no latents)"),
         zero: Optional[int] = typer.Option(None, help="ZeRO stage 2 or 3: the DeepSpeed configs in rot_train/configs (default: 2)"),
         deepspeed_config: str = typer.Option(d["deepspeed_config"], "--deepspeed-config", "--ds-config", help="a DeepSpeed config file of your own (instead of --zero)"),
-        micro_batch: int = typer.Option(d["micro_batch"], help="samples per GPU per micro step"),
-        grad_accum: int = typer.Option(d["grad_accum"], help="micro steps per optimizer step (global batch = micro x accum x GPUs)"),
+        global_batch: int = typer.Option(d["global_batch"], help="samples per optimizer step, whatever the number of GPUs (official: 128)"),
+        micro_batch: Optional[int] = typer.Option(None, help="samples per GPU per micro step, a divisor of the global batch per GPU (default: the largest that fits the GPU's memory, probed on the longest rows; on a CPU the whole per-rank batch); accumulation makes up the rest"),
         epochs: int = typer.Option(d["epochs"]),
         max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
         max_seconds: Optional[float] = typer.Option(d["max_seconds"], help="wall-clock budget: stop at the first optimizer step after this many seconds of training (setup not counted), then checkpoint and export as a finished run does (for time-limited GPU calls and jobs; --resume continues)"),
@@ -97,7 +97,7 @@ def train_command(stage: int, mode: str = "rot") -> Callable:
         try:  # bad options (zero_config, TrainConfig's checks) and bad shards end with a one-line error
             deepspeed_config = zero_config(zero, deepspeed_config)
             config = TrainConfig(stage=stage, shards=shards, backbone=backbone, out=out, init=init, mode=mode, deepspeed_config=deepspeed_config,
-                                 micro_batch=micro_batch, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
+                                 global_batch=global_batch, micro_batch=micro_batch, epochs=epochs, max_steps=max_steps,
                                  max_seconds=max_seconds, lr=lr,
                                  warmup_steps=warmup_steps, max_latents=max_latents, inference_latents=inference_latents,
                                  latent_gradient=latent_gradient, vision_weight=vision_weight,

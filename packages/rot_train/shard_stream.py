@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from rot_data.shards import (FORMAT, MANIFEST, STORED_DTYPES, ManifestError, decode_embedding, read_manifest, rebuild_advice,
+from rot_data.shards import (FORMAT, MANIFEST, STORED_DTYPES, ManifestError, decode_embedding, no_manifest, read_manifest, rebuild_advice,
                              shard_problems)
 
 
@@ -68,14 +68,12 @@ class ShardSet:
         manifest's, by the same functions as ``rot-render inspect``."""
         folder = Path(folder)
         manifest_path = folder / MANIFEST
-        if not folder.is_dir():
-            raise ShardError(f"{folder} does not exist; build it first: rot-render build --dataset ... --out {folder}")
         try:
-            manifest = read_manifest(folder)
+            manifest = read_manifest(folder) if folder.is_dir() else None
         except ManifestError as error:
             raise ShardError(rebuild_advice(error, folder)) from None
         if manifest is None:
-            raise ShardError(f"{manifest_path} is missing: the build did not finish; re-run the same rot-render build command (it resumes)")
+            raise ShardError(no_manifest(folder))
         if manifest.get("format") != FORMAT:
             raise ShardError(f"{manifest_path} has format {manifest.get('format')!r}, this trainer reads {FORMAT!r}; rebuild the shards with this version of rot-render")
         if not manifest.get("shards") or not manifest.get("rows"):

@@ -20,6 +20,8 @@ import torch
 from rot_data.ranges import refuse_out_of_range
 from rot_train import export as exporting
 from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone, set_token_rows, token_rows
+from rot_train import batch_size, flops
+from rot_train.batch_size import BatchPlan
 from rot_train.batches import ReadingTurn, RoTCollator, SFTCollator
 from rot_train.model import RoTModel
 from rot_train.shard_stream import ShardSet, ShardStream
@@ -36,8 +38,9 @@ class TrainConfig:
     init: str | None = None  # Stage II: the Stage I export to take the head (and new token rows) from
     mode: str = "rot"  # or the baselines "sft-cot" / "sft-nocot" (Stage II settings, no latents)
     deepspeed_config: str = str(CONFIGS / "zero2.json")
-    micro_batch: int = 4
-    grad_accum: int = 4
+    # samples per optimizer step on any number of GPUs: the official 16 per GPU x 4 accumulation steps x 2 GPUs
+    global_batch: int = 128
+    micro_batch: int | None = None  # samples per GPU per micro step; None: the largest that fits (rot_train.batch_size)
     epochs: int = 2
     max_steps: int | None = None
     # wall-clock budget: a run cut by a GPU call's or a SLURM job's limit loses everything, so stop at the first optimizer
@@ -94,11 +97,11 @@ class TrainConfig:
         return self.curriculum_stride * (step // self.curriculum_steps) if self.curriculum_steps else None
 
 
-AT_LEAST_ONE = ("micro_batch", "grad_accum", "epochs", "max_steps", "max_latents", "inference_latents", "head_width",
+AT_LEAST_ONE = ("global_batch", "micro_batch", "epochs", "max_steps", "max_latents", "inference_latents", "head_width",
                 "lora_r", "shuffle_buffer")
 NOT_NEGATIVE = ("lr", "warmup_steps", "vision_weight", "reader_weight", "lm_weight", "lora_alpha", "lora_dropout", "seed",
                 "num_workers", "save_every", "keep_checkpoints")
-OPTIONAL = ("max_steps", "max_latents", "inference_latents")  # None: not given
+OPTIONAL = ("micro_batch", "max_steps", "max_latents", "inference_latents")  # None: not given
 
 # The official configuration's per-stage values: Stage I trains the head on MSE x10 + LM loss, Stage II (and
 # the SFT baselines) on the LM loss alone. The one place these live: the CLI reads them from here.
@@ -147,12 +150,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, total_steps: int, device: torch.device) -> dict:
+def warmup_steps(cfg: TrainConfig, stop_step: int) -> int:
+    """The warm-up, at most half of the steps this run makes: a --max-steps shorter than --warmup-steps would
+    otherwise never reach the peak learning rate."""
+    return min(cfg.warmup_steps, max(1, stop_step // 2))
+
+
+def deepspeed_config(cfg: TrainConfig, plan: BatchPlan, total_steps: int, warmup: int) -> dict:
     config = json.loads(Path(cfg.deepspeed_config).read_text())
-    config.update(train_micro_batch_size_per_gpu=cfg.micro_batch, gradient_accumulation_steps=cfg.grad_accum,
-                  train_batch_size=cfg.micro_batch * cfg.grad_accum * world_size)
+    config.update(train_micro_batch_size_per_gpu=plan.micro_batch, gradient_accumulation_steps=plan.grad_accum,
+                  train_batch_size=plan.global_batch)
     config.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {}})["params"].update(
-        warmup_min_lr=0.0, warmup_max_lr=cfg.lr, warmup_num_steps=min(cfg.warmup_steps, max(1, total_steps - 1)),
+        warmup_min_lr=0.0, warmup_max_lr=cfg.lr, warmup_num_steps=min(warmup, max(1, total_steps - 1)),
         total_num_steps=max(total_steps, 2), warmup_type="linear")
     return config
 
@@ -378,14 +387,34 @@ def check_out_folder(cfg: TrainConfig) -> Path:
     return out
 
 
-def make_stream(cfg: TrainConfig, shard_set: ShardSet, tokenizer, token_ids: dict, rank: int, world_size: int) -> ShardStream:
-    """The micro-batches of this rank: RoT rows (question, targets, answer) or the baselines' text rows."""
+def make_collate(cfg: TrainConfig, shard_set: ShardSet, tokenizer, token_ids: dict):
+    """Rows -> a micro-batch: RoT rows (question, targets, answer) or the baselines' text rows."""
     if cfg.mode == "rot":
         reading = ReadingTurn(tokenizer, shard_set.manifest["render"]["thought_tags"]) if cfg.reader_weight else None
-        collate = RoTCollator(tokenizer, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.max_latents, reading)
-    else:
-        collate = SFTCollator(tokenizer, with_cot=cfg.mode == "sft-cot", latent_dim=shard_set.dim)
-    return ShardStream(shard_set, collate, cfg.micro_batch, rank, world_size, cfg.seed, cfg.shuffle_buffer)
+        return RoTCollator(tokenizer, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.max_latents, reading)
+    return SFTCollator(tokenizer, with_cot=cfg.mode == "sft-cot", latent_dim=shard_set.dim)
+
+
+def forward_options(cfg: TrainConfig, step: int) -> dict:
+    return {"stage": cfg.stage, "vision_weight": cfg.vision_weight, "lm_weight": cfg.lm_weight,
+            "rolled_out": cfg.rolled_out(step), "reader_weight": cfg.reader_weight}
+
+
+def plan_batches(cfg: TrainConfig, model, collate, shard_set: ShardSet, world_size: int, device: torch.device) -> BatchPlan:
+    """The micro-batch and accumulation of ``--global-batch``: as given, else the largest micro-batch that fits the
+    GPU (every rank probes its own; they are alike), else (a CPU) the whole per-rank batch in one micro step."""
+    if cfg.micro_batch is not None:
+        return batch_size.given(cfg.global_batch, world_size, cfg.micro_batch)
+    if device.type != "cuda":
+        return BatchPlan(batch_size.per_rank(cfg.global_batch, world_size), 1, world_size, "no accumulation on a CPU")
+    options = dict(forward_options(cfg, 0), rolled_out=None)  # the whole rollout: the most memory a step takes
+    model.train()  # as in training: dropout, and gradient checkpointing where it is on
+    plan = batch_size.probe(model, collate, shard_set, cfg.global_batch, world_size, cfg.max_latents, device, options)
+    if torch.distributed.is_initialized() and world_size > 1:  # ranks must agree: the smallest any rank found
+        found = torch.tensor([plan.micro_batch], device=device)
+        torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)
+        plan = BatchPlan(int(found), batch_size.per_rank(cfg.global_batch, world_size) // int(found), world_size, plan.chosen_by)
+    return plan
 
 
 def micro_batches(stream: ShardStream, cfg: TrainConfig, epoch: int, start_batch: int):
@@ -401,8 +430,7 @@ def train_micro_step(engine, batch: dict, cfg: TrainConfig, step: int, device) -
     tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     if engine.zero_optimization_stage() == 3:
         tensors = _same_latent_slots_on_every_rank(tensors)
-    losses = engine(tensors, stage=cfg.stage, vision_weight=cfg.vision_weight, lm_weight=cfg.lm_weight,
-                    rolled_out=cfg.rolled_out(step), reader_weight=cfg.reader_weight)
+    losses = engine(tensors, **forward_options(cfg, step))
     engine.backward(losses["loss"])
     engine.step()
     return losses
@@ -437,15 +465,23 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     ds_file = json.loads(Path(cfg.deepspeed_config).read_text())
     dtype = torch.bfloat16 if ds_file.get("bf16", {}).get("enabled") else torch.float32
     model, tokenizer, token_ids = build_model(cfg, device, dtype, shard_set)
-    stream = make_stream(cfg, shard_set, tokenizer, token_ids, rank, world_size)
-    total_steps = stream.batches_per_epoch // cfg.grad_accum * cfg.epochs  # the LR schedule's length
+    collate = make_collate(cfg, shard_set, tokenizer, token_ids)
+    if shard_set.rows < cfg.global_batch:
+        raise ValueError(f"{shard_set.rows} rows give no optimizer step of --global-batch {cfg.global_batch}; lower it "
+                         f"(at most {shard_set.rows})")
+    plan = plan_batches(cfg, model, collate, shard_set, world_size, device)
+    if rank == 0:
+        print(f"batches: {plan.describe()}")
+    stream = ShardStream(shard_set, collate, plan.micro_batch, rank, world_size, cfg.seed, cfg.shuffle_buffer)
+    total_steps = stream.batches_per_epoch // plan.grad_accum * cfg.epochs  # the LR schedule's length
     stop_step = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)  # --max-steps only stops early
-    if total_steps < 1:
-        raise ValueError(f"{shard_set.rows} rows give no optimizer step with micro batch {cfg.micro_batch} x accumulation "
-                         f"{cfg.grad_accum} x {world_size} ranks; lower --micro-batch or --grad-accum")
 
     # 2. the DeepSpeed engine (and the checkpoint to resume from, checked against these shards first)
-    ds_config = deepspeed_config(cfg, world_size, total_steps, device)
+    warmup = warmup_steps(cfg, stop_step)
+    if warmup < cfg.warmup_steps and rank == 0:
+        print(f"note: --warmup-steps {cfg.warmup_steps} is more than half of the {stop_step} steps this run makes: "
+              f"warming up over {warmup} (the peak learning rate {cfg.lr:g} is reached at step {warmup})")
+    ds_config = deepspeed_config(cfg, plan, total_steps, warmup)
     latest = out / "checkpoints" / "latest"
     resume_tag = _resume_tag(latest.parent, world_size, rank, ds_config, shard_set) if cfg.resume else None
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -460,9 +496,12 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     # 3. what the run records: run.json, per-step metrics, optionally the ids each rank consumed
     # pitfall of latent methods: latents whose norm is far from the token embeddings' destabilise training
     embedding_norm = float(model.lm.get_input_embeddings().weight.float().norm(dim=-1).mean())
-    global_batch = cfg.micro_batch * cfg.grad_accum * world_size
-    untrained_rows = max(0, shard_set.rows - stream.batches_per_epoch // cfg.grad_accum * global_batch)
+    global_batch = plan.global_batch
+    untrained_rows = max(0, shard_set.rows - stream.batches_per_epoch // plan.grad_accum * global_batch)
+    counter = flops.Counter(model, cfg)
     run_info = {"config": asdict(cfg), "world_size": world_size, "global_batch": global_batch,
+                "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "micro_batch_chosen_by": plan.chosen_by,
+                "warmup_steps": warmup,
                 "shards_fingerprint": shard_set.fingerprint, "trainable_parameters": sum(p.numel() for p in trainable),
                 "total_steps": total_steps, "stop_step": stop_step, "device": str(device), "embedding_row_norm": embedding_norm,
                 "rows_per_epoch_untrained": untrained_rows}
@@ -478,6 +517,7 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     # 4. the loop: micro-steps accumulate into optimizer steps; each optimizer step is logged (and checkpointed)
     engine.train()
     started, samples, sums, micro_steps = time.perf_counter(), 0, {}, 0  # the --max-seconds clock: setup not counted
+    model_flops = 0.0  # of this run's samples, all ranks (rot_train.flops: what is counted)
     out_of_time = False
     while step < stop_step and epoch < cfg.epochs and not out_of_time:
         for batch in micro_batches(stream, cfg, epoch, next_batch):
@@ -487,13 +527,14 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
                                           "ids": [i for i, w in zip(batch["ids"], batch["weights"].tolist()) if w > 0]}) + "\n")
             losses = train_micro_step(engine, batch, cfg, step, device)
             samples += int(batch["weights"].sum()) * world_size
+            model_flops += counter.of_batch(batch, cfg.rolled_out(step)) * world_size
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().double()
             micro_steps += 1
-            if micro_steps % cfg.grad_accum:
+            if micro_steps % plan.grad_accum:
                 continue
             step += 1
-            values = {k: v / cfg.grad_accum for k, v in _mean_over_ranks(sums).items()}
+            values = {k: v / plan.grad_accum for k, v in _mean_over_ranks(sums).items()}
             if cfg.curriculum_steps:
                 values["rolled_out"] = min(cfg.rolled_out(step - 1), batch["targets"].shape[1])  # past the last slot: all
             values.update(lr=engine.get_lr()[0], epoch=epoch, embedding_norm=embedding_norm,
@@ -521,6 +562,8 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
                "samples": totals["samples"], "seconds": totals["seconds"], "resumed_from_step": resumed_from if resume_tag else None,
                "samples_this_run": samples, "seconds_this_run": elapsed,
                "samples_per_s": samples / max(elapsed, 1e-9), "global_batch": run_info["global_batch"],
+               "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
+               **flops.utilisation(model_flops, samples, elapsed, world_size, device),
                "rows_per_epoch_untrained": untrained_rows,
                "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     exporting.export(model, tokenizer, out / "export", cfg, shard_set, token_ids, write=rank == 0)
@@ -529,7 +572,8 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         name = cfg.mode if cfg.mode != "rot" else f"stage {cfg.stage}"
         print(f"{name} {stopped or 'done'}: {step} steps, {totals['samples']} samples in {totals['seconds']:.1f} s "
-              f"({summary['samples_per_s']:.2f} samples/s, global batch {summary['global_batch']}); export in {out / 'export'}")
+              f"({summary['samples_per_s']:.2f} samples/s, global batch {summary['global_batch']}{flops.describe(summary)}); "
+              f"export in {out / 'export'}")
     metrics.close()
     if ids_log:
         ids_log.close()
