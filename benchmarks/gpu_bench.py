@@ -27,7 +27,7 @@ import torch
 from rot_data.records import load_records
 from rot_render.encoder import PACKED, VisionEncoder
 from rot_render.render import RenderSettings, render_line
-from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, text_config_of
+from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, checkpoint_activations, text_config_of
 from rot_train.batches import RoTCollator, pad, question_ids
 from rot_eval.generate import generate_rot, generate_text
 from rot_train.fused import fuse_projections
@@ -535,7 +535,7 @@ def main():
     micro_batch = 4 if tiny else 16
     if "train" in parts:
         model.lm.requires_grad_(False)
-        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model.lm)
         model.train()
         bench_training(model, ids, tokenizer, records, checkpoint, device, results, micro_batch, stage=1)
         from peft import LoraConfig, get_peft_model
@@ -543,7 +543,7 @@ def main():
         model.head.requires_grad_(False)
         model.lm = get_peft_model(model.lm, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-        model.lm.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model.lm.base_model.model)
         model.to(device, torch.bfloat16).train()
         bench_training(model, ids, tokenizer, records, checkpoint, device, results, micro_batch, stage=2)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

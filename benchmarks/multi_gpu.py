@@ -180,6 +180,14 @@ def repeated_gsm8k(path: Path, repeat: int) -> Path:
     return path
 
 
+def random_checkpoint(folder: Path, size: str) -> None:
+    """The benchmarks' Qwen3-VL of the 4B shape (or a tiny one) with random weights and a GSM8k-trained BPE tokenizer."""
+    records, _ = load_records("gsm8k", "train")
+    tokenizer = bpe_tokenizer([r.question + " " + r.cot for r in records], vocab_size=8000)
+    config = qwen3_vl_4b_config() if size == "4b" else tiny_vlm_config("qwen3_vl", hidden_size=64, vocab_size=8192)
+    save_random_vlm(folder, config, tokenizer, seed=0, device="cuda" if GPU else "cpu")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=["4b", "tiny"], default="4b")
@@ -215,11 +223,8 @@ def main():
 
     checkpoint = work / "vlm"
     if not (checkpoint / "config.json").exists():
-        records, _ = load_records("gsm8k", "train")
-        tokenizer = bpe_tokenizer([r.question + " " + r.cot for r in records], vocab_size=8000)
-        config = qwen3_vl_4b_config() if args.size == "4b" else tiny_vlm_config("qwen3_vl", hidden_size=64, vocab_size=8192)
         started = time.perf_counter()
-        save_random_vlm(checkpoint, config, tokenizer, seed=0, device="cuda" if GPU else "cpu")
+        random_checkpoint(checkpoint, args.size)
         results["checkpoint_seconds"] = round(time.perf_counter() - started, 1)
     timeout = 300 if args.size == "4b" else 600
     pool = ThreadPoolExecutor(2)

@@ -21,10 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_bench import qwen3_vl_4b_config
-from multi_gpu import GPU, build, command, free_port, read_run
-from rot_data.records import load_records
-from rot_fixtures.tiny import bpe_tokenizer, save_random_vlm, tiny_vlm_config
+from multi_gpu import GPU, build, command, free_port, random_checkpoint, read_run
 
 SETTINGS = {"before": ["--global-batch", "16", "--micro-batch", "4"], "defaults": []}
 
@@ -65,10 +62,7 @@ def main():
 
     checkpoint = work / "vlm"
     if not (checkpoint / "config.json").exists():
-        records, _ = load_records("gsm8k", "train")
-        tokenizer = bpe_tokenizer([r.question + " " + r.cot for r in records], vocab_size=8000)
-        config = qwen3_vl_4b_config() if args.size == "4b" else tiny_vlm_config("qwen3_vl", hidden_size=64, vocab_size=8192)
-        save_random_vlm(checkpoint, config, tokenizer, seed=0, device="cuda" if GPU else "cpu")
+        random_checkpoint(checkpoint, args.size)
     timeout = 300 if args.size == "4b" else 600
     shards = work / "shards"
     if not (shards / "manifest.json").exists():

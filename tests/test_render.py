@@ -85,7 +85,7 @@ def test_long_lines_are_cut_to_max_tokens_after_a_whole_character():
     assert not render_line(text + long[len(text)], RenderSettings(), 32).shape[1] <= 4 * 32  # the next character would not fit
     short, cut = render_fitted("1 + 2 = 3", settings, 32)
     assert not cut and np.array_equal(short, render_line("1 + 2 = 3", RenderSettings(), 32))
-    with pytest.raises(ValueError, match="--max-tokens 0 leaves no room"):
+    with pytest.raises(ValueError, match="--max-tokens 0: use at least 1"):
         render_line("x", RenderSettings(max_tokens=0), 32)
 
 
@@ -115,3 +115,16 @@ def test_build_command_line_defaults_are_the_dataclass_defaults():
     assert set(options) == set(config) | set(render) | {"dataset", "out"}
     assert {name: options[name] for name in config} == config
     assert {name: options[name] for name in render} == {name: getattr(RenderSettings(), field) for name, field in render.items()}
+
+
+def test_render_sizes_below_their_bound_are_refused_and_a_zero_height_is_not_the_default():
+    """Found by the options fuzz: --font-size 0 failed inside a Ray render task, and --height 0 meant "one token row"."""
+    from rot_render.render import RenderSettings
+
+    for settings, message in ((RenderSettings(font_size=0), "--font-size 0: use at least 1"),
+                              (RenderSettings(height=0), "--height 0: use at least 1"),
+                              (RenderSettings(padding=-1), "--padding -1: use 0 or more"),
+                              (RenderSettings(max_tokens=0), "--max-tokens 0: use at least 1")):
+        with pytest.raises(ValueError, match=message):
+            settings.resolved(32)
+    assert RenderSettings().resolved(32).height == 32

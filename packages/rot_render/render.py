@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from rot_data.ranges import refuse_out_of_range
 from rot_data.shards import drawn_text
 
 
@@ -44,7 +45,9 @@ class RenderSettings:
 
     def resolved(self, token_px: int) -> "RenderSettings":
         """Fill the defaults that depend on the encoder and check the line is one token row."""
-        height = self.height or token_px
+        refuse_out_of_range(self, at_least_one=("height", "font_size", "max_tokens"), not_negative=("padding",),
+                            optional=("height",))
+        height = token_px if self.height is None else self.height
         if height % token_px:
             raise ValueError(f"--height {height} is not a multiple of the encoder's token size {token_px} px; use {token_px}")
         if self.font_size + 2 * self.padding > height:

@@ -107,6 +107,16 @@ def load_backbone(name: str, dtype: torch.dtype = torch.bfloat16, device: str | 
     return model, tokenizer
 
 
+def checkpoint_activations(model) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant): newer transformers call it
+    activation checkpointing and warn at the older name, which 5.17 (the GPU image's) still needs."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def add_latent_tokens(model, tokenizer, seed: int = 0) -> dict[str, int]:
     """Add <img_begin>/<img_end>; new rows are random directions of norm sqrt(hidden) (the paper's init).
 

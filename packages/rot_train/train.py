@@ -19,7 +19,8 @@ import torch
 
 from rot_data.ranges import refuse_out_of_range
 from rot_train import export as exporting
-from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone, set_token_rows, token_rows
+from rot_train.backbone import (IMG_BEGIN, IMG_END, add_latent_tokens, checkpoint_activations, load_backbone, set_token_rows,
+                                token_rows)
 from rot_train import batch_size, flops
 from rot_train.batch_size import BatchPlan
 from rot_train.batches import ReadingTurn, RoTCollator, SFTCollator
@@ -199,7 +200,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, shar
                                                      target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
             model.lm.to(device, dtype)
     if cfg.gradient_checkpointing:  # Stage I too: the teacher-forced pass keeps activations for the input gradients
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(lm)
     return model, tokenizer, token_ids
 
 
