@@ -21,7 +21,7 @@ class BatchPlan:
     micro_batch: int
     grad_accum: int
     world_size: int
-    chosen_by: str  # "given" (--micro-batch), "memory probe" (a GPU), "no accumulation on a CPU"
+    chosen_by: str  # how: "given" (--micro-batch), the probe's finding (a GPU), "no accumulation on a CPU"
 
     @property
     def global_batch(self) -> int:

@@ -156,8 +156,11 @@ def compact(folder: Path | str, out: Path | str, base: str = rot_anchor.NAME, bi
     shutil.copytree(folder, out, ignore=lambda _, names: [n for n in names if n in ("model.safetensors", "head.safetensors")])
     counts = delta.write(tensors, text_tensors(weights_folders(base)[0]), base, out / "model" / delta.FILE, bits)
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(folder / "head.safetensors").items()}, out / "head.safetensors")
-    size = lambda root: sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
-    return {**counts, "bytes_before": size(folder), "bytes_after": size(out)}
+    return {**counts, "bytes_before": _bytes(folder), "bytes_after": _bytes(out)}
+
+
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def plot_losses(metrics_file: Path, png: Path) -> None:

@@ -42,24 +42,25 @@ class Counter:
         trained_llm = cfg.stage == 2 and cfg.full_finetune
         self.backward = 2.0 if trained_llm else 1.0  # forwards' worth of backward: input gradients (+ weight gradients)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return 2 * self.linear * tokens + (2 * self.attention * tokens.pow(2) if self.with_attention else 0)
-
     def of_batch(self, batch: dict, rolled_out: int | None, with_attention: bool = True) -> float:
         """``with_attention=False``: the matrix products of the weights alone (what torch's FLOP counter sees of a
         step whose attention runs in a fused kernel)."""
-        self.with_attention = with_attention
+        attention = 2 * self.attention if with_attention else 0
+
+        def forward(tokens: torch.Tensor) -> torch.Tensor:  # one pass over ``tokens`` tokens
+            return 2 * self.linear * tokens + attention * tokens.pow(2)
+
         real = batch["weights"] > 0
         question, answer = batch["prefix_mask"].sum(1).double(), batch["suffix_mask"].sum(1).double()
         latents = batch["n_latents"].double()
         rolled = latents if rolled_out is None else latents.clamp(max=rolled_out)
         with_grad = 1 + self.backward
-        total = self.forward(question + latents + answer) * with_grad + 2 * self.output * answer * with_grad
+        total = forward(question + latents + answer) * with_grad + 2 * self.output * answer * with_grad
         if self.cfg.mode == "rot":
-            total = total + torch.where(rolled > 0, self.forward(question + rolled - 1), torch.zeros_like(rolled))
+            total = total + torch.where(rolled > 0, forward(question + rolled - 1), torch.zeros_like(rolled))
             total = total + 2 * self.head * rolled * 3  # the head on the rolled-out latents, forward and backward
             if self.cfg.stage == 2 and self.cfg.latent_gradient == "official":  # the pass that gives them their graph
-                total = total + torch.where(rolled > 0, self.forward(question + latents) * with_grad, torch.zeros_like(rolled))
+                total = total + torch.where(rolled > 0, forward(question + latents) * with_grad, torch.zeros_like(rolled))
             if self.cfg.stage == 2 and self.cfg.vision_weight:
                 total = total + 2 * self.head * latents * 3
         return float(total[real].sum())
