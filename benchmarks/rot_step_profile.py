@@ -1,21 +1,31 @@
-"""Where a Stage I / Stage II step of the RoT trainer spends its time (GPU), at the anchor's size (issue 13.6).
+"""Where a Stage I / Stage II step of the RoT trainer spends its time (GPU), part by part.
 
-Batches come from real shards through the trainer's own loader, the model from the trainer's own ``build_model``;
-the steps run in plain torch (no DeepSpeed) so each part can be timed alone: the loader, the no-grad rollout
-(eager with a KV cache, and replayed as a CUDA graph), the whole step, then a profiled step (ATen operations).
+Batches come from real shards through the trainer's own loader and collator, the model from the trainer's own
+``build_model`` with the trainer's defaults (LoRA in Stage II, head width 2048) unless told otherwise; the steps run in
+plain torch (no DeepSpeed, no launcher) so each part can be timed alone, the GPU drained around it:
+- the rollout (no grad: prefill + one decode step per latent, the trainer's engine with its CUDA graphs),
+- the forward of the rest of the step (head, the teacher-forced pass(es), the losses),
+- the backward, the optimizer step;
+for each setting (activation checkpointing on/off, micro-batch, latents capped at ``--max-latents`` or uncapped),
+with the model FLOPs the trainer counts (``rot_train.flops``) as MFU, the padding of the teacher-forced pass, peak
+memory, and one profiled step (the kernels that take the GPU's time, by family).
 
-python benchmarks/rot_step_profile.py --shards shards/ --backbone anchor --micro-batch 256
+    python benchmarks/rot_step_profile.py --shards S --backbone B --init <stage1 export> --micro-batch 128 --out p.json
+    python benchmarks/rot_step_profile.py --shards S --backbone anchor --head-width 512 --full-finetune   # the miniature
 """
 
 from __future__ import annotations
 
+import json
+import statistics
 import time
 
 import torch
 import typer
 
-from rot_train.batches import RoTCollator
+from rot_train import flops
 from rot_train.backbone import IMG_BEGIN, IMG_END
+from rot_train.batches import RoTCollator
 from rot_train.shard_stream import ShardSet, ShardStream
 from rot_train.train import TrainConfig, build_model
 
@@ -25,73 +35,130 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int) -> float:
-    """Seconds per call, the GPU drained before and after."""
-    fn()
+def clock(fn):
+    """(result, seconds) of ``fn()``, the GPU drained before and after."""
     sync()
     started = time.perf_counter()
-    for _ in range(repeats):
-        fn()
+    result = fn()
     sync()
-    return (time.perf_counter() - started) / repeats
+    return result, time.perf_counter() - started
 
 
-def main(shards: str = typer.Option(...), backbone: str = typer.Option("anchor"), micro_batch: int = typer.Option(256),
-         repeats: int = typer.Option(5), init: str = typer.Option(None, help="a Stage I export, for the Stage II rows")) -> None:
+def kernel_families(averages) -> dict:
+    """GPU milliseconds of one profiled step by kernel family (matrix products, attention, the rest)."""
+    families = {"matmul": ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas"), "attention": ("fmha", "flash", "attention"),
+                "copy/cat/index": ("copy", "cat", "index", "gather", "scatter"), "norm/elementwise": ("elementwise", "reduce", "norm")}
+    totals = {name: 0.0 for name in (*families, "other")}
+    for event in averages:
+        if event.device_type != torch.autograd.DeviceType.CUDA or not event.self_device_time_total:
+            continue
+        key = event.key.lower()
+        family = next((name for name, words in families.items() if any(w in key for w in words)), "other")
+        totals[family] += event.self_device_time_total / 1e3
+    return {k: round(v, 1) for k, v in totals.items()}
+
+
+def main(shards: str = typer.Option(...), backbone: str = typer.Option("anchor"),
+         init: str = typer.Option(None, help="a Stage I export, for Stage II"),
+         micro_batch: list[int] = typer.Option([128], help="micro-batches to time (repeat the option)"),
+         max_latents: list[int] = typer.Option([32], help="latent caps to time; 0: uncapped (repeat the option)"),
+         checkpointing: list[str] = typer.Option(["on", "off"], help="activation checkpointing settings to time"),
+         head_width: int = typer.Option(2048), full_finetune: bool = typer.Option(False),
+         stages: str = typer.Option("1,2"), repeats: int = typer.Option(3), profile_step: bool = typer.Option(True),
+         out: str = typer.Option("rot_step_profile.json")) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: only to check the script runs
     shard_set = ShardSet.open(shards)
-    started = time.perf_counter()
-    for stage in (1, 2):
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d"), "runs": []}
+    peak_name, peak = flops.peak_tflops(device)
+    for stage in map(int, stages.split(",")):
         if stage == 2 and not init:
-            break
+            print("stage 2 skipped: give --init <a Stage I export>")
+            continue
         cfg = TrainConfig(stage=stage, shards=shards, backbone=backbone, out="/tmp/unused", init=init,
-                          micro_batch=micro_batch, head_width=512, full_finetune=True)
+                          head_width=head_width, full_finetune=full_finetune, gradient_checkpointing=True)
         model, tokenizer, token_ids = build_model(cfg, device, torch.bfloat16, shard_set)
         model.train()
-        if stage == 1:
-            stream = ShardStream(shard_set, RoTCollator(tokenizer, token_ids[IMG_BEGIN], token_ids[IMG_END]), micro_batch)
-            started = time.perf_counter()
-            cpu_batches = [batch for _, batch in zip(range(4), stream)]
-            print(f"loader, one process: {4 * micro_batch / (time.perf_counter() - started):.0f} samples/s")
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in cpu_batches[0].items()}
+        model.use_cuda_graphs = device.type == "cuda"  # as the trainer does under ZeRO-2
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda")
+        counter = flops.Counter(model, cfg)
+        base = model.lm.get_base_model() if hasattr(model.lm, "get_base_model") else model.lm
+        for cap in max_latents:
+            collate = RoTCollator(tokenizer, token_ids[IMG_BEGIN], token_ids[IMG_END], cap or None)
+            for size in micro_batch:
+                stream = ShardStream(shard_set, collate, size)
+                loaded = time.perf_counter()
+                batches = [b for _, b in zip(range(repeats + 1), stream)]
+                loader_rate = len(batches) * size / (time.perf_counter() - loaded)
+                batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+                for setting in checkpointing:
+                    base.gradient_checkpointing_disable() if setting == "off" else base.gradient_checkpointing_enable(
+                        gradient_checkpointing_kwargs={"use_reentrant": False})
+                    name = f"stage {stage}, micro-batch {size}, latents {cap or 'uncapped'}, checkpointing {setting}"
+                    parts = {"rollout": [], "forward": [], "backward": [], "optimizer": []}
+                    options = {"stage": stage, "vision_weight": cfg.vision_weight, "lm_weight": cfg.lm_weight}
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    try:
+                        for index, batch in enumerate(batches):  # the first is a warm-up (captures, allocations)
+                            slots = batch["targets"].shape[1]
+                            hidden, t_roll = clock(lambda: model.rollout_hidden(batch["prefix_ids"], batch["prefix_mask"], slots))
+                            losses, t_fwd = clock(lambda: model(batch, hidden_roll=hidden, **options))
+                            _, t_bwd = clock(lambda: losses["loss"].backward())
+                            _, t_opt = clock(lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
+                            if index:
+                                for part, seconds in zip(parts, (t_roll, t_fwd, t_bwd, t_opt)):
+                                    parts[part].append(seconds)
+                    except torch.OutOfMemoryError:
+                        optimizer.zero_grad(set_to_none=True)
+                        hidden = losses = None
+                        torch.cuda.empty_cache()
+                        print(f"{name}: out of GPU memory")
+                        results["runs"].append({"name": name, "out_of_memory": True})
+                        continue
+                    median = {part: statistics.median(times) for part, times in parts.items()}
+                    step = sum(median.values())
+                    batch = batches[1]
+                    model_tflop = sum(counter.of_batch(b, None) for b in batches[1:]) / len(batches[1:]) / 1e12
+                    real = int(batch["prefix_mask"].sum() + batch["n_latents"].sum() + batch["suffix_mask"].sum())
+                    padded = batch["prefix_ids"].numel() + batch["targets"].shape[:2].numel() + batch["suffix_ids"].numel()
+                    run = {"name": name, "stage": stage, "micro_batch": size, "max_latents": cap or None,
+                           "checkpointing": setting, "seconds": {k: round(v, 4) for k, v in median.items()},
+                           "step_s": round(step, 4), "samples_per_s": round(size / step, 2),
+                           "model_tflop_per_step": round(model_tflop, 2), "mfu": model_tflop / step / peak if peak else None,
+                           "latent_slots": batch["targets"].shape[1], "question_columns": batch["prefix_ids"].shape[1],
+                           "tokens_real_of_padded": [real, padded], "loader_samples_per_s": round(loader_rate, 1),
+                           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+                    results["runs"].append(run)
+                    print(f"{name}: step {step * 1e3:.0f} ms = {run['samples_per_s']} samples/s, "
+                          + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in median.items())
+                          + (f"; MFU {100 * run['mfu']:.1f}% of the {peak_name}'s {peak:g}" if peak else "")
+                          + f"; real tokens {real} of {padded} in the passes' columns; peak {run['peak_gib'] or 0:.1f} GiB"
+                          + f"; loader {loader_rate:.0f} samples/s")
+                    if profile_step and device.type == "cuda" and setting == checkpointing[0] and size == micro_batch[0]:
+                        from torch.profiler import ProfilerActivity, profile
 
-        def step():
-            losses = model(batch, stage=stage, vision_weight=cfg.vision_weight, lm_weight=cfg.lm_weight)
-            losses["loss"].backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                        def whole_step():
+                            losses = model(batch, **options)
+                            losses["loss"].backward()
+                            optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
 
-        slots = batch["targets"].shape[1]
-
-        def rollout():
-            return model.rollout_hidden(batch["prefix_ids"], batch["prefix_mask"], slots)
-
-        for graphs in (False, True) if device.type == "cuda" else (False,):
-            model.use_cuda_graphs = graphs
-            if graphs:
-                started = time.perf_counter()
-                rollout()  # a new shape rolls out on the decoding engine; the same shape again is captured whole
-                graphed = rollout()
-                sync()
-                model.use_cuda_graphs = False
-                difference = (graphed.float() - rollout().float()).abs().max().item()
-                model.use_cuda_graphs = True
-                print(f"stage {stage}: CUDA-graph capture {time.perf_counter() - started:.2f} s; largest difference "
-                      f"from the eager rollout {difference:.3g} (bf16 hidden states)")
-            name = "CUDA graph" if graphs else "eager, KV cache"
-            print(f"stage {stage}, micro-batch {micro_batch}, {slots} latents, rollout {name}: {timed(rollout, repeats) * 1e3:.1f} ms; "
-                  f"step {(whole := timed(step, repeats)) * 1e3:.1f} ms = {micro_batch / whole:.0f} samples/s (gradient checkpointing on)")
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            step()
-            sync()
-        averages = prof.key_averages()
-        print(f"stage {stage}: {sum(a.count for a in averages if a.key.startswith('aten::'))} ATen operations per step; "
-              f"GPU busy {sum(a.self_device_time_total for a in averages) / 1e3:.1f} ms")
-        print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
-        print(averages.table(sort_by="self_device_time_total", row_limit=8, max_name_column_width=50))
+                        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                            _, wall = clock(whole_step)
+                        averages = prof.key_averages()
+                        busy = sum(a.self_device_time_total for a in averages if a.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+                        run["profiled"] = {"wall_ms": round(wall * 1e3, 1), "gpu_busy_ms": round(busy, 1),
+                                           "kernels": sum(a.count for a in averages if a.device_type == torch.autograd.DeviceType.CUDA),
+                                           "by_family_ms": kernel_families(averages)}
+                        print(f"  profiled step: wall {wall * 1e3:.0f} ms, GPU busy {busy:.0f} ms; by kernel family (ms): "
+                              f"{run['profiled']['by_family_ms']}")
+                        print(averages.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
+                    with open(out, "w") as handle:
+                        json.dump(results, handle, indent=2)
+                del batches
+        del model, optimizer
+        torch.cuda.empty_cache() if device.type == "cuda" else None
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ if part stage1; then  # RoT Stage I: head only, LLM frozen (vision MSE x10 + LM 
   run $DS stage1 --shards "$W/$SHARDS" $TRAIN --max-steps "$STEPS1" --lr 1e-3 --out "$W/$S1-s$SEED"
 fi
 if part profile; then  # the trainer's step at this size (issue 13.6): eager rollout vs CUDA graph, Stage I and II
-  (run on_gpu python3 benchmarks/rot_step_profile.py --shards "$W/$SHARDS" --backbone "$ANCHOR" --micro-batch "$MB" \
+  (run on_gpu python3 benchmarks/rot_step_profile.py --shards "$W/$SHARDS" --backbone "$ANCHOR" --micro-batch "$MB" --head-width 512 --full-finetune \
       --init "$W/stage1-s$SEED/export" > "$OUT/profile-s$SEED.txt" 2>&1) || echo "profile failed: see $OUT/profile-s$SEED.txt"
   grep -E "^(loader|stage)" "$OUT/profile-s$SEED.txt" || true
 fi
