@@ -24,7 +24,7 @@ import torch
 import typer
 
 from rot_train import flops
-from rot_train.backbone import IMG_BEGIN, IMG_END
+from rot_train.backbone import IMG_BEGIN, IMG_END, checkpoint_activations
 from rot_train.batches import RoTCollator
 from rot_train.shard_stream import ShardSet, ShardStream
 from rot_train.train import TrainConfig, build_model
@@ -92,8 +92,10 @@ def main(shards: str = typer.Option(...), backbone: str = typer.Option("anchor")
                 loader_rate = len(batches) * size / (time.perf_counter() - loaded)
                 batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
                 for setting in checkpointing:
-                    base.gradient_checkpointing_disable() if setting == "off" else base.gradient_checkpointing_enable(
-                        gradient_checkpointing_kwargs={"use_reentrant": False})
+                    if setting == "on":
+                        checkpoint_activations(base)
+                    else:  # the newer transformers name where it exists, as rot_train.backbone does for enabling
+                        getattr(base, "activation_checkpointing_disable", base.gradient_checkpointing_disable)()
                     name = f"stage {stage}, micro-batch {size}, latents {cap or 'uncapped'}, checkpointing {setting}"
                     parts = {"rollout": [], "forward": [], "backward": [], "optimizer": []}
                     options = {"stage": stage, "vision_weight": cfg.vision_weight, "lm_weight": cfg.lm_weight}
@@ -157,7 +159,7 @@ def main(shards: str = typer.Option(...), backbone: str = typer.Option("anchor")
                     with open(out, "w") as handle:
                         json.dump(results, handle, indent=2)
                 del batches
-        del model, optimizer
+        model = optimizer = None  # free the stage's model before the next one loads
         torch.cuda.empty_cache() if device.type == "cuda" else None
 
 
