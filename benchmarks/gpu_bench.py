@@ -461,12 +461,11 @@ def bench_limit(model, tokenizer, records, results, device, out):
 
 
 def bench_compiled(model, tokenizer, records, results, device, out, autotune: bool, latents: int = 32, answer_tokens: int = 6):
-    """Batch-1 RoT with the engine's step compiled before its capture (``rot_train.decoding.COMPILE_STEP``) against the
+    """Batch-1 RoT with the engine's step compiled before its capture (``Engines(compile_step=True)``) against the
     captured eager step, in the same run, and against its floor (its prefill + each step's bytes / copy bandwidth);
     with ``autotune``, once more with inductor choosing its own kernels (max_autotune's exhaustive search of matrix
     kernels, coordinate descent over every kernel's launch settings)."""
-    from rot_train import decoding as engine_module
-    from rot_train.decoding import bucketed, engine_for
+    from rot_train.decoding import Engines, bucketed
 
     questions = [records[0].question]
     bandwidth, size = copy_bandwidth(device), weight_bytes(model)
@@ -474,7 +473,8 @@ def bench_compiled(model, tokenizer, records, results, device, out, autotune: bo
 
     def measure() -> dict:
         graph = rot_seconds(model, tokenizer, questions, latents, answer_tokens)
-        engine_module.COMPILE_STEP = True
+        captured = model.engines
+        model.engines = Engines(compile_step=True)
         try:
             started = time.perf_counter()
             generate_rot(model, tokenizer, questions, latents=latents, max_answer_tokens=answer_tokens, stop_at_eos=False)
@@ -483,12 +483,12 @@ def bench_compiled(model, tokenizer, records, results, device, out, autotune: bo
             ids, mask = pad([question_ids(tokenizer, q) + [model.img_begin_id] for q in questions], tokenizer.pad_token_id,
                             left=True)
             ids, mask = bucketed(ids.to(device), mask.to(device), tokenizer.pad_token_id)
-            engine = engine_for(model.decoder, 1, ids.shape[1] + latents + answer_tokens + 1)  # the one generate_rot used
+            engine = model.engines.get(model.decoder, 1, ids.shape[1] + latents + answer_tokens + 1)  # the one generate_rot used
             with torch.no_grad():
                 inputs = model.embed(ids)
                 prefill = timed(lambda: engine.prefill(inputs, mask), repeats=5)
         finally:
-            engine_module.COMPILE_STEP = False
+            model.engines = captured
         floor = prefill + decode_bytes / bandwidth
         return {"rot_s_per_question": compiled, "rot_graph_s_per_question": graph, "first_call_s": first,
                 "prefill_ms": prefill * 1e3, "copy_bandwidth_gb_s": bandwidth / 1e9, "rot_floor_s": floor,
@@ -499,7 +499,7 @@ def bench_compiled(model, tokenizer, records, results, device, out, autotune: bo
         Path(out).write_text(json.dumps(results, indent=2) + "\n")
         import torch._inductor.config as inductor
 
-        engine_module._engines.clear()
+        model.engines.clear()
         torch.compiler.reset()  # else the new engine's step reuses the compilation above (same code, same shapes)
         # the exhaustive search and all directions: 1.54x -> 1.45x the floor on one H100 (docs/benchmarks.md), ~3.5 min
         with inductor.patch(max_autotune=True, max_autotune_gemm_search_space="EXHAUSTIVE",

@@ -79,7 +79,7 @@ def main(shards: str = typer.Option(...), backbone: str = typer.Option("anchor")
                           head_width=head_width, full_finetune=full_finetune, gradient_checkpointing=True)
         model, tokenizer, token_ids = build_model(cfg, device, torch.bfloat16, shard_set)
         model.train()
-        model.use_cuda_graphs = device.type == "cuda"  # as the trainer does under ZeRO-2
+        model.engines.graphs = device.type == "cuda"  # the trainer's default rollout under ZeRO-2
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda")
         counter = flops.Counter(model, cfg)
         base = model.lm.get_base_model() if hasattr(model.lm, "get_base_model") else model.lm

@@ -132,12 +132,17 @@ def test_refuses_modules_it_cannot_fuse():
         fuse_projections(model.model)
 
 
-def test_fusing_drops_the_engines_kept_for_that_decoder():
-    """On a GPU a kept engine replays graphs that read the separate weights fusing frees: it must not be reused."""
-    from rot_train import decoding
+def test_an_engine_is_made_anew_when_the_weights_move_or_the_engines_are_cleared():
+    """On a GPU an engine replays graphs that read the weights where they lay: weights moved (another dtype or
+    device) or fused (``load_for_inference`` clears the model's engines after fusing) must not reuse it."""
+    from rot_train.decoding import Engines
 
-    model, other = tiny_qwen3(), tiny_qwen3()
-    kept, unrelated = decoding.engine_for(model.model, 1, 32), decoding.engine_for(other.model, 1, 32)
-    fuse_projections(model.model)
-    assert decoding.engine_for(model.model, 1, 32) is not kept
-    assert decoding.engine_for(other.model, 1, 32) is unrelated
+    model = tiny_qwen3()
+    engines = Engines()
+    kept = engines.get(model.model, 1, 32)
+    assert engines.get(model.model, 1, 32) is kept
+    model.to(torch.float64)
+    assert engines.get(model.model, 1, 32) is not kept
+    moved = engines.get(model.model, 1, 32)
+    engines.clear()
+    assert engines.get(model.model, 1, 32) is not moved

@@ -324,18 +324,17 @@ def test_eval_command_line_defaults_are_the_function_defaults():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode step is captured as a CUDA graph on a GPU only")
 @pytest.mark.parametrize("compile_step", [False, True], ids=["graph", "compiled-graph"])
-def test_on_a_gpu_the_captured_decode_step_gives_the_reference_tokens_and_latents(exported, compile_step, monkeypatch):
+def test_on_a_gpu_the_captured_decode_step_gives_the_reference_tokens_and_latents(exported, compile_step):
     """On CUDA the engine runs the prefill and the step eagerly once, records them as CUDA graphs and replays them:
     the first and the replayed calls give the same tokens and latents as the no-cache reference (RoT) and as Hugging
     Face's generate (text), and no fallback warning; also with the step compiled before its capture."""
     import warnings
 
-    from rot_train import decoding as engine
-
-    monkeypatch.setattr(engine, "COMPILE_STEP", compile_step)
     from rot_train.batches import pad, pad_token_id, question_ids
+    from rot_train.decoding import Engines
 
     model, tokenizer, _ = load_export(exported, device="cuda")
+    model.engines = Engines(compile_step=compile_step)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="decode .* not captured")  # a failed capture warns and runs eagerly: fail instead
         first, replayed = [generate_rot(model, tokenizer, QUESTIONS, latents=5, max_answer_tokens=6) for _ in range(2)]

@@ -67,14 +67,13 @@ def reference_rollout(model, prefix, n_steps):
     return torch.cat(states)
 
 
-@pytest.mark.parametrize("rollout", ["rollout_hidden", "rollout_static", "_engine_rollout"])
-def test_batched_rollout_equals_sample_by_sample_reference(rot_setup, rollout):
-    """The batched rollouts: the KV-cached one, the fixed-shape one that the GPU captures as a CUDA graph, and the one
-    on the decoding engine (static cache, prefix left-padded to its bucket)."""
+def test_batched_rollout_equals_sample_by_sample_reference(rot_setup):
+    """The trainer's one rollout, on the decoding engine (static cache, prefix left-padded to its bucket), against
+    re-running each sample's whole sequence for every latent."""
     model, batch = rot_setup
     n_steps = batch["targets"].shape[1]
     with torch.no_grad():
-        batched = getattr(model, rollout)(batch["prefix_ids"], batch["prefix_mask"], n_steps)
+        batched = model.rollout_hidden(batch["prefix_ids"], batch["prefix_mask"], n_steps)
     assert (batch["prefix_mask"] == 0).any(), "the batch should be left-padded"
     with torch.no_grad():
         for i in range(len(batch["ids"])):
@@ -82,28 +81,20 @@ def test_batched_rollout_equals_sample_by_sample_reference(rot_setup, rollout):
             torch.testing.assert_close(batched[i], reference_rollout(model, prefix, n_steps), atol=1e-4, rtol=1e-4)
 
 
-def test_a_rollout_shape_is_captured_only_when_it_comes_twice_in_a_row(rot_setup):
-    """A batch whose shape differs from the batch before runs the cached eager rollout (shapes that keep changing
-    would pay a capture every step); a shape that comes twice in a row is captured. Here on a CPU the capture then
-    fails: it warns and stays eager."""
-    import warnings
-
-    from rot_train.model import RolloutGraphs
-
+def test_a_model_keeps_its_own_engines_and_reuses_them_by_shape(rot_setup, tiny_qwen3_vl):
+    """Rollouts of one shape reuse one engine (its cache and, on a GPU, its graphs); another model never shares it."""
     model, batch = rot_setup
-    graphs = RolloutGraphs(model)
+    model.engines.clear()
     ids, mask, n_steps = batch["prefix_ids"], batch["prefix_mask"], batch["targets"].shape[1]
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        first = graphs.rollout(ids, mask, n_steps)
-        other = graphs.rollout(ids[:, 1:], mask[:, 1:], n_steps)  # another shape
-        back = graphs.rollout(ids, mask, n_steps)  # the first shape again, but not twice in a row
-        assert not caught and not graphs.failed and not graphs.graphs
-        again = graphs.rollout(ids, mask, n_steps)  # twice in a row: captured
-    assert graphs.failed and "rollout not captured as a CUDA graph" in str(caught[0].message)
+    with torch.no_grad():
+        first = model.rollout_hidden(ids, mask, n_steps)
+        again = model.rollout_hidden(ids, mask, n_steps)
+    assert len(model.engines.kept) == 1
     torch.testing.assert_close(again, first)
-    torch.testing.assert_close(back, first)
-    assert other.shape == first.shape
+    lm, tokenizer = load_backbone(str(tiny_qwen3_vl), dtype=torch.float32)
+    ids_new = add_latent_tokens(lm, tokenizer)
+    other = RoTModel(lm, 64, ids_new[IMG_BEGIN], ids_new[IMG_END], head_width=32)
+    assert other.engines is not model.engines and not other.engines.kept
 
 
 def test_teacher_forced_pass_sees_the_rolled_out_latents(rot_setup):

@@ -7,7 +7,7 @@ Every row of the batch moves one position per step and feeds one input embedding
 - then ``<img_end>``;
 - then the greedy token from the previous step's logits, until end-of-turn or ``max_answer_tokens``.
 Rows may switch phase at different steps (dynamic termination); left padding and position ids
-keep each row identical to decoding it alone. Decoding runs on the static-cache engine (``engine.py``), the
+keep each row identical to decoding it alone. Decoding runs on the model's static-cache engines (``rot_train.decoding``), the
 text baselines too; the host asks the device whether every row has finished only every ``CHECK_EVERY`` steps
 (steps run after a row finished change nothing it returns). ``use_cache=False`` re-runs the whole sequence at
 every step, as the official code does; it is kept as the reference the tests compare against.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rot_train.decoding import bucketed, engine_for
+from rot_train.decoding import bucketed
 from rot_train.batches import pad, pad_token_id, question_ids
 from rot_train.export import DEFAULT_INFERENCE_LATENTS, load_export
 from rot_train.fused import FUSED_MODEL_TYPES, fuse_projections
@@ -49,6 +49,7 @@ def load_for_inference(checkpoint, device="cpu", dtype=torch.float32):
         model.lm = model.lm.merge_and_unload()
     if model.lm.config.model_type in FUSED_MODEL_TYPES:
         fuse_projections(model.decoder)
+        model.engines.clear()  # none made yet; said here because an engine made before fusing reads freed weights
     return model, tokenizer, config
 
 
@@ -70,7 +71,7 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_
     last_step = latents + max_answer_tokens
     inputs = model.embed(prefix_ids)
     if use_cache:
-        engine = engine_for(model.decoder, rows, prefix_ids.shape[1] + last_step + 1)
+        engine = model.engines.get(model.decoder, rows, prefix_ids.shape[1] + last_step + 1)
         hidden = engine.prefill(inputs, mask)
     else:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -157,7 +158,7 @@ def generate_text(model, tokenizer, questions: list[str], max_new_tokens: int = 
     pad_id = pad_token_id(tokenizer)
     ids, mask = pad([question_ids(tokenizer, q) for q in questions], pad_id, left=True)
     ids, mask = bucketed(ids.to(device), mask.to(device), pad_id)
-    engine = engine_for(model.decoder, len(questions), ids.shape[1] + max_new_tokens)
+    engine = model.engines.get(model.decoder, len(questions), ids.shape[1] + max_new_tokens)
     hidden = engine.prefill(model.embed(ids), mask)
     finished = torch.zeros(len(questions), dtype=torch.bool, device=device)
     step_tokens = []

@@ -9,7 +9,8 @@ once per prompt length. Attention masks are passed as 4-D tensors, which Hugging
 nothing reads a device value on the host during capture. RoT's latents and the text baselines' tokens go through
 the same ``step``, so their speeds compare latents with tokens, not one engine with another. Prompts are left-padded
 up to a multiple of ``PREFILL_BUCKET`` so that a few prefill shapes serve every batch. It lives in ``rot_train``
-because the trainer rolls its latents out on it too (``RoTModel._engine_rollout``); ``rot_eval`` decodes with it.
+because the trainer rolls its latents out on it too (``RoTModel.rollout_hidden``); ``rot_eval`` decodes with it. Each
+model keeps its own engines (``Engines``, ``RoTModel.engines``): no state is shared between models or set from outside.
 """
 
 from __future__ import annotations
@@ -21,11 +22,6 @@ import torch
 from rot_anchor.model import cache_arg
 
 PREFILL_BUCKET = 16  # prompts are left-padded to a multiple of this: few distinct prefill shapes
-COMPILE_STEP = False  # GPU only: torch.compile the decode step before capturing it (fuses its small kernels; one
-# compilation per engine shape, 55-75 s for the 4B shape on an H100, where it made the step 1.7x faster). Off: an
-# evaluation meets a new shape almost every batch. benchmarks/gpu_bench.py --parts limit,compiled measures both
-KEEP_ENGINES = 2  # engines (each a KV cache and, on a GPU, a captured graph) kept for reuse by later batches
-_engines: dict = {}
 
 
 def bucketed(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,16 +33,33 @@ def bucketed(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.
             torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1))
 
 
-def engine_for(decoder, rows: int, max_len: int) -> "StaticDecoder":
-    """A StaticDecoder of this shape, reused by later calls of the same shape (an evaluation's batches, a benchmark's
-    repeats), so its cache is allocated and its step captured once. The key holds the weights' address: a model
-    loaded or moved elsewhere gets a new engine."""
-    key = (id(decoder), rows, max_len, next(decoder.parameters()).data_ptr(), COMPILE_STEP)
-    if key not in _engines:
-        _engines[key] = StaticDecoder(decoder, rows, max_len, compile_step=COMPILE_STEP)
-        while len(_engines) > KEEP_ENGINES:
-            _engines.pop(next(iter(_engines)))
-    return _engines[key]
+class Engines:
+    """The engines one model keeps for reuse by later calls of the same shape (an evaluation's batches, the trainer's
+    rollouts, a benchmark's repeats), so a cache is allocated and a step captured once per shape.
+
+    ``graphs``: capture each prefill and step as a CUDA graph and replay it (GPU only; None: wherever the weights are
+    on a GPU). Off where weights do not stay in place (ZeRO-3 gathers them into new buffers at every call).
+    ``compile_step``: torch.compile the step before capturing it (fuses its small kernels: 1.7x faster for the 4B
+    shape on an H100, but 55-75 s of compilation per engine shape, so only benchmarks turn it on).
+    The key holds the weights' address: a model loaded or moved elsewhere gets a new engine. Fusing a decoder's
+    projections (``rot_train.fused``) replaces weights the key does not see: ``clear()`` after it."""
+
+    def __init__(self, graphs: bool | None = None, compile_step: bool = False, keep: int = 2):
+        self.graphs, self.compile_step, self.keep = graphs, compile_step, keep
+        self.kept: dict = {}
+
+    def get(self, decoder, rows: int, max_len: int) -> "StaticDecoder":
+        weight = next(decoder.parameters())
+        graphs = weight.is_cuda if self.graphs is None else self.graphs and weight.is_cuda
+        key = (id(decoder), rows, max_len, weight.data_ptr(), graphs, self.compile_step)
+        if key not in self.kept:
+            self.kept[key] = StaticDecoder(decoder, rows, max_len, graphs=graphs, compile_step=self.compile_step)
+            while len(self.kept) > self.keep:
+                self.kept.pop(next(iter(self.kept)))
+        return self.kept[key]
+
+    def clear(self) -> None:
+        self.kept.clear()
 
 
 class StaticDecoder:
@@ -58,7 +71,7 @@ class StaticDecoder:
     prefill of a 4B model at batch 1 is launch bound (66 ms on an H100, where 39 decode steps take 324 ms).
     """
 
-    def __init__(self, decoder, rows: int, max_len: int, compile_step: bool = False):
+    def __init__(self, decoder, rows: int, max_len: int, graphs: bool | None = None, compile_step: bool = False):
         from transformers import StaticCache
 
         weight = next(decoder.parameters())
@@ -69,7 +82,8 @@ class StaticDecoder:
         self.slots = torch.arange(max_len, device=weight.device)
         self.position = torch.zeros(rows, dtype=torch.long, device=weight.device)  # each row's last position id
         self.write_at = torch.zeros(1, dtype=torch.long, device=weight.device)  # the cache slot the next step fills
-        self.graphs = weight.is_cuda  # capture the prefill and the step as CUDA graphs (GPU only)
+        # capture the prefill and the step as CUDA graphs (GPU only; None: wherever the weights are on a GPU)
+        self.graphs = weight.is_cuda and (graphs is None or graphs)
         self.captured: dict = {}  # "step" or ("prefill", length) -> (graph, its input buffers, its output buffer)
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None  # one memory pool: they never run at once
         # compiled on its first (warm-up) call, then captured like the eager one

@@ -23,9 +23,9 @@ The model stays an instance of its classes (``isinstance`` checks, the output-re
 attention class) and keeps its module paths, parameter count, dtype and device. A fused model is for inference:
 its state dict (``qkv_proj``, ``gate_up_proj``) does not load back into the unfused classes, and it does not pickle
 as a whole (the subclasses are made at run time); it deep-copies. LoRA-wrapped or quantized projections are refused:
-merge the adapters first. Fuse before decoding, compiling or capturing: fusing frees the separate weights. The
-engines ``rot_train.decoding.engine_for`` keeps for this decoder are dropped; one held elsewhere (a ``StaticDecoder``
-made by hand) would replay CUDA graphs that read the freed weights. ``rot_train.export.export`` refuses a fused model.
+merge the adapters first. Fuse before decoding, compiling or capturing: fusing frees the separate weights, and
+an engine made before it (``RoTModel.engines``, a ``StaticDecoder``) would replay CUDA graphs that read them: clear
+the model's engines after fusing (``rot_eval.generate.load_for_inference`` fuses before any engine exists). ``rot_train.export.export`` refuses a fused model.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ import inspect
 
 import torch
 from torch import nn
-
-from rot_train import decoding
 
 __all__ = ["FUSED_MODEL_TYPES", "FusedInput", "ProjectionSlice", "fuse_projections"]
 
@@ -139,7 +137,6 @@ def fuse_projections(decoder: nn.Module) -> int:
         raise ValueError(f"fuse_projections: {type(decoder).__name__} has no `.layers` "
                          "(pass the decoder, e.g. model.model or model.model.language_model)")
     plan = [(_parts(layer, index, ATTENTION), _parts(layer, index, MLP)) for index, layer in enumerate(layers)]
-    _forget_engines(decoder)
     count = 0
     while plan:  # popped, so each layer's separate weights are freed once it is fused (not all at the end)
         attention, mlp = plan.pop(0)
@@ -149,9 +146,3 @@ def fuse_projections(decoder: nn.Module) -> int:
         count += attention is not None or mlp is not None
         del attention, mlp, found
     return count
-
-
-def _forget_engines(decoder: nn.Module) -> None:
-    """Drop the decoding engines made for this decoder: on a GPU they replay graphs that read the separate weights."""
-    for key in [key for key in decoding._engines if key[0] == id(decoder)]:
-        del decoding._engines[key]

@@ -85,6 +85,7 @@ def train_command(stage: int, mode: str = "rot") -> Callable:
         lora_targets: List[str] = typer.Option(d["lora_targets"]),
         full_finetune: bool = typer.Option(d["full_finetune"], help="Stage II: train every LLM weight instead of LoRA"),
         gradient_checkpointing: bool = typer.Option(d["gradient_checkpointing"]),
+        rollout: Optional[str] = typer.Option(None, help="how latents are rolled out on the decoding engine: 'graphs' (each step replayed as a CUDA graph) or 'eager' (default: graphs on a GPU unless --zero 3, else eager)"),
         seed: int = typer.Option(d["seed"]),
         shuffle_buffer: int = typer.Option(d["shuffle_buffer"]),
         num_workers: int = typer.Option(d["num_workers"], help="data-loader worker processes per rank"),
@@ -104,7 +105,7 @@ def train_command(stage: int, mode: str = "rot") -> Callable:
                                  curriculum_steps=curriculum_steps, curriculum_stride=curriculum_stride, reader_weight=reader_weight, train_head=train_head,
                                  lm_weight=lm_weight, head_width=head_width, lora_r=lora_r, lora_alpha=lora_alpha,
                                  lora_dropout=lora_dropout, lora_targets=list(lora_targets), full_finetune=full_finetune,
-                                 gradient_checkpointing=gradient_checkpointing, seed=seed, shuffle_buffer=shuffle_buffer,
+                                 gradient_checkpointing=gradient_checkpointing, rollout=rollout, seed=seed, shuffle_buffer=shuffle_buffer,
                                  num_workers=num_workers, save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume, log_ids=log_ids)
             run(config)
         except (ShardError, FileNotFoundError, ValueError) as error:

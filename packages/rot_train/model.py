@@ -5,11 +5,10 @@ Sequence: ``[question] <img_begin> v_1 ... v_N <img_end> [answer]`` with
 ``v_i = head(h_{i-1})``, ``h`` the LLM's last hidden state, fed back (detached) as the next input.
 
 Training is batched:
-1. ``rollout_hidden``: under ``no_grad``, prefill the questions and roll out the latents with a KV
-   cache, the whole batch at once. No autograd graph is built here. On a GPU (``use_cuda_graphs``) a
-   shape that repeats batch after batch (4x4) is rolled out as one CUDA graph, replayed: a small model's
-   rollout is otherwise bound by launching some 1 800 kernels per latent from Python; other shapes roll out on
-   the decoding engine, each step replayed from a graph (see ``RolloutGraphs``).
+1. ``rollout_hidden``: under ``no_grad``, prefill the questions and roll out the latents on the decoding engine
+   (``rot_train.decoding``: a static KV cache), the whole batch at once. No autograd graph is built here. With
+   graphs on (``engines.graphs``: the trainer's ``--rollout graphs``, its default on a GPU under ZeRO-2) each step is replayed
+   from a CUDA graph: a small model's rollout is otherwise bound by launching some 1 800 kernels per latent from Python.
 2. one teacher-forced pass over the whole sequence with the rolled-out latents in place, for the
    LM loss on ``<img_end>`` + answer (and, in Stage II, an optional vision loss).
 In Stage I the vision loss is ``head(h)`` against the target embeddings with ``h`` from pass 1,
@@ -35,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rot_anchor.model import cache_arg, output_cache
-from rot_train.decoding import bucketed, engine_for
+from rot_train.decoding import Engines, bucketed
 
 
 class SwiGLU(nn.Module):
@@ -64,66 +62,6 @@ class ProjectionHead(nn.Module):
         return self.fc_out(self.swiglu(self.fc_in(self.norm(hidden))))
 
 
-class RolloutGraphs:
-    """Whole rollouts (``RoTModel.rollout_static``) captured as CUDA graphs and replayed.
-
-    At the anchor's size a latent costs about 1 800 small kernels launched one by one from Python, so a
-    rollout of 28 latents took most of a 1.2 s step while the GPU idled. A graph launches them all at once.
-    One graph per input shape, captured when a batch has the shape of the batch before it (every 4x4 question has
-    the same shape, so from the second step on). Any other batch rolls out on the decoding engine (KV cache, each
-    step replayed from a graph: ``RoTModel._engine_rollout``): where shapes change from batch to batch (GSM8k's
-    questions vary in length) a whole-rollout capture per step cost more than it saved (2.6 samples/s for the 4B shape
-    on an H100, against ~7 with the eager rollout), and at that size the whole-rollout graph, which re-runs the
-    prefix for every latent, is no faster than the eager rollout anyway.
-    A graph reads the weights where they were at capture, so the key holds every parameter's address and a moved
-    weight means a new capture (never a stale read). If a capture fails (an operation that cannot be captured), the
-    model says so once and uses the cached eager rollout from then on.
-    """
-
-    def __init__(self, model: "RoTModel", keep: int = 4):
-        self.model, self.keep, self.graphs, self.failed = model, keep, {}, False
-        self.last_shape = None  # the previous batch's shape: a shape is captured when it comes twice in a row
-
-    def rollout(self, prefix_ids, prefix_mask, n_steps: int) -> torch.Tensor:
-        shape = (tuple(prefix_ids.shape), n_steps)
-        key = (*shape, tuple(p.data_ptr() for p in self.model.parameters()))
-        repeated, self.last_shape = shape == self.last_shape, shape
-        if self.failed:
-            return self.model._rollout(prefix_ids, prefix_mask, n_steps)
-        if key not in self.graphs and not repeated:
-            return self.model._engine_rollout(prefix_ids, prefix_mask, n_steps)
-        if key not in self.graphs:
-            try:
-                self.graphs[key] = self._capture(prefix_ids, prefix_mask, n_steps)
-            except Exception as error:  # capture is best effort: the eager rollout gives the same numbers
-                import warnings
-
-                warnings.warn(f"rollout not captured as a CUDA graph ({type(error).__name__}: {error}); running it eagerly")
-                self.failed, self.graphs = True, {}
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                return self.model._rollout(prefix_ids, prefix_mask, n_steps)
-            while len(self.graphs) > self.keep:
-                self.graphs.pop(next(iter(self.graphs)))
-        graph, static_ids, static_mask, states = self.graphs[key]
-        static_ids.copy_(prefix_ids)
-        static_mask.copy_(prefix_mask)
-        graph.replay()
-        return states.clone()
-
-    def _capture(self, prefix_ids, prefix_mask, n_steps):
-        static_ids, static_mask = prefix_ids.clone(), prefix_mask.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph, as capture requires
-            self.model.rollout_static(static_ids, static_mask, n_steps)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            states = self.model.rollout_static(static_ids, static_mask, n_steps)
-        return graph, static_ids, static_mask, states
-
-
 LATENT_GRADIENTS = ("official", "detached")
 ROLLOUT_CACHE_BUCKET = 128  # the rollout engine's cache length is a multiple of this: few engine shapes per run
 
@@ -141,8 +79,9 @@ class RoTModel(nn.Module):
         # shards from another VLM family: map latents back to the LLM's input size before feeding them in
         self.adapter = nn.Linear(latent_dim, llm_dim) if latent_dim != llm_dim else nn.Identity()
         self.img_begin_id, self.img_end_id = img_begin_id, img_end_id
-        self.use_cuda_graphs = False  # the trainer turns it on where weights stay in place (CUDA, not ZeRO-3)
-        self._graphs = None
+        # the decoding engines this model keeps (rollouts in training, decoding in rot_eval); graphs wherever the
+        # weights are on a GPU, unless the trainer says otherwise (``--rollout eager``; ZeRO-3 moves the weights)
+        self.engines = Engines()
         self.reader = None  # Stage II's reader loss: a frozen causal LM that reads latents as text (``set_reader``)
 
     def set_reader(self, reader) -> None:
@@ -173,78 +112,29 @@ class RoTModel(nn.Module):
 
     @torch.no_grad()
     def rollout_hidden(self, prefix_ids, prefix_mask, n_steps: int) -> torch.Tensor:
-        """Hidden states h_0 ... h_{n-1} that predict latents v_1 ... v_n, batched, with a KV cache.
+        """Hidden states h_0 ... h_{n-1} that predict latents v_1 ... v_n, batched, on the decoding engine.
 
-        ``prefix_ids`` are left-padded (question + <img_begin>), so the last column is every row's
-        latest position. Returns [B, n_steps, d_llm]. Runs in eval mode: no dropout in the latents fed
-        back, and gradient checkpointing (train mode only) would otherwise switch the KV cache off.
+        ``prefix_ids`` are left-padded (question + <img_begin>), so the last column is every row's latest position.
+        The prefix is left-padded further to the engine's prompt bucket and the cache length rounded up to
+        ``ROLLOUT_CACHE_BUCKET``, so batches of nearby lengths share one engine (and its captured graphs). Returns
+        [B, n_steps, d_llm]. Runs in eval mode: no dropout in the latents fed back, and gradient checkpointing (train
+        mode only) would otherwise switch the cache off. A test compares it with a sample-by-sample rollout that
+        re-runs the whole sequence for every latent.
         """
         was_training = self.training
         self.eval()
         try:
-            if self.use_cuda_graphs and prefix_ids.is_cuda:
-                if self._graphs is None:
-                    self._graphs = RolloutGraphs(self)
-                return self._graphs.rollout(prefix_ids, prefix_mask, n_steps)
-            return self._rollout(prefix_ids, prefix_mask, n_steps)
+            ids, mask = bucketed(prefix_ids, prefix_mask, pad_id=0)  # padding is masked: its token does not matter
+            max_len = -(-(ids.shape[1] + n_steps) // ROLLOUT_CACHE_BUCKET) * ROLLOUT_CACHE_BUCKET
+            engine = self.engines.get(self.decoder, ids.shape[0], max_len)
+            hidden = engine.prefill(self.embed(ids), mask)
+            states = [hidden]
+            for _ in range(n_steps - 1):
+                hidden = engine.step(self.latent_inputs(self.head(hidden)))
+                states.append(hidden)
+            return torch.stack(states, dim=1)
         finally:
             self.train(was_training)
-
-    def _rollout(self, prefix_ids, prefix_mask, n_steps):
-        positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)
-        output = self.decoder(inputs_embeds=self.embed(prefix_ids), attention_mask=prefix_mask,
-                              position_ids=positions, use_cache=True)
-        hidden = output.last_hidden_state[:, -1]
-        cache, mask, position = output_cache(output), prefix_mask, positions[:, -1]
-        states = [hidden]
-        for _ in range(n_steps - 1):
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            position = position + 1
-            output = self.decoder(inputs_embeds=self.latent_inputs(self.head(hidden))[:, None], attention_mask=mask,
-                                  position_ids=position[:, None], use_cache=True, **cache_arg(self.decoder, cache))
-            hidden, cache = output.last_hidden_state[:, -1], output_cache(output)
-            states.append(hidden)
-        return torch.stack(states, dim=1)
-
-    def _engine_rollout(self, prefix_ids, prefix_mask, n_steps):
-        """The cached rollout on the decoding engine (``rot_train.decoding``: a static KV cache; on a GPU each step is
-        replayed from a CUDA graph, captured once per engine shape). The prefix is left-padded to the engine's prompt
-        bucket and the cache length rounded up to ``ROLLOUT_CACHE_BUCKET``, so batches of nearby lengths share one
-        engine. Same hidden states as ``_rollout`` (a test compares them)."""
-        ids, mask = bucketed(prefix_ids, prefix_mask, pad_id=0)  # padding is masked: its token does not matter
-        max_len = -(-(ids.shape[1] + n_steps) // ROLLOUT_CACHE_BUCKET) * ROLLOUT_CACHE_BUCKET
-        engine = engine_for(self.decoder, ids.shape[0], max_len)
-        hidden = engine.prefill(self.embed(ids), mask)
-        states = [hidden]
-        for _ in range(n_steps - 1):
-            hidden = engine.step(self.latent_inputs(self.head(hidden)))
-            states.append(hidden)
-        return torch.stack(states, dim=1)
-
-    def rollout_static(self, prefix_ids, prefix_mask, n_steps):
-        """The rollout without a KV cache and with shapes fixed by the inputs' (so it can be captured as a CUDA
-        graph): latent k comes from one pass over ``[prefix][latents 1..k-1]``. Causal attention makes the hidden
-        states those of the cached rollout (a test compares them); the masks are built here as 4-D tensors, which
-        Hugging Face models take as they are, so nothing reads a tensor's value on the host."""
-        batch, length = prefix_ids.shape
-        total = length + n_steps - 1
-        keep = torch.cat([prefix_mask.bool(), prefix_mask.new_ones(batch, n_steps - 1, dtype=torch.bool)], 1)
-        index = torch.arange(total, device=prefix_ids.device)
-        # causal and not padding; each position also sees itself, so a padding row is never all masked (NaN)
-        mask = ((index[None, :] <= index[:, None])[None] & keep[:, None, :]) | torch.eye(total, dtype=torch.bool,
-                                                                                       device=prefix_ids.device)
-        positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
-        prefix = self.embed(prefix_ids)
-        inputs = torch.cat([prefix, prefix.new_zeros(batch, n_steps - 1, prefix.shape[-1])], 1)  # latent slots
-        states = []
-        for k in range(n_steps):
-            seen = length + k
-            hidden = self.decoder(inputs_embeds=inputs[:, :seen], attention_mask=mask[:, None, :seen, :seen],
-                                  position_ids=positions[:, :seen], use_cache=False).last_hidden_state[:, -1]
-            states.append(hidden)
-            if k + 1 < n_steps:
-                inputs[:, seen] = self.latent_inputs(self.head(hidden))
-        return torch.stack(states, dim=1)
 
     def teacher_forced(self, batch, latents):
         """One pass over [prefix][latent slots][suffix]; slots past a row's own count are masked holes.

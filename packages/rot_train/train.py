@@ -69,6 +69,9 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     full_finetune: bool = False
     gradient_checkpointing: bool = True
+    # how latents are rolled out, both on the decoding engine: "graphs" (each step replayed as a CUDA graph) or "eager"
+    # (launched step by step); None: graphs on a GPU unless ZeRO-3 moves the weights between calls, else eager
+    rollout: str | None = None
     seed: int = 0
     shuffle_buffer: int = 1024
     num_workers: int = 1
@@ -84,6 +87,8 @@ class TrainConfig:
         refuse_out_of_range(self, AT_LEAST_ONE, NOT_NEGATIVE, OPTIONAL)
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"--max-seconds {self.max_seconds:g}: use a number of seconds > 0 (leave it out for no time limit)")
+        if self.rollout not in (None, *ROLLOUTS):
+            raise ValueError(f"--rollout {self.rollout}: use one of {', '.join(ROLLOUTS)} (leave it out for the default)")
         if self.curriculum_steps < 0 or self.curriculum_stride < 1:
             raise ValueError(f"--curriculum-steps {self.curriculum_steps} / --curriculum-stride {self.curriculum_stride}: "
                              "use steps >= 0 (0: off) and a stride >= 1")
@@ -98,6 +103,7 @@ class TrainConfig:
         return self.curriculum_stride * (step // self.curriculum_steps) if self.curriculum_steps else None
 
 
+ROLLOUTS = ("graphs", "eager")
 AT_LEAST_ONE = ("global_batch", "micro_batch", "epochs", "max_steps", "max_latents", "inference_latents", "head_width",
                 "lora_r", "shuffle_buffer")
 NOT_NEGATIVE = ("lr", "warmup_steps", "vision_weight", "reader_weight", "lm_weight", "lora_alpha", "lora_dropout", "seed",
@@ -426,6 +432,21 @@ def micro_batches(stream: ShardStream, cfg: TrainConfig, epoch: int, start_batch
                                        generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG (dropout) alone
 
 
+ROLLOUT_WORDS = {"graphs": "the decoding engine, each latent's step replayed as a CUDA graph",
+                 "eager": "the decoding engine, each latent's step launched kernel by kernel"}
+
+
+def rollout_mode(cfg: TrainConfig, device: torch.device, zero_stage: int) -> str:
+    """``--rollout``, or its default: CUDA graphs where the weights stay in place (a GPU, ZeRO below 3: a graph reads
+    the weights where they lay at capture, and ZeRO-3 gathers them into new buffers at every call)."""
+    graphs_possible = device.type == "cuda" and zero_stage < 3
+    if cfg.rollout is None:
+        return "graphs" if graphs_possible else "eager"
+    if cfg.rollout == "graphs" and not graphs_possible:
+        raise ValueError("--rollout graphs needs a GPU and ZeRO-2 (ZeRO-3 moves the weights a graph reads): use --rollout eager")
+    return cfg.rollout
+
+
 def train_micro_step(engine, batch: dict, cfg: TrainConfig, step: int, device) -> dict:
     """Forward, backward and (every ``grad_accum`` micro-steps, inside DeepSpeed) the optimizer step."""
     tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -470,9 +491,12 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     if shard_set.rows < cfg.global_batch:
         raise ValueError(f"{shard_set.rows} rows give no optimizer step of --global-batch {cfg.global_batch}; lower it "
                          f"(at most {shard_set.rows})")
+    rollout = rollout_mode(cfg, device, ds_file.get("zero_optimization", {}).get("stage", 0))
+    model.engines.graphs = rollout == "graphs"  # before the memory probe, which rolls out as training will
     plan = plan_batches(cfg, model, collate, shard_set, world_size, device)
     if rank == 0:
         print(f"batches: {plan.describe()}")
+        print(f"rollout: {rollout} ({ROLLOUT_WORDS[rollout]})")
     stream = ShardStream(shard_set, collate, plan.micro_batch, rank, world_size, cfg.seed, cfg.shuffle_buffer)
     total_steps = stream.batches_per_epoch // plan.grad_accum * cfg.epochs  # the LR schedule's length
     stop_step = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)  # --max-steps only stops early
@@ -488,8 +512,6 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    # a CUDA graph reads weights where they lie; ZeRO-3 gathers them into new buffers at every call
-    model.use_cuda_graphs = device.type == "cuda" and engine.zero_optimization_stage() < 3
     checkpoints = Checkpoints(engine, model, cfg, shard_set, token_ids, rank)
     step, epoch, next_batch, before = checkpoints.resume(resume_tag) if resume_tag else (0, 0, 0, {"samples": 0, "seconds": 0.0})
     resumed_from = step
@@ -502,6 +524,7 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     counter = flops.Counter(model, cfg)
     run_info = {"config": asdict(cfg), "world_size": world_size, "global_batch": global_batch,
                 "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "micro_batch_chosen_by": plan.chosen_by,
+                "rollout": rollout,
                 "warmup_steps": warmup,
                 "shards_fingerprint": shard_set.fingerprint, "trainable_parameters": sum(p.numel() for p in trainable),
                 "total_steps": total_steps, "stop_step": stop_step, "device": str(device), "embedding_row_norm": embedding_norm,
