@@ -27,6 +27,22 @@ def test_every_weight_and_count_that_may_be_zero_takes_zero_literally(name):
         _config(**{name: -1})
 
 
+def test_the_rollout_setting_is_explicit_and_its_default_follows_the_machine():
+    import torch
+
+    from rot_train.train import rollout_mode
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert rollout_mode(_config(), cpu, 2) == "eager" and rollout_mode(_config(), gpu, 2) == "graphs"
+    assert rollout_mode(_config(), gpu, 3) == "eager"  # ZeRO-3 moves the weights a graph reads
+    assert rollout_mode(_config(rollout="eager"), gpu, 2) == "eager"
+    for device, zero in ((cpu, 2), (gpu, 3)):
+        with pytest.raises(ValueError, match=r"^--rollout graphs needs a GPU and ZeRO-2"):
+            rollout_mode(_config(rollout="graphs"), device, zero)
+    with pytest.raises(ValueError, match=r"^--rollout fast: use one of graphs, eager"):
+        _config(rollout="fast")
+
+
 def test_zero_vision_weight_in_stage_one_stays_zero():
     assert _config(vision_weight=0.0).vision_weight == 0.0 and _config().vision_weight == 10.0
 
