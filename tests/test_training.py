@@ -370,6 +370,7 @@ def test_the_global_batch_gives_the_same_losses_however_it_is_split(tiny_shards,
     assert [(r["micro_batch"], r["grad_accum"], r["micro_batch_chosen_by"]) for _, r, _ in runs.values()] == [
         (8, 1, "no accumulation on a CPU"), (4, 2, "given"), (2, 4, "given")]
     assert {r["rollout"] for _, r, _ in runs.values()} == {"eager"}  # the default on a CPU, recorded
+    assert {r["activation_checkpointing"] for _, r, _ in runs.values()} == {"on (a CPU: memory is not probed)"}
     for losses, _, _ in runs.values():
         assert losses == pytest.approx(runs[None][0], rel=1e-3)  # fp32 sums of other shapes round differently
     summary = runs[None][2]

@@ -22,6 +22,7 @@ class BatchPlan:
     grad_accum: int
     world_size: int
     chosen_by: str  # how: "given" (--micro-batch), the probe's finding (a GPU), "no accumulation on a CPU"
+    checkpointing: str = "given"  # activation checkpointing: "given" (--[no-]gradient-checkpointing) or on/off and why
 
     @property
     def global_batch(self) -> int:
@@ -29,7 +30,8 @@ class BatchPlan:
 
     def describe(self) -> str:
         return (f"micro-batch {self.micro_batch} x accumulation {self.grad_accum} x {self.world_size} "
-                f"rank{'s' if self.world_size > 1 else ''} = global batch {self.global_batch} ({self.chosen_by})")
+                f"rank{'s' if self.world_size > 1 else ''} = global batch {self.global_batch} ({self.chosen_by}); "
+                f"activation checkpointing {self.checkpointing}")
 
 
 def per_rank(global_batch: int, world_size: int) -> int:
@@ -82,9 +84,10 @@ def fits(step, batch: dict, ballast_bytes: int, device: torch.device) -> bool:
 
 
 def probe(model, collate, shard_set, global_batch: int, world_size: int, max_latents: int | None, device: torch.device,
-          forward_kwargs: dict) -> BatchPlan:
+          forward_kwargs: dict, only: int | None = None) -> BatchPlan | None:
     """The largest micro-batch (a divisor of the per-rank samples) whose step on the worst-case row fits; the model
-    is left as it was (gradients dropped, random state restored)."""
+    is left as it was (gradients dropped, random state restored). ``only``: try that micro-batch alone (None if it
+    does not fit)."""
     samples = per_rank(global_batch, world_size)
     row, tokens = worst_case_row(shard_set, max_latents)
     embedding = torch.zeros(tokens, shard_set.dim)
@@ -101,7 +104,7 @@ def probe(model, collate, shard_set, global_batch: int, world_size: int, max_lat
 
     rng = torch.get_rng_state(), torch.cuda.get_rng_state(device)
     try:
-        for micro in divisors(samples):
+        for micro in [only] if only else divisors(samples):
             batch = collate([row] * micro, [embedding] * micro)
             batch["weights"] = torch.ones(micro)
             if fits(step, batch, ballast, device):
@@ -111,5 +114,7 @@ def probe(model, collate, shard_set, global_batch: int, world_size: int, max_lat
         torch.set_rng_state(rng[0])
         torch.cuda.set_rng_state(rng[1], device)
         torch.cuda.reset_peak_memory_stats(device)
+    if only:
+        return None
     raise ValueError(f"not even a micro-batch of 1 fits this GPU's memory beside the optimizer state of {trainable:,} "
                      "trainable parameters: use ZeRO-3 (--zero 3), more GPUs, LoRA, or --max-latents")

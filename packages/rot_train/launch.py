@@ -84,7 +84,7 @@ def train_command(stage: int, mode: str = "rot") -> Callable:
         lora_dropout: float = typer.Option(d["lora_dropout"]),
         lora_targets: List[str] = typer.Option(d["lora_targets"]),
         full_finetune: bool = typer.Option(d["full_finetune"], help="Stage II: train every LLM weight instead of LoRA"),
-        gradient_checkpointing: bool = typer.Option(d["gradient_checkpointing"]),
+        gradient_checkpointing: Optional[bool] = typer.Option(None, help="recompute each layer's activations in the backward pass (a third more compute, far less memory); default: only where memory needs it (on a GPU, off when the micro-batch fits without it; on a CPU on)"),
         rollout: Optional[str] = typer.Option(None, help="how latents are rolled out on the decoding engine: 'graphs' (each step replayed as a CUDA graph) or 'eager' (default: graphs on a GPU unless --zero 3, else eager)"),
         seed: int = typer.Option(d["seed"]),
         shuffle_buffer: int = typer.Option(d["shuffle_buffer"]),

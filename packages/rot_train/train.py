@@ -68,7 +68,9 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     full_finetune: bool = False
-    gradient_checkpointing: bool = True
+    # activation checkpointing (each layer's activations recomputed in the backward pass: a third more compute for
+    # far less memory); None: only where memory needs it (on a GPU, off when the micro-batch fits without it)
+    gradient_checkpointing: bool | None = None
     # how latents are rolled out, both on the decoding engine: "graphs" (each step replayed as a CUDA graph) or "eager"
     # (launched step by step); None: graphs on a GPU unless ZeRO-3 moves the weights between calls, else eager
     rollout: str | None = None
@@ -205,8 +207,8 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, shar
             model.lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                      target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
             model.lm.to(device, dtype)
-    if cfg.gradient_checkpointing:  # Stage I too: the teacher-forced pass keeps activations for the input gradients
-        checkpoint_activations(lm)
+    if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and device.type != "cuda"):
+        checkpoint_activations(lm)  # Stage I too: the teacher-forced pass keeps activations for the input gradients
     return model, tokenizer, token_ids
 
 
@@ -408,14 +410,46 @@ def forward_options(cfg: TrainConfig, step: int) -> dict:
 
 
 def plan_batches(cfg: TrainConfig, model, collate, shard_set: ShardSet, world_size: int, device: torch.device) -> BatchPlan:
-    """The micro-batch and accumulation of ``--global-batch``: as given, else the largest micro-batch that fits the
-    GPU (every rank probes its own; they are alike), else (a CPU) the whole per-rank batch in one micro step."""
+    """The micro-batch and accumulation of ``--global-batch``, and whether activations are recomputed.
+
+    The micro-batch: as given, else the largest that fits the GPU (every rank probes its own; they are alike), else (a
+    CPU) the whole per-rank batch in one micro step. Activation checkpointing, unless given: on a GPU, off when the
+    micro-batch (given, or the whole per-rank batch) fits without it, since recomputing costs a third more compute and
+    only pays where it saves accumulation steps; else on (then the probe looks for the largest micro-batch with it).
+    On a CPU it stays on (``build_model`` turned it on): nothing is probed there."""
+    checkpointing = "given" if cfg.gradient_checkpointing is not None else "on (a CPU: memory is not probed)"
+    if device.type == "cuda" and cfg.gradient_checkpointing is None:
+        options = dict(forward_options(cfg, 0), rolled_out=None)  # the whole rollout: the most memory a step takes
+        model.train()
+        micro = cfg.micro_batch or batch_size.per_rank(cfg.global_batch, world_size)
+        fits = batch_size.probe(model, collate, shard_set, cfg.global_batch, world_size, cfg.max_latents, device,
+                                options, only=micro) is not None
+        fits = _agreed(fits, device, world_size)
+        if fits:
+            checkpointing = f"off: a micro-batch of {micro} fits without it"
+        else:
+            checkpoint_activations(model.lm.get_base_model() if hasattr(model.lm, "get_base_model") else model.lm)
+            checkpointing = f"on: a micro-batch of {micro} does not fit without it"
+    plan = _plan_micro_batch(cfg, model, collate, shard_set, world_size, device)
+    return BatchPlan(plan.micro_batch, plan.grad_accum, plan.world_size, plan.chosen_by, checkpointing)
+
+
+def _agreed(fits: bool, device: torch.device, world_size: int) -> bool:
+    """Ranks decide alike: a step fits only if it fits on every rank."""
+    if torch.distributed.is_initialized() and world_size > 1:
+        found = torch.tensor([int(fits)], device=device)
+        torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)
+        return bool(found)
+    return fits
+
+
+def _plan_micro_batch(cfg: TrainConfig, model, collate, shard_set: ShardSet, world_size: int, device: torch.device) -> BatchPlan:
     if cfg.micro_batch is not None:
         return batch_size.given(cfg.global_batch, world_size, cfg.micro_batch)
     if device.type != "cuda":
         return BatchPlan(batch_size.per_rank(cfg.global_batch, world_size), 1, world_size, "no accumulation on a CPU")
     options = dict(forward_options(cfg, 0), rolled_out=None)  # the whole rollout: the most memory a step takes
-    model.train()  # as in training: dropout, and gradient checkpointing where it is on
+    model.train()  # as in training: dropout, and activation checkpointing where it is on
     plan = batch_size.probe(model, collate, shard_set, cfg.global_batch, world_size, cfg.max_latents, device, options)
     if torch.distributed.is_initialized() and world_size > 1:  # ranks must agree: the smallest any rank found
         found = torch.tensor([plan.micro_batch], device=device)
@@ -524,7 +558,7 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     counter = flops.Counter(model, cfg)
     run_info = {"config": asdict(cfg), "world_size": world_size, "global_batch": global_batch,
                 "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "micro_batch_chosen_by": plan.chosen_by,
-                "rollout": rollout,
+                "rollout": rollout, "activation_checkpointing": plan.checkpointing,
                 "warmup_steps": warmup,
                 "shards_fingerprint": shard_set.fingerprint, "trainable_parameters": sum(p.numel() for p in trainable),
                 "total_steps": total_steps, "stop_step": stop_step, "device": str(device), "embedding_row_norm": embedding_norm,
