@@ -24,7 +24,7 @@ import torch
 from multi_gpu import GPU, build, command, free_port, random_checkpoint, read_run
 
 SETTINGS = {"before": ["--global-batch", "16", "--micro-batch", "4"], "defaults": [],
-            "no-checkpointing": ["--no-gradient-checkpointing"]}
+            "checkpointing": ["--gradient-checkpointing"], "no-checkpointing": ["--no-gradient-checkpointing"]}
 
 
 def train(stage: int, name: str, common: list[str], work: Path, steps: int, timeout: int) -> dict:
@@ -48,7 +48,7 @@ def main():
     parser.add_argument("--work", default="/tmp/rot-train-speed")
     parser.add_argument("--train-rows", type=int, default=1024)
     parser.add_argument("--latents", default="32", help="--max-latents of the runs ('none': uncapped, the official count)")
-    parser.add_argument("--steps", default="before=6,defaults=4,no-checkpointing=4", help="optimizer steps per setting")
+    parser.add_argument("--steps", default="before=6,defaults=4,checkpointing=4,no-checkpointing=4", help="optimizer steps per setting")
     parser.add_argument("--settings", default="before,defaults")
     parser.add_argument("--stages", default="1,2")
     args = parser.parse_args()
