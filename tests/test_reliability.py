@@ -226,3 +226,43 @@ def test_an_interrupted_build_says_how_to_resume(tmp_path):
         pytest.skip("the build finished before the Ctrl-C was handled; the interrupt was not exercised this time")
     assert process.returncode == 1 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == f"error: interrupted; the finished shards in {out} are kept: re-run the same command to resume"
+
+
+def _session_processes(session: int) -> list[str]:
+    """The live processes of ``session`` (a build started with ``start_new_session``), by PID and name."""
+    import os
+
+    import psutil
+
+    alive = []
+    for process in psutil.process_iter(["name", "status"]):
+        try:
+            if os.getsid(process.pid) == session and process.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(f"{process.pid} {process.info['name']}")
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return alive
+
+
+def test_a_build_killed_with_sigkill_leaves_no_ray_process_behind(tmp_path):
+    """Issue 31.7: `kill -9` of the build alone (not its Ray processes): the Ray it started is gone within seconds,
+    its agents too (they outlived the build by about a minute), and the watcher that stopped them."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "shards"
+    process = subprocess.Popen(["rot-render", "build", "--encoder", "tiny", "--dataset", "gsm8k", "--out", str(out), "--limit", "400",
+                                "--shard-size", "10", "--batch-size", "5"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("shard-*.parquet")):
+        time.sleep(0.2)
+    started = _session_processes(process.pid)
+    assert any("DashboardAgent" in name for name in started) and any("raylet" in name for name in started), started
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and _session_processes(process.pid):
+        time.sleep(0.5)
+    assert _session_processes(process.pid) == []
