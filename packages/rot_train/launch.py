@@ -7,6 +7,7 @@ from ``packages/`` runs the same command.
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import MISSING, fields
 from typing import Callable, List, Optional
@@ -17,8 +18,23 @@ from rot_data.terminal import wide_help_when_piped
 
 import rot_anchor
 
-from rot_train.shard_stream import ShardError
-from rot_train.train import CONFIGS, STAGE_DEFAULTS, TrainConfig, run
+
+class DeepSpeedNoise(logging.Filter):
+    """DeepSpeed's log lines that tell a user of this trainer nothing: 'Setting accelerator to CPU' (logged by every
+    process that imports DeepSpeed on a machine without a GPU) and 'Attempting to get learning rate from scheduler
+    before it has started' (logged by the warm-up scheduler's own constructor on every run). Every other line stays."""
+
+    NOISE = ("Setting accelerator to CPU", "Attempting to get learning rate from scheduler before it has started")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(noise in record.getMessage() for noise in self.NOISE)
+
+
+# before anything imports DeepSpeed: the logger it sets up at import is this one, and it keeps the filter
+logging.getLogger("DeepSpeed").addFilter(DeepSpeedNoise())
+
+from rot_train.shard_stream import ShardError  # noqa: E402 (DeepSpeed is imported from here on)
+from rot_train.train import CONFIGS, STAGE_DEFAULTS, TrainConfig, run  # noqa: E402
 
 HELP = {"stage1": "RoT Stage I: train the projection head, LLM frozen.",
         "stage2": "RoT Stage II: LoRA on the LLM (or --full-finetune), head frozen.",
