@@ -10,6 +10,7 @@ import typer
 from rot_data.terminal import wide_help_when_piped
 
 import rot_anchor
+from rot_data.records import builtin_datasets_help
 
 wide_help_when_piped()
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evaluate RoT and SFT-baseline exports.")
@@ -18,10 +19,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evaluate RoT
 @app.command("run")
 def run_eval(
     checkpoint: str = typer.Option(..., help="an export folder (<run --out>/export) or a shipped model: 'rot-4x4' (4x4 multiplication)"),
-    dataset: str = typer.Option(..., help="gsm8k, gsm_hard, svamp, multiarith, icot_* or a file"),
+    dataset: str = typer.Option(..., help=f"{builtin_datasets_help()}, or a .jsonl/.json/.parquet/.txt file"),
     out: Path = typer.Option(..., help="folder for predictions.jsonl and summary.json"),
     split: str = typer.Option("test"),
-    data_dir: Optional[Path] = typer.Option(None, help="folder with the non-shipped sets (e.g. ../shared/data)"),
+    data_dir: Optional[Path] = typer.Option(None, help="another copy of the package's data folders (e.g. ../shared/data)"),
     latents: Optional[int] = typer.Option(None, help="latent budget (default: the one recorded in the export; the paper uses 32 for GSM8k)"),
     dynamic_threshold: Optional[float] = typer.Option(None, help="stop latents early when within this mean squared distance of <img_end>"),
     batch_size: int = typer.Option(64),

@@ -77,7 +77,7 @@ def train_command(stage: int, mode: str = "rot") -> Callable:
         init: Optional[str] = typer.Option(None, help="Stage II: the Stage I export folder (<stage1 --out>/export)"),
         mode: str = typer.Option(mode, help="rot, or the baselines sft-cot / sft-nocot (LoRA, same settings, no latents)"),
         zero: Optional[int] = typer.Option(None, help="ZeRO stage 2 or 3: the DeepSpeed configs in rot_train/configs (default: 2)"),
-        deepspeed_config: str = typer.Option(d["deepspeed_config"], "--deepspeed-config", "--ds-config", help="a DeepSpeed config file of your own (instead of --zero)"),
+        deepspeed_config: str = typer.Option(d["deepspeed_config"], "--ds-config", show_default="rot_train/configs/zero2.json", help="a DeepSpeed config file of your own (instead of --zero)"),
         global_batch: int = typer.Option(d["global_batch"], help="samples per optimizer step, whatever the number of GPUs (official: 128)"),
         micro_batch: Optional[int] = typer.Option(None, help="samples per GPU per micro step, a divisor of the global batch per GPU (default: the largest that fits the GPU's memory, probed on the longest rows; on a CPU the whole per-rank batch); accumulation makes up the rest"),
         epochs: int = typer.Option(d["epochs"]),
