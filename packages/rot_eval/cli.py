@@ -11,6 +11,7 @@ from rot_data.terminal import wide_help_when_piped
 
 import rot_anchor
 from rot_data.records import builtin_datasets_help
+from rot_eval import MAX_ANSWER_TOKENS
 
 wide_help_when_piped()
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evaluate RoT and SFT-baseline exports.")
@@ -26,7 +27,7 @@ def run_eval(
     latents: Optional[int] = typer.Option(None, help="latent budget (default: the one recorded in the export; the paper uses 32 for GSM8k)"),
     dynamic_threshold: Optional[float] = typer.Option(None, help="stop latents early when within this mean squared distance of <img_end>"),
     batch_size: int = typer.Option(64),
-    max_answer_tokens: int = typer.Option(32),
+    max_answer_tokens: int = typer.Option(MAX_ANSWER_TOKENS),
     max_cot_tokens: int = typer.Option(256, help="SFT-CoT baseline: generation cap"),
     limit: Optional[int] = typer.Option(None, help="only the first N examples"),
     control: Optional[str] = typer.Option(None, help="a control: latents replaced by 'zeros', by another question's ('shuffled'), or by the true visual embeddings ('truth')"),
@@ -88,13 +89,19 @@ def viz(
     """Save the latent heatmap, the token-similarity matrix and per-token statistics for one question (and, with
     --reader, what the latents read as)."""
     from rot_train.export import latent_budget
+    from rot_eval.evaluate import check_positions
     from rot_eval.generate import generate_rot, load_for_inference
     from rot_train.shard_stream import ShardSet
     from rot_eval.viz import draw, nearest_text
 
-    model, tokenizer, config = load_for_inference(checkpoint)
-    latents = latent_budget(config, latents)
-    (result,) = generate_rot(model, tokenizer, [question], latents=latents)
+    try:
+        model, tokenizer, config = load_for_inference(checkpoint)
+        latents = latent_budget(config, latents)
+        check_positions(model, tokenizer, [question], latents + MAX_ANSWER_TOKENS + 2, "--latents + answer tokens")
+    except (FileNotFoundError, ValueError) as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(1)
+    (result,) = generate_rot(model, tokenizer, [question], latents=latents, max_answer_tokens=MAX_ANSWER_TOKENS)
     paths = draw(result.latents, out, question[:60])
     if shards:
         (out / "nearest.md").write_text(nearest_text(result.latents, ShardSet.open(shards)))
