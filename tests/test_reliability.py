@@ -226,3 +226,63 @@ def test_an_interrupted_build_says_how_to_resume(tmp_path):
         pytest.skip("the build finished before the Ctrl-C was handled; the interrupt was not exercised this time")
     assert process.returncode == 1 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == f"error: interrupted; the finished shards in {out} are kept: re-run the same command to resume"
+
+
+def _session_processes(session: int) -> list[str]:
+    """The live processes of ``session`` (a build started with ``start_new_session``), by PID and name."""
+    import os
+
+    import psutil
+
+    alive = []
+    for process in psutil.process_iter(["name", "status"]):
+        try:
+            if os.getsid(process.pid) == session and process.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(f"{process.pid} {process.info['name']}")
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return alive
+
+
+def test_a_build_killed_with_sigkill_leaves_no_ray_process_behind(tmp_path):
+    """Issue 31.7: `kill -9` of the build alone (not its Ray processes): the Ray it started is gone within seconds,
+    its agents too (they outlived the build by about a minute), and the watcher that stopped them."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "shards"
+    process = subprocess.Popen(["rot-render", "build", "--encoder", "tiny", "--dataset", "gsm8k", "--out", str(out), "--limit", "400",
+                                "--shard-size", "10", "--batch-size", "5"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("shard-*.parquet")):
+        time.sleep(0.2)
+    started = _session_processes(process.pid)
+    assert any("DashboardAgent" in name for name in started) and any("raylet" in name for name in started), started
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and _session_processes(process.pid):
+        time.sleep(0.5)
+    assert _session_processes(process.pid) == []
+
+
+def test_a_training_run_prints_only_its_own_lines(tiny_shards, tiny_qwen3_vl, tmp_path):
+    """Issue 30.3: `rot-train stage1` on a CPU prints what a user needs (the batch plan, notes, the summary) and none of
+    DeepSpeed's log lines ('Setting accelerator to CPU', the scheduler's 'before it has started', the op's 'built
+    successfully'); errors and tracebacks would still show."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                                                             "DS_ACCELERATOR")}  # as a user's shell: DeepSpeed detects the CPU
+    result = subprocess.run(["rot-train", "stage1", "--shards", str(tiny_shards), "--backbone", str(tiny_qwen3_vl),
+                             "--out", str(tmp_path / "run"), "--global-batch", "8", "--micro-batch", "4", "--head-width", "32",
+                             "--max-latents", "12", "--warmup-steps", "1", "--num-workers", "0", "--max-steps", "1"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("batches: micro-batch 4 x accumulation 2") and lines[-1].startswith("stage 1 done: 1 steps")
+    assert all(line.startswith(("batches:", "note:", "stage 1 done:")) for line in lines), lines
+    assert "WARNING" not in result.stderr and "INFO" not in result.stderr and "Warning" not in result.stderr, result.stderr[-2000:]

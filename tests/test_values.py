@@ -71,3 +71,25 @@ def test_rot_eval_refuses_a_budget_it_cannot_decode_in_one_line(tmp_path, args, 
                                       "--limit", "1", "--out", str(tmp_path / "ev"), *args])
     assert result.exit_code == 1 and says in result.output, result.output
     assert "Traceback" not in result.output and not (tmp_path / "ev" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("command, args, says", [
+    ("viz", ["--question", "1234 * 5678", "--latents", "0"], "--latents 0: a RoT model decodes at least 1 latent"),
+    ("viz", ["--question", "1234 * 5678", "--latents", "100000"], "more than the backbone's max_position_embeddings 4096"),
+    ("viz", ["--question", "1", "--checkpoint", "no-such-export"], "no-such-export"),
+    ("readback", ["--dataset", "icot_mult_4x4", "--shards", "s", "--limit", "0"], "--limit 0: use at least 1"),
+    ("readback", ["--dataset", "icot_mult_4x4", "--shards", "s", "--limit", "1", "--latents", "0"], "--latents 0:"),
+    ("readback", ["--dataset", "icot_mult_4x4", "--shards", "s", "--limit", "1", "--latents", "100000"],
+     "max_position_embeddings 4096"),
+])
+def test_rot_eval_viz_and_readback_check_their_budget_before_decoding(tmp_path, command, args, says):
+    """The class of `rot-eval run --latents 0 / 100000` (issue 31.1, 31.3) in the other two commands that decode latents:
+    one line naming the flag, before any decoding (100000 latents ran for minutes), and nothing written."""
+    from typer.testing import CliRunner
+
+    from rot_eval.cli import app
+
+    checkpoint = [] if "--checkpoint" in args else ["--checkpoint", "rot-4x4"]
+    result = CliRunner().invoke(app, [command, *checkpoint, "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 1 and says in result.output, result.output[-2000:]
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

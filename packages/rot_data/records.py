@@ -45,6 +45,15 @@ BUILTIN_SOURCES = {
 }
 
 
+def builtin_datasets_help() -> str:
+    """The built-in --dataset names for help texts, and which of their splits do not ship (read from the package folder,
+    so the help cannot claim a file that is not there)."""
+    missing = [f"{name} {split}" for name, (folder, files) in BUILTIN_SOURCES.items() for split, file in files.items()
+               if not (PACKAGE_DATA / folder / file).exists()]
+    return (f"{', '.join(BUILTIN_SOURCES)} (shipped in the package" + (f"; {', '.join(missing)} needs --data-dir" if missing else "")
+            + ")")
+
+
 UTF8_BOM = b"\xef\xbb\xbf"
 FIELDS = ("id", "question", "cot", "answer")
 

@@ -10,6 +10,8 @@ import typer
 from rot_data.terminal import wide_help_when_piped
 
 import rot_anchor
+from rot_data.records import builtin_datasets_help
+from rot_eval import MAX_ANSWER_TOKENS
 
 wide_help_when_piped()
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evaluate RoT and SFT-baseline exports.")
@@ -18,14 +20,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evaluate RoT
 @app.command("run")
 def run_eval(
     checkpoint: str = typer.Option(..., help="an export folder (<run --out>/export) or a shipped model: 'rot-4x4' (4x4 multiplication)"),
-    dataset: str = typer.Option(..., help="gsm8k, gsm_hard, svamp, multiarith, icot_* or a file"),
+    dataset: str = typer.Option(..., help=f"{builtin_datasets_help()}, or a .jsonl/.json/.parquet/.txt file"),
     out: Path = typer.Option(..., help="folder for predictions.jsonl and summary.json"),
     split: str = typer.Option("test"),
-    data_dir: Optional[Path] = typer.Option(None, help="folder with the non-shipped sets (e.g. ../shared/data)"),
+    data_dir: Optional[Path] = typer.Option(None, help="another copy of the package's data folders (e.g. ../shared/data)"),
     latents: Optional[int] = typer.Option(None, help="latent budget (default: the one recorded in the export; the paper uses 32 for GSM8k)"),
     dynamic_threshold: Optional[float] = typer.Option(None, help="stop latents early when within this mean squared distance of <img_end>"),
     batch_size: int = typer.Option(64),
-    max_answer_tokens: int = typer.Option(32),
+    max_answer_tokens: int = typer.Option(MAX_ANSWER_TOKENS),
     max_cot_tokens: int = typer.Option(256, help="SFT-CoT baseline: generation cap"),
     limit: Optional[int] = typer.Option(None, help="only the first N examples"),
     control: Optional[str] = typer.Option(None, help="a control: latents replaced by 'zeros', by another question's ('shuffled'), or by the true visual embeddings ('truth')"),
@@ -87,13 +89,19 @@ def viz(
     """Save the latent heatmap, the token-similarity matrix and per-token statistics for one question (and, with
     --reader, what the latents read as)."""
     from rot_train.export import latent_budget
+    from rot_eval.evaluate import check_positions
     from rot_eval.generate import generate_rot, load_for_inference
     from rot_train.shard_stream import ShardSet
     from rot_eval.viz import draw, nearest_text
 
-    model, tokenizer, config = load_for_inference(checkpoint)
-    latents = latent_budget(config, latents)
-    (result,) = generate_rot(model, tokenizer, [question], latents=latents)
+    try:
+        model, tokenizer, config = load_for_inference(checkpoint)
+        latents = latent_budget(config, latents)
+        check_positions(model, tokenizer, [question], latents + MAX_ANSWER_TOKENS + 2, "--latents + answer tokens")
+    except (FileNotFoundError, ValueError) as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(1)
+    (result,) = generate_rot(model, tokenizer, [question], latents=latents, max_answer_tokens=MAX_ANSWER_TOKENS)
     paths = draw(result.latents, out, question[:60])
     if shards:
         (out / "nearest.md").write_text(nearest_text(result.latents, ShardSet.open(shards)))

@@ -9,17 +9,18 @@ import torch
 from tqdm import tqdm
 
 from rot_data.records import load_records
+from rot_eval import MAX_ANSWER_TOKENS
 from rot_eval.answers import final_segment, is_correct
 from rot_train.export import latent_budget
 from rot_eval.generate import generate_rot, generate_text, load_for_inference, timed
 
 
-def check_positions(model, tokenizer, records, new_positions: int, what: str) -> None:
+def check_positions(model, tokenizer, questions: list[str], new_positions: int, what: str) -> None:
     """Refuse, before decoding, a budget the backbone has no positions for (it would run on for minutes, then fail)."""
     lm = model.lm if hasattr(model, "lm") else model
     config = getattr(lm.config, "text_config", lm.config)
     limit = getattr(config, "max_position_embeddings", None)
-    longest = max(len(tokenizer(r.question, add_special_tokens=False)["input_ids"]) for r in records) + 16  # chat turn
+    longest = max(len(tokenizer(question, add_special_tokens=False)["input_ids"]) for question in questions) + 16  # chat turn
     if limit and longest + new_positions > limit:
         raise ValueError(f"{what} asks for {new_positions} positions after the longest question's {longest}, more than the "
                          f"backbone's max_position_embeddings {limit}: keep them within {limit - longest} in all")
@@ -27,7 +28,7 @@ def check_positions(model, tokenizer, records, new_positions: int, what: str) ->
 
 def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data_dir: Path | None = None,
              latents: int | None = None, dynamic_threshold: float | None = None, batch_size: int = 64,
-             max_answer_tokens: int = 32, max_cot_tokens: int = 256, limit: int | None = None,
+             max_answer_tokens: int = MAX_ANSWER_TOKENS, max_cot_tokens: int = 256, limit: int | None = None,
              device: str | None = None, control: str | None = None, truth_shards: Path | None = None) -> dict:
     """``control``: replace the latents by ``zeros``, by another question's (``shuffled``: the batch's latents
     rolled by one row) or by the ``truth`` (the visual embeddings of the question's rendered CoT, read from
@@ -48,7 +49,7 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
     records = records[:limit] if limit is not None else records
     mode = config.get("mode", "rot")
     thinking = {"rot": (latents, "--latents"), "sft-cot": (max_cot_tokens, "--max-cot-tokens")}.get(mode, (0, ""))
-    check_positions(model, tokenizer, records, thinking[0] + max_answer_tokens + 2, f"{thinking[1]} + answer tokens".strip(" +"))
+    check_positions(model, tokenizer, [r.question for r in records], thinking[0] + max_answer_tokens + 2, f"{thinking[1]} + answer tokens".strip(" +"))
     if control and mode != "rot":
         raise ValueError(f"--control applies to RoT exports; {checkpoint} is an {mode} baseline")
     truth = _truth_embeddings(truth_shards) if control == "truth" else None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rot_eval import MAX_ANSWER_TOKENS
 from rot_train.decoding import bucketed
 from rot_train.batches import pad, pad_token_id, question_ids
 from rot_train.export import DEFAULT_INFERENCE_LATENTS, load_export
@@ -55,7 +56,7 @@ def load_for_inference(checkpoint, device="cpu", dtype=torch.float32):
 
 @torch.no_grad()
 def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_INFERENCE_LATENTS, dynamic_threshold: float | None = None,
-                 max_answer_tokens: int = 32, use_cache: bool = True, stop_at_eos: bool = True,
+                 max_answer_tokens: int = MAX_ANSWER_TOKENS, use_cache: bool = True, stop_at_eos: bool = True,
                  given_latents: torch.Tensor | None = None) -> list[Generation]:
     """``given_latents`` [B, n, latent_dim]: feed these instead of the model's own (the controls: zeros, another
     question's latents, the true visual embeddings); the budget is then ``n``."""

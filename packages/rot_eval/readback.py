@@ -19,6 +19,7 @@ from tqdm import tqdm
 from rot_data.edit_distance import edit_distance
 from rot_data.records import load_records
 from rot_train.export import latent_budget
+from rot_eval.evaluate import check_positions
 from rot_eval.generate import generate_rot, load_for_inference
 from rot_train.shard_stream import ShardSet
 from rot_eval.viz import token_of_characters
@@ -54,14 +55,17 @@ def read_back(checkpoint: str, dataset: str, shards: Path, out: Path, split: str
               reader: str = "anchor", latents: int | None = None, limit: int | None = None, batch_size: int = 64) -> dict:
     from rot_anchor import read
 
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}: use at least 1 (leave it out for every row)")
+    records, _ = load_records(dataset, split, data_dir=data_dir)
+    records = records[:limit] if limit is not None else records
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, config = load_for_inference(checkpoint, device=device)
     latents = latent_budget(config, latents)
-    vlm, vlm_tokenizer = read.load(reader, device=device)
+    check_positions(model, tokenizer, [r.question for r in records], latents + 3, "--latents")  # + <img_end>, an answer token
     manifest = ShardSet.open(shards, verify=False).manifest
     render, token_px = manifest["render"], manifest["encoder"]["token_px"]
-    records, _ = load_records(dataset, split, data_dir=data_dir)
-    records = records[:limit] if limit else records
+    vlm, vlm_tokenizer = read.load(reader, device=device)
     totals, examples, char_errors, chars = [[0, 0] for _ in range(latents)], [], 0, 0
     for start in tqdm(range(0, len(records), batch_size), desc=f"read back {dataset}", unit="batch"):
         batch = records[start:start + batch_size]

@@ -11,7 +11,7 @@ from rot_data.terminal import wide_help_when_piped
 
 import rot_anchor
 from rot_data import shards
-from rot_data.records import RecordError
+from rot_data.records import RecordError, builtin_datasets_help
 from rot_render.render import RenderSettings
 
 wide_help_when_piped()
@@ -37,7 +37,7 @@ def _human_bytes(count: int) -> str:
 
 @app.command()
 def build(
-    dataset: str = typer.Option(..., help="gsm8k (shipped), gsm_hard, svamp, multiarith, icot_* (need --data-dir), a .jsonl/.json/.parquet/.txt file, or hf:<id>[:<config>]"),
+    dataset: str = typer.Option(..., help=f"{builtin_datasets_help()}, a .jsonl/.json/.parquet/.txt file, or hf:<id>[:<config>]"),
     out: Path = typer.Option(..., help="output folder for shards and manifest.json"),
     split: str = typer.Option("train"),
     encoder: str = typer.Option(rot_anchor.NAME, help="'anchor' (the shipped pretrained VLM), a hub id or folder of a Qwen2-VL/Qwen2.5-VL/Qwen3-VL checkpoint, or 'tiny' (untrained smoke-test tower)"),
@@ -45,7 +45,7 @@ def build(
     shard_size: int = typer.Option(1024, help="rows per Parquet shard"),
     on_error: str = typer.Option("fail", help="malformed rows: 'fail' stops at the first, 'skip' skips and counts them in the manifest"),
     keep_calculator: bool = typer.Option(False, help="keep GSM8k's <<a*b=c>> calculator notes in the CoT"),
-    data_dir: Optional[Path] = typer.Option(None, help="folder holding the non-shipped datasets (e.g. ../shared/data)"),
+    data_dir: Optional[Path] = typer.Option(None, help="another copy of the package's data folders (e.g. ../shared/data)"),
     limit: Optional[int] = typer.Option(None, help="only the first N rows (smoke runs)"),
     height: Optional[int] = typer.Option(None, help="line height in px (default: one token row of the encoder, 32 for Qwen3-VL)"),
     font_size: int = typer.Option(20),

@@ -31,6 +31,7 @@ from rot_data import locks, shards
 from rot_render.encoder import PACKED, EncoderSource, VisionEncoder, read_encoder_source
 from rot_data.records import bad_row, load_records
 from rot_render.ray_output import ray_noise_filtered
+from rot_render.ray_reaper import watch_local_ray
 from rot_render.render import RenderSettings, check_font, drawing_problem, line_text, render_fitted
 
 
@@ -138,6 +139,7 @@ def _start_ray(address: str | None):
         os.environ.setdefault("RAY_task_oom_retries", str(OOM_RETRIES))
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING,
                  log_to_driver=False, include_dashboard=False)
+        watch_local_ray()  # a killed build's Ray agents are stopped at once (they outlive it by a minute otherwise)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False

@@ -7,6 +7,7 @@ from ``packages/`` runs the same command.
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import MISSING, fields
 from typing import Callable, List, Optional
@@ -17,8 +18,23 @@ from rot_data.terminal import wide_help_when_piped
 
 import rot_anchor
 
-from rot_train.shard_stream import ShardError
-from rot_train.train import CONFIGS, STAGE_DEFAULTS, TrainConfig, run
+
+class DeepSpeedNoise(logging.Filter):
+    """DeepSpeed's log lines that tell a user of this trainer nothing: 'Setting accelerator to CPU' (logged by every
+    process that imports DeepSpeed on a machine without a GPU) and 'Attempting to get learning rate from scheduler
+    before it has started' (logged by the warm-up scheduler's own constructor on every run). Every other line stays."""
+
+    NOISE = ("Setting accelerator to CPU", "Attempting to get learning rate from scheduler before it has started")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(noise in record.getMessage() for noise in self.NOISE)
+
+
+# before anything imports DeepSpeed: the logger it sets up at import is this one, and it keeps the filter
+logging.getLogger("DeepSpeed").addFilter(DeepSpeedNoise())
+
+from rot_train.shard_stream import ShardError  # noqa: E402 (DeepSpeed is imported from here on)
+from rot_train.train import CONFIGS, STAGE_DEFAULTS, TrainConfig, run  # noqa: E402
 
 HELP = {"stage1": "RoT Stage I: train the projection head, LLM frozen.",
         "stage2": "RoT Stage II: LoRA on the LLM (or --full-finetune), head frozen.",
@@ -61,7 +77,7 @@ def train_command(stage: int, mode: str = "rot") -> Callable:
         init: Optional[str] = typer.Option(None, help="Stage II: the Stage I export folder (<stage1 --out>/export)"),
         mode: str = typer.Option(mode, help="rot, or the baselines sft-cot / sft-nocot (LoRA, same settings, no latents)"),
         zero: Optional[int] = typer.Option(None, help="ZeRO stage 2 or 3: the DeepSpeed configs in rot_train/configs (default: 2)"),
-        deepspeed_config: str = typer.Option(d["deepspeed_config"], "--deepspeed-config", "--ds-config", help="a DeepSpeed config file of your own (instead of --zero)"),
+        deepspeed_config: str = typer.Option(d["deepspeed_config"], "--ds-config", show_default="rot_train/configs/zero2.json", help="a DeepSpeed config file of your own (instead of --zero)"),
         global_batch: int = typer.Option(d["global_batch"], help="samples per optimizer step, whatever the number of GPUs (official: 128)"),
         micro_batch: Optional[int] = typer.Option(None, help="samples per GPU per micro step, a divisor of the global batch per GPU (default: the largest that fits the GPU's memory, probed on the longest rows; on a CPU the whole per-rank batch); accumulation makes up the rest"),
         epochs: int = typer.Option(d["epochs"]),

@@ -7,6 +7,8 @@ export. The vision encoder is never loaded: targets come from the shards.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -130,7 +132,8 @@ def init_distributed():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     accelerator = deepspeed.get_accelerator()
     try:
-        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+        with _printed_without("built successfully"):  # DeepSpeed's note on loading its CPU all-reduce op, every CPU run
+            deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     except (RuntimeError, OSError) as error:  # the launcher's default port 29500, taken by another training here
         if "EADDRINUSE" in str(error) or "address already in use" in str(error).lower():
             raise ValueError(f"port {os.environ.get('MASTER_PORT')} is in use (another training on this machine?): "
@@ -140,6 +143,19 @@ def init_distributed():
     local_rank = int(os.environ["LOCAL_RANK"])
     accelerator.set_device(local_rank) if accelerator.device_name() != "cpu" else None
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), torch.device(accelerator.device_name(local_rank))
+
+
+@contextlib.contextmanager
+def _printed_without(noise: str):
+    """What the block prints to stdout, minus the lines ending in ``noise`` (printed as the block ends, raised or not)."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        kept = [line for line in printed.getvalue().splitlines() if not line.endswith(noise)]
+        if kept:
+            print("\n".join(kept))
 
 
 def _unlink_cpu_allreduce_buffer() -> None:
@@ -494,8 +510,6 @@ def train_micro_step(engine, batch: dict, cfg: TrainConfig, step: int, device) -
 
 def run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     """The training run, holding ``--out``'s writer lock on rank 0 (a second run into the same folder is refused)."""
-    import contextlib
-
     from rot_data import locks
 
     first_rank = os.environ.get("RANK", "0") == "0"  # the launcher's global rank; a run without it is rank 0
