@@ -143,25 +143,36 @@ def test_steady_rate_leaves_out_start_up_and_stragglers():
     assert steady_rate([(1.0, 5)]) == 0.0
 
 
-def test_shard_writer_takes_its_rows_from_mixed_blocks_in_source_order(tmp_path):
-    """Encoded blocks arrive in any order and straddle shards: the writer keeps only its shard, sorted."""
+def test_shard_writer_takes_its_rows_from_mixed_pieces_in_source_order(tmp_path):
+    """Encoded packs arrive in any order and straddle shards: each leaves one piece per shard on its node (the driver
+    gets only the rows' shard, piece and node), and the shard's writer takes its pieces' rows in source order."""
     import pyarrow as pa
+    import ray
 
-    from rot_render.pipeline import write_shard_from_blocks
+    from rot_render import pieces
+    from rot_render.pipeline import write_shard_from_pieces
 
-    def block(rows):  # rows: (shard, position)
+    def pack(rows):  # rows: (shard, position)
         return pa.table({"id": [f"s{s}-p{p}" for s, p in rows], "question": ["q"] * len(rows), "cot": ["c"] * len(rows),
                          "answer": ["a"] * len(rows), "n_tokens": pa.array([1] * len(rows), pa.int32()),
                          "image_width": pa.array([8] * len(rows), pa.int32()),
                          "embedding": pa.array([bytes([p, s]) for s, p in rows], pa.large_binary()),
                          "shard": [s for s, _ in rows], "position": [p for _, p in rows]})
 
-    late, early = block([(1, 2), (2, 0), (1, 0)]), block([(0, 3), (1, 1), (2, 1)])
-    summary = write_shard_from_blocks(tmp_path / "shard-00001.parquet", 1, "fp", 1, "bf16", late, early)
+    pieces.folder(tmp_path).mkdir()
+    late = pieces.stash(pack([(1, 2), (2, 0), (1, 0)]), tmp_path, "node-a")
+    early = pieces.stash(pack([(0, 3), (1, 1), (2, 1)]), tmp_path, "node-b")
+    assert late.column_names == ["shard", "piece", "node"] and late["piece"].to_pylist() == ["1-0.arrow", "2-0.arrow", "1-0.arrow"]
+    assert early["node"].to_pylist() == ["node-b"] * 3
+    summary, node = ray.get(ray.remote(write_shard_from_pieces).remote(tmp_path, 1, ["1-0.arrow", "1-1.arrow"], 3, "fp", 1, "bf16"))
     table = pq.read_table(tmp_path / "shard-00001.parquet")
     assert table["id"].to_pylist() == ["s1-p0", "s1-p1", "s1-p2"] and summary["rows"] == 3
     assert table["embedding"].to_pylist() == [bytes([0, 1]), bytes([1, 1]), bytes([2, 1])]
     assert table.column_names == shards.SCHEMA.names  # bookkeeping columns are not stored
+    assert node == ray.get_runtime_context().get_node_id()
+    assert sorted(p.name for p in pieces.folder(tmp_path).iterdir()) == ["0-3.arrow", "2-0.arrow", "2-1.arrow"]  # its pieces gone
+    with pytest.raises(RuntimeError, match=r"the pieces \['2-0.arrow'\] in .* hold 1 rows, not positions 0..1"):
+        pieces.gather(tmp_path, ["2-0.arrow"], 2)
 
 
 def test_inspect_read_transcribes_stored_rows_against_their_cot(tmp_path, tiny_qwen3_vl):

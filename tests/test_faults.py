@@ -135,8 +135,9 @@ def test_a_build_killed_while_writing_a_shard_resumes_to_the_same_shards(referen
     print("killed during a write:", during_write)
 
 
-# Run as a script: a Ray cluster whose workers' disk is full after a few kB (each worker, before any task, swaps
-# pyarrow's write_table for one writing through a file that raises ENOSPC, the one stand-in here), then the CLI.
+# Run as a script: a Ray cluster whose workers' disk is full after a few kB for the shard writers (each worker, before
+# any task, swaps pyarrow's write_table for one writing through a file that raises ENOSPC, the one stand-in here) or
+# for the encoders' pieces (pyarrow's OSFile swapped the same way), then the CLI.
 FULL_DISK = """
 import errno, io, os, sys
 import ray
@@ -155,29 +156,36 @@ def full_disk():
     def write_table(table, where, **options):
         with Full(where, "w") as file:
             real(table, pa.PythonFile(file, mode="w"), **options)
-    pq.write_table = write_table
+    if os.environ["FULL_FOR"] == "shards":
+        pq.write_table = write_table
+    else:
+        pa.OSFile = lambda where, mode: pa.PythonFile(Full(where, "w"), mode="w")
 
-ray.init(runtime_env={"worker_process_setup_hook": full_disk}, log_to_driver=False, include_dashboard=False)
+ray.init(runtime_env={"worker_process_setup_hook": full_disk, "env_vars": {"FULL_FOR": sys.argv[1]}}, log_to_driver=False,
+         include_dashboard=False)
 from rot_render.cli import app
-app(sys.argv[1:], prog_name="rot-render")
+app(sys.argv[2:], prog_name="rot-render")
 """
 
 
-def test_a_full_disk_ends_the_build_in_one_line_and_leaves_nothing_half_written(tmp_path):
+@pytest.mark.parametrize("full_for", ["shards", "pieces"])
+def test_a_full_disk_ends_the_build_in_one_line_and_leaves_nothing_half_written(tmp_path, full_for):
+    """The disk fills while a shard is written, or while an encoder actor leaves its pack's rows on the disk."""
     import subprocess
     import sys
 
     out = tmp_path / "shards"
     args = ["build", "--encoder", "tiny", "--dataset", "gsm8k", "--out", str(out), "--limit", "40", "--shard-size", "20",
             "--batch-size", "10"]
-    result = subprocess.run([sys.executable, "-c", FULL_DISK, *args], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, full_for, *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: no space left on the device of {out} (No space left on device); the finished shards are kept and nothing "
         "half-written is: free space, then re-run the same command to resume")
     assert sorted(p.name for p in out.iterdir() if p.name != "build-stats.txt") == []  # no shard, no temporary file, no manifest
-    manifest = build(_config(out, limit=40), progress=False)  # space again: the same command finishes
-    assert manifest["rows"] == 40 and shards.verify(out) == []
+    if full_for == "shards":  # space again: the same command finishes
+        manifest = build(_config(out, limit=40), progress=False)
+        assert manifest["rows"] == 40 and shards.verify(out) == []
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,9 +2,10 @@
 
 Rows are assigned to shards up front (shard i holds rows i*shard_size ... (i+1)*shard_size-1 of
 the source), so a re-run knows exactly which shards are finished and only sends the rows of the
-missing ones through Ray. The driver only keeps the books: it puts each encoded block into the object
-store once, and as soon as all rows of a shard have arrived it hands that shard's blocks to a writer
-task, which picks the shard's rows in source order (whatever order the workers finished in). The
+missing ones through Ray. No embedding passes through the driver: the encoder actors leave each pack's
+rows on their node (rot_render/pieces.py) and the driver only keeps the books on each row's shard; as soon
+as all rows of a shard are encoded it starts that shard's writer task on the node that encoded most of
+them, which takes the shard's rows in source order (whatever order the workers finished in). The
 manifest is written last.
 """
 
@@ -23,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 import rot_anchor
 from rot_data.checksums import file_sha256
 from rot_data import locks, shards
+from rot_render import pieces
 from rot_render.encoder import PACKED, EncoderSource, VisionEncoder, read_encoder_source
 from rot_data.records import bad_row, load_records
 from rot_render.ray_output import ray_noise_filtered
@@ -84,18 +85,28 @@ def render_batch(batch: pa.Table, settings: RenderSettings, token_px: int) -> pa
                 .append_column("truncated", pa.array(truncated, pa.bool_()))
 
 
-def write_shard_from_blocks(path: Path, shard_index: int, build_fingerprint: str, dim: int, dtype: str, *blocks: pa.Table) -> dict:
-    """Ray task: the rows of one shard, taken from the encoded blocks that hold them, in source order, written."""
-    table = pa.concat_tables(blocks)
-    table = table.filter(pc.equal(table["shard"], shard_index)).sort_by("position")
-    return shards.write_shard(path, table, build_fingerprint, dim, dtype)
+def write_shard_from_pieces(out: Path, shard_index: int, names: list[str], rows: int, build_fingerprint: str, dim: int,
+                            dtype: str) -> tuple[dict, str]:
+    """Ray task, on the node that encoded most of the shard: its rows, read from their pieces, written in source order.
+    Returns the shard's manifest entry and the node it was written on."""
+    import ray
+
+    path = out / shards.shard_name(shard_index)
+    if path.exists() and not any((pieces.folder(out) / name).exists() for name in names):
+        summary = shards.shard_summary(path)  # this task, run again: its first run wrote the shard, then its worker died
+    else:
+        summary = shards.write_shard(path, pieces.gather(out, names, rows), build_fingerprint, dim, dtype)
+        pieces.remove(out, names)
+    return summary, ray.get_runtime_context().get_node_id()
 
 
 class EncodeBatch:
-    """Ray actor: holds the frozen tower on its GPU (or the CPU) and encodes a batch in one packed call."""
+    """Ray actor: holds the frozen tower on its GPU (or the CPU) and encodes a batch in one packed call. The embeddings
+    stay on this node, in pieces of the output folder; Ray Data takes on each row's shard, piece and node."""
 
     def __init__(self, encoder: str, expected_sha256: str, dtype: str, height: int, attn_implementation: str,
-                 starts_file: str, max_starts: int, cpu_encoders: int = 0):
+                 starts_file: str, max_starts: int, out: str, cpu_encoders: int = 0):
+        import ray
         import torch
 
         if cpu_encoders:  # Ray gives a 1-CPU actor one torch thread; on CPU-only nodes the encoders share the cores
@@ -113,15 +124,17 @@ class EncodeBatch:
             raise BuildError(f"worker on {os.uname().nodename} loaded other weights for --encoder {encoder} than the driver; "
                              "make every node see the same checkpoint")
         self.dtype, self.height = dtype, height
+        self.out, self.node = Path(out), ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         widths = batch.column("image_width").to_pylist()
         images = [np.frombuffer(pixels, np.uint8).reshape(self.height, width)
                   for pixels, width in zip(batch.column("pixels").to_pylist(), widths)]
         packed, tokens_per_image = self.encoder.encode_packed(images)
-        return batch.drop_columns(["pixels"]) \
-                    .append_column("n_tokens", pa.array(tokens_per_image, pa.int32())) \
-                    .append_column("embedding", shards.embedding_column(packed, tokens_per_image, self.dtype))
+        encoded = batch.drop_columns(["pixels"]) \
+                       .append_column("n_tokens", pa.array(tokens_per_image, pa.int32())) \
+                       .append_column("embedding", shards.embedding_column(packed, tokens_per_image, self.dtype))
+        return pieces.stash(encoded, self.out, self.node)
 
 
 def _start_ray(address: str | None):
@@ -225,6 +238,7 @@ def build(config: BuildConfig, progress: bool = True) -> dict:
     try:
         with locks.exclusive(config.out, f"rot-render build --dataset {config.dataset}"):
             (config.out / STARTS).unlink(missing_ok=True)  # scratch state of an earlier build killed before its cleanup
+            pieces.clear(config.out)
             foreign = [p for p in sorted(config.out.glob("shard-*.parquet")) if shards.foreign_parquet(p)]
             if foreign:  # a user's file under a shard's name: never overwritten (checked before Ray starts)
                 raise BuildError(f"{foreign[0]} is a Parquet file that rot-render did not write; move it out of "
@@ -358,11 +372,14 @@ class BuildPlan:
 
 def _encode_and_write(ray, plan: BuildPlan, progress: bool) -> tuple[float, float, dict]:
     """Render (CPU tasks) and encode (GPU actors) the plan's rows; each shard is written by a Ray task as soon as its
-    last row arrives. Returns the steady encoding rate, when the first encoded rows arrived, and each written shard's
+    last row is encoded. Returns the steady encoding rate, when the first encoded rows arrived, and each written shard's
     summary."""
+    from collections import Counter
+
     from tqdm import tqdm
 
     config, render, token_px, todo = plan.config, plan.render, plan.token_px, plan.todo
+    pieces.folder(config.out).mkdir()  # build() removed an earlier one
     batch_size = min(config.batch_size, max(1, math.ceil(len(todo) / plan.num_encoders)))
     dataset = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / 32)))
     dataset = dataset.map_batches(render_batch, fn_kwargs={"settings": render, "token_px": token_px},
@@ -372,42 +389,42 @@ def _encode_and_write(ray, plan: BuildPlan, progress: bool) -> tuple[float, floa
         fn_constructor_kwargs={"encoder": config.encoder, "expected_sha256": plan.expected_sha256, "dtype": config.dtype,
                                "height": render.height, "attn_implementation": config.attn_implementation,
                                "starts_file": str(config.out / STARTS), "max_starts": plan.num_encoders + ENCODER_RESTARTS,
-                               "cpu_encoders": 0 if plan.n_gpus else plan.num_encoders},
+                               "out": str(config.out), "cpu_encoders": 0 if plan.n_gpus else plan.num_encoders},
         batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=plan.num_encoders),
         num_gpus=gpu_share(plan.num_encoders, plan.n_gpus), num_cpus=0 if plan.n_gpus else 1,
     )
-    # shard files are written by Ray tasks on this node, so compressing and hashing them overlaps with encoding
+    # a shard is written by a task on the node that encoded most of its rows (soft: elsewhere if that node is gone),
+    # so compressing and hashing it overlaps with encoding, and its pieces are read where they were written
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    write_shard = ray.remote(num_cpus=1, scheduling_strategy=here, max_retries=WRITE_RETRIES)(write_shard_from_blocks)
-    pending: dict[int, list] = {}  # shard -> object refs of the encoded blocks holding its rows
+    write_shard = ray.remote(num_cpus=1, max_retries=WRITE_RETRIES)(write_shard_from_pieces)
+    encoded_on: dict[int, Counter] = {}  # shard -> rows encoded on each node
+    names: dict[int, set] = {}  # shard -> its pieces
     writes: dict[int, object] = {}
     arrived = np.zeros(len(plan.shard_rows), dtype=np.int64)
-    arrivals = []  # (seconds, rows so far) per encoded batch
+    arrivals = []  # (seconds, rows so far) per encoded block
+    received = 0  # bytes of the rows' records the driver took from Ray Data: no embedding is among them
     try:
         with tqdm(total=len(todo), unit="row", desc="render+encode", disable=not progress) as bar:
-            # the encoded blocks stay in the object store: the driver holds their references and reads only their
-            # `shard` column (a zero-copy view), and the writer tasks take the blocks by reference. (Fetching each block
-            # and putting it back copied every embedding once more: ~36 ms per 256-row block of the 4B tower.)
-            for bundle in dataset.iter_internal_ref_bundles():
-                for block in bundle.block_refs:
-                    shard_of_row = ray.get(block).column("shard").to_numpy()
-                    indices, counts = np.unique(shard_of_row, return_counts=True)
-                    for index, count in zip(indices.tolist(), counts.tolist()):
-                        pending.setdefault(index, []).append(block)
-                        arrived[index] += count
-                        if arrived[index] == len(plan.shard_rows[index]):  # complete: off to a writer task
-                            writes[index] = write_shard.remote(config.out / shards.shard_name(index), index, plan.fingerprint,
-                                                               plan.dim, config.dtype, *pending.pop(index))
-                    bar.update(len(shard_of_row))
-                    arrivals.append((time.perf_counter(), len(shard_of_row) + (arrivals[-1][1] if arrivals else 0)))
+            for records in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):  # one per encoded block
+                received += records.nbytes
+                rows = zip(*(records[column].to_pylist() for column in ("shard", "node", "piece")))
+                for (index, node, piece), count in Counter(rows).items():
+                    encoded_on.setdefault(index, Counter())[node] += count
+                    names.setdefault(index, set()).add(piece)
+                    arrived[index] += count
+                    if arrived[index] == len(plan.shard_rows[index]):  # complete: off to a writer task
+                        here = NodeAffinitySchedulingStrategy(encoded_on[index].most_common(1)[0][0], soft=True)
+                        writes[index] = write_shard.options(scheduling_strategy=here).remote(
+                            config.out, index, sorted(names.pop(index)), int(arrived[index]), plan.fingerprint, plan.dim,
+                            config.dtype)
+                bar.update(records.num_rows)
+                arrivals.append((time.perf_counter(), records.num_rows + (arrivals[-1][1] if arrivals else 0)))
         written = dict(zip(writes, ray.get(list(writes.values()))))
     except Exception as error:  # a writer task's error, or the encoder actors' restart budget spent
         _settle(ray, writes)
-        if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, OSError) \
-                and error.cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _disk_error(error.cause, config.out) from None
+        if full := _full_disk(error):
+            raise _disk_error(full, config.out) from None
         if "EncoderDied" in f"{type(error).__name__} {error}":
             raise BuildError(f"the encoder actors died {ENCODER_RESTARTS + 1} times in this build (memory? the GPU? see Ray's "
                              f"lines above); the finished shards in {config.out} are kept: fix the cause, then re-run the "
@@ -415,13 +432,26 @@ def _encode_and_write(ray, plan: BuildPlan, progress: bool) -> tuple[float, floa
         raise
     finally:
         (config.out / STARTS).unlink(missing_ok=True)
+        pieces.clear(config.out)
     for leftover in config.out.glob(shards.PARTIAL_SHARDS):  # of a writer task killed mid-write and run again
         leftover.unlink(missing_ok=True)
     arrivals.append((time.perf_counter(), arrivals[-1][1] if arrivals else 0))  # the last shard written
-    (config.out / STATS).write_text(dataset.stats() + "\n")  # where the time went, operator by operator
-    if pending:
-        raise BuildError(f"shards {sorted(pending)} did not receive all their rows; re-run the same command to resume")
-    return steady_rate(arrivals), arrivals[0][0], written
+    (config.out / STATS).write_text(dataset.stats() + "\n" + _placement(written, encoded_on, received, len(todo)))
+    if names:
+        raise BuildError(f"shards {sorted(names)} did not receive all their rows; re-run the same command to resume")
+    return steady_rate(arrivals), arrivals[0][0], {index: summary for index, (summary, _) in written.items()}
+
+
+def _placement(written: dict, encoded_on: dict, received: int, rows: int) -> str:
+    """build-stats.txt's account of where the shards were written (beside the nodes that encoded their rows) and of
+    the bytes the driver received: what shows that the build scales on a cluster."""
+    lines = ["Shard writers (the node each shard was written on; the nodes that encoded its rows: rows):"]
+    for index, (summary, node) in sorted(written.items()):
+        encoders = ", ".join(f"{encoder}: {count}" for encoder, count in sorted(encoded_on[index].items()))
+        lines.append(f"  {summary['name']} written on {node}; encoded on {encoders}")
+    lines.append(f"Driver received {received} bytes from Ray Data for {rows} encoded rows (their shard, piece and node; "
+                 f"no embedding); the shards hold {sum(summary['bytes'] for summary, _ in written.values())} bytes")
+    return "\n".join(lines) + "\n"
 
 
 def gpu_share(num_encoders: int, n_gpus: int) -> float:
@@ -438,6 +468,19 @@ def _settle(ray, writes: dict) -> None:
             ray.get(ref)
         except Exception:
             pass
+
+
+def _full_disk(error: BaseException | None) -> OSError | None:
+    """The full disk (or quota) behind an error of the Ray job, if any. A shard writer's OSError is the cause of Ray's
+    error; an encoder actor's, writing its pieces, reaches the driver only as text in Ray Data's error."""
+    full, text = (errno.ENOSPC, errno.EDQUOT), ""
+    while error is not None:  # Ray wraps a task's error once or twice
+        if isinstance(error, OSError) and error.errno in full:
+            return error
+        text += str(error)
+        error = getattr(error, "cause", None) or error.__cause__
+    number = next((number for number in full if f"OSError: [Errno {number}]" in text), None)
+    return OSError(number, os.strerror(number)) if number else None
 
 
 def _disk_error(error: OSError, out: Path) -> Exception:
