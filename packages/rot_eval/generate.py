@@ -139,8 +139,8 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_
     latents_by_step = torch.stack(step_latents).float().cpu() if step_latents else torch.zeros(0, rows, latent_dim)
     emitted = torch.stack(step_emitted).cpu() if step_emitted else torch.zeros(0, rows, dtype=torch.bool)
     tokens, answered = torch.stack(step_tokens).cpu(), torch.stack(step_answered).cpu()
-    # per row: a view of its steps and a mask over them (one [steps, rows, d] gather per row cost ~3 ms on a
-    # many-core host: 1.6 s of a 2 s evaluation batch on the H100 machine)
+    # per row: a view of its steps and a mask over them (one [steps, rows, d] gather per row costs milliseconds each,
+    # most of a large evaluation batch's time on a many-core host)
     latents_by_row, emitted_by_row = latents_by_step.transpose(0, 1), emitted.T
     results = []
     for i, (row_tokens, row_answered) in enumerate(zip(tokens.T.tolist(), answered.T.tolist())):

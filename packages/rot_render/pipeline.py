@@ -41,10 +41,9 @@ OOM_RETRIES = 3  # retries of a task killed by Ray's memory monitor (Ray's defau
 ENCODER_RESTARTS = 3  # encoder actors may die and be restarted by Ray this often in one build, not forever
 STARTS = ".encoder-starts"  # one line per encoder actor start, in the output folder (the actors count themselves)
 # three encoder actors share each GPU: an actor's host work on a pack (unpacking pixels, the embeddings' copy to the host,
-# the Arrow column) leaves the GPU idle unless another actor's pack runs meanwhile. Two were enough on one GPU, but with
-# 4 GPUs' actors, render tasks and shard writers on one host each pack's host work grew (4 x H100: 450 -> 600 ms a pack)
-# and the GPUs idled between packs; three kept them busy (2.78x -> 3.70x one GPU in one run; 2.96x in the next, where
-# every GPU stalled at once for 2 s: docs/benchmarks.md)
+# writing its piece) leaves the GPU idle unless another actor's pack runs meanwhile; with several GPUs' actors, render
+# tasks and shard writers on one host that host work grows, and two actors per GPU left the GPUs idle between packs
+# (docs/benchmarks.md: the 4-GPU build)
 ENCODERS_PER_GPU = 3
 WRITE_RETRIES = 2  # a shard writer task whose worker died is run again (the write is atomic: a rename at the end)
 
@@ -157,8 +156,8 @@ def _start_ray(address: str | None):
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     if "RAY_DATA_ENABLE_OP_RESOURCE_RESERVATION" not in os.environ:  # a set value is kept
-        # Ray Data's per-operator reservation held the render tasks to ~20 at once on 64 cores, ~4 300 rows/s: less
-        # than 4 GPUs' 12 encoders take (~4 900); off, ~37 at once (docs/benchmarks.md, 4-GPU build)
+        # Ray Data's per-operator reservation holds the render tasks to about a third of a many-core host, fewer rows a
+        # second than 4 GPUs' encoders take (docs/benchmarks.md, 4-GPU build): off
         context.op_resource_reservation_enabled = False
     return ray
 
