@@ -151,6 +151,23 @@ def test_fixed_budget_and_dynamic_termination(exported):
     assert len(dynamic[0].latents) == stop
 
 
+def test_the_learned_stop_ends_a_row_where_img_end_passes_one_half(exported):
+    """The LM head's <img_end> logit pushed up stops every row before its first latent; pushed down, every row reasons
+    to the budget; the two stops together are refused."""
+    model, tokenizer, _ = load_export(exported)
+    for push, expected in ((1e4, [0] * 4), (-1e4, [6] * 4)):
+        bias = torch.zeros(model.output_layer.out_features)
+        bias[model.img_end_id] = push
+        hook = model.output_layer.register_forward_hook(lambda module, inputs, output: output + bias)
+        try:
+            stopped = generate_rot(model, tokenizer, QUESTIONS, latents=6, max_answer_tokens=2, learned_stop=True)
+        finally:
+            hook.remove()
+        assert [len(g.latents) for g in stopped] == expected
+    with pytest.raises(ValueError, match="--dynamic-threshold and --learned-stop"):
+        generate_rot(model, tokenizer, QUESTIONS, latents=6, dynamic_threshold=0.1, learned_stop=True)
+
+
 def test_left_padded_batch_equals_batch_of_one_and_cache_equals_no_cache(exported):
     model, tokenizer, _ = load_export(exported)
     batched = generate_rot(model, tokenizer, QUESTIONS, latents=5, max_answer_tokens=6)

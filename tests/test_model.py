@@ -1,5 +1,6 @@
 """The model on tiny real-architecture backbones, without DeepSpeed: loading, rollout, losses."""
 
+import math
 import subprocess
 import sys
 
@@ -107,6 +108,40 @@ def test_teacher_forced_pass_sees_the_rolled_out_latents(rot_setup):
     for i, n in enumerate(batch["n_latents"].tolist()):
         torch.testing.assert_close(hidden[i, start:start + n], rolled[i, :n], atol=1e-4, rtol=1e-4)
     assert mask[1, batch["prefix_ids"].shape[1] + 5:batch["prefix_ids"].shape[1] + n_steps].sum() == 0  # holes
+
+
+def test_the_stop_loss_asks_for_img_end_after_each_rows_own_last_latent_and_learns_it(tiny_qwen3_vl, tiny_shards):
+    """Per decision point k (latents seen), the target is <img_end> iff k equals the row's latent count (row 1 has 5 of
+    the batch's slots): the batched loss equals a sample-by-sample one, and a few steps on it teach the LM head where
+    each row stops (on the teacher-forced pass)."""
+    model, _, batch = model_and_batch(tiny_qwen3_vl, tiny_shards, n_short=5, max_latents=12)
+    truth = batch["targets"].to(model.embed_dtype)
+    hidden, _ = model.teacher_forced(batch, truth)
+    prefix_len = batch["prefix_ids"].shape[1]
+    expected = []
+    for i, n in enumerate(batch["n_latents"].tolist()):
+        log_p = model.output_layer(hidden[i, prefix_len - 1: prefix_len + n]).log_softmax(-1)[:, model.img_end_id]
+        targets = torch.arange(n + 1) == n
+        expected.append(torch.nn.functional.binary_cross_entropy(log_p.exp(), targets.float()))
+    torch.testing.assert_close(model.stop_loss(batch, hidden), torch.stack(expected).mean(), atol=1e-5, rtol=1e-4)
+
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(60):
+        loss = model.stop_loss(batch, model.teacher_forced(batch, truth)[0])
+        first = first if first is not None else float(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        hidden, _ = model.teacher_forced(batch, truth)
+        points = hidden[:, prefix_len - 1: prefix_len + batch["targets"].shape[1]]
+        stops = model.output_layer(points).log_softmax(-1)[..., model.img_end_id] > math.log(0.5)
+    assert float(loss) < 0.1 * first
+    for row, n in zip(stops, batch["n_latents"].tolist()):
+        assert row[:n + 1].tolist() == [False] * n + [True]  # each row stops after its own last latent
 
 
 def test_stage1_loss_reaches_only_the_head(rot_setup):

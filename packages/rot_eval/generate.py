@@ -1,9 +1,10 @@
 """Inference: batched latent reasoning then greedy answer decoding, one KV cache for both.
 
 Every row of the batch moves one position per step and feeds one input embedding:
-- latent phase: ``adapter(head(h))``, until the budget is reached (or, with dynamic termination,
-  until the predicted latent is within ``threshold`` (mean squared distance) of ``<img_end>``'s
-  embedding, at most ``latents`` of them);
+- latent phase: ``adapter(head(h))``, until the budget is reached, or earlier where a stop says so (at most
+  ``latents`` of them): the paper's dynamic termination (``dynamic_threshold``: the predicted latent is within that
+  mean squared distance of ``<img_end>``'s embedding) or the learned stop (``learned_stop``: the LM head gives
+  ``<img_end>`` a probability above one half, as a model trained with ``--stop-weight`` learned to);
 - then ``<img_end>``;
 - then the greedy token from the previous step's logits, until end-of-turn or ``max_answer_tokens``.
 Rows may switch phase at different steps (dynamic termination); left padding and position ids
@@ -15,6 +16,7 @@ every step, as the official code does; it is kept as the reference the tests com
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -57,12 +59,15 @@ def load_for_inference(checkpoint, device="cpu", dtype=torch.float32):
 @torch.no_grad()
 def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_INFERENCE_LATENTS, dynamic_threshold: float | None = None,
                  max_answer_tokens: int = MAX_ANSWER_TOKENS, use_cache: bool = True, stop_at_eos: bool = True,
-                 given_latents: torch.Tensor | None = None) -> list[Generation]:
+                 given_latents: torch.Tensor | None = None, learned_stop: bool = False) -> list[Generation]:
     """``given_latents`` [B, n, latent_dim]: feed these instead of the model's own (the controls: zeros, another
-    question's latents, the true visual embeddings); the budget is then ``n``."""
+    question's latents, the true visual embeddings); the budget is then ``n``. ``learned_stop``: end each row's
+    latents where the LM head gives <img_end> a probability above one half (at most ``latents``)."""
     model.eval()
+    if dynamic_threshold is not None and learned_stop:
+        raise ValueError("--dynamic-threshold and --learned-stop are two ways to end the latents: pass one of them")
     if given_latents is not None:
-        latents, dynamic_threshold = given_latents.shape[1], None
+        latents, dynamic_threshold, learned_stop = given_latents.shape[1], None, False
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     prefix_ids, mask = pad([question_ids(tokenizer, q) + [model.img_begin_id] for q in questions], pad_id, left=True)
@@ -89,7 +94,7 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_
     # with a fixed budget every row reasons for exactly `latents` steps, so the host knows each step's phase
     # without asking the device; with dynamic termination it learns every CHECK_EVERY steps whether any row still
     # reasons (until then the head runs for every row; rows past their latents ignore it)
-    phases_known, maybe_latent = dynamic_threshold is None, True
+    phases_known, maybe_latent = dynamic_threshold is None and not learned_stop, True
     for step in range(last_step + 1):
         # only compute what some row needs: the head in the latent phase, the vocabulary logits after it
         some_latent = step <= latents if phases_known else maybe_latent
@@ -100,6 +105,8 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_
         close = torch.zeros_like(in_latent)
         if dynamic_threshold is not None and latent_input is not None:
             close = (latent_input.float() - embed_end.float()).pow(2).mean(-1) < dynamic_threshold
+        if learned_stop and some_latent:  # p(<img_end>) > 1/2 from the hidden state that would predict the next latent
+            close = model.output_layer(hidden).float().log_softmax(-1)[:, model.img_end_id] > math.log(0.5)
         end_now = in_latent & ((latent_count >= latents) | close)
         emit_latent = in_latent & ~end_now
         answering = ~in_latent & ~finished

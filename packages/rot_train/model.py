@@ -180,6 +180,24 @@ class RoTModel(nn.Module):
         per_sample = per_sample / torch.bincount(rows, minlength=hidden.shape[0]).clamp(min=1)
         return (per_sample * batch["weights"]).sum() / batch["weights"].sum().clamp(min=1e-8)
 
+    def stop_loss(self, batch, hidden):
+        """The learned stop: at every decision point of the latent phase (the position of <img_begin> and of each latent),
+        the LM head's probability of <img_end> is trained to be 1 after a row's own last latent and 0 before it
+        (binary cross-entropy, mean per sample, then over samples). At inference the thought ends where that
+        probability passes one half (``rot_eval.generate``: ``stop="learned"``), so the model chooses its thinking length.
+        ``hidden``: the teacher-forced pass's hidden states, whose column ``prefix_len - 1 + k`` has seen k latents."""
+        prefix_len, n_slots = batch["prefix_ids"].shape[1], batch["targets"].shape[1]
+        points = hidden[:, prefix_len - 1: prefix_len + n_slots]  # k = 0..n_slots latents seen
+        logits = self.output_layer(points).float()
+        every = logits.logsumexp(-1)
+        log_p = logits[..., self.img_end_id] - every  # log p(<img_end>)
+        log_not = logits.index_fill(-1, torch.tensor([self.img_end_id], device=logits.device), float("-inf")).logsumexp(-1) - every
+        seen = torch.arange(n_slots + 1, device=hidden.device)[None]
+        stop, valid = seen == batch["n_latents"][:, None], seen <= batch["n_latents"][:, None]
+        per_point = -torch.where(stop, log_p, log_not)
+        per_sample = (per_point * valid).sum(1) / valid.sum(1)
+        return (per_sample * batch["weights"]).sum() / batch["weights"].sum().clamp(min=1e-8)
+
     @staticmethod
     def vision_loss(batch, predicted):
         """Mean squared error to the target embeddings over each row's own latent positions, then over rows."""
@@ -208,13 +226,14 @@ class RoTModel(nn.Module):
         return (per_sample * batch["weights"]).sum() / batch["weights"].sum().clamp(min=1e-8)
 
     def forward(self, batch, stage: int, vision_weight: float, lm_weight: float, hidden_roll=None,
-                rolled_out: int | None = None, reader_weight: float = 0.0):
+                rolled_out: int | None = None, reader_weight: float = 0.0, stop_weight: float = 0.0):
         """Losses of one micro-batch; ``hidden_roll`` lets a caller supply the rollout (the benchmark's official loop).
 
         ``rolled_out`` (Stage II's curriculum): only the first ``rolled_out`` latents are the model's own rollout;
         the later slots hold the true visual embeddings (teacher forcing), as the CoT stays text after Coconut's
         first latents. None: every latent is rolled out (the official forward). ``reader_weight`` (Stage II): weight of
-        the frozen reader's cross-entropy on the drawn CoT, read from the latents the model predicts in every slot."""
+        the frozen reader's cross-entropy on the drawn CoT, read from the latents the model predicts in every slot.
+        ``stop_weight`` (Stage II): weight of the learned stop (``stop_loss``; 0: off, the official loss)."""
         n_slots = batch["targets"].shape[1]
         if n_slots == 0:  # the SFT baselines: question -> text, no latents
             hidden, mask = self.teacher_forced(batch, batch["targets"].to(self.embed_dtype))
@@ -244,6 +263,9 @@ class RoTModel(nn.Module):
             hidden, mask = self.teacher_forced(batch, answer_latents)
             losses["lm"] = self.lm_loss(batch, hidden, mask)
             total = total + lm_weight * losses["lm"]
+            if stage == 2 and stop_weight > 0:
+                losses["stop"] = self.stop_loss(batch, hidden)
+                total = total + stop_weight * losses["stop"]
             if stage == 2 and (vision_weight > 0 or reader_weight > 0):
                 # each slot's prediction of the next latent, from the latents before it (rolled out or true)
                 prefix_len = batch["prefix_ids"].shape[1]
