@@ -83,3 +83,18 @@ def test_run_json_fed_back_as_the_config_trains_the_same_run(tiny_shards, tiny_q
     assert _error(_train("stage2", "--config", str(tmp_path / "first" / "run.json"), "--out", str(tmp_path / "x"))) == (
         f"error: --config {tmp_path / 'first' / 'run.json'} is the run.json of a rot-train stage1 run: give it to rot-train "
         "stage1, or write the options this one should take in a YAML file")
+
+
+def test_the_render_commands_take_their_defaults_from_render_settings():
+    """`rot-render build` and `show` write no render default of their own (font_size 20 was written three times)."""
+    import typer
+
+    from rot_render.cli import app as render
+    from rot_render.render import RenderSettings
+
+    settings = RenderSettings()
+    for name in ("build", "show"):
+        defaults = {p.name: p.default for p in typer.main.get_command(render).commands[name].params}
+        assert (defaults["height"], defaults["font_size"], defaults["padding"], defaults["font"], defaults["thought_tags"]) == (
+            settings.height, settings.font_size, settings.padding, settings.font_path, settings.thought_tags), name
+    assert {p.name: p.default for p in typer.main.get_command(render).commands["build"].params}["max_tokens"] == settings.max_tokens
