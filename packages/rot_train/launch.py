@@ -91,11 +91,11 @@ def train_command(command: Command) -> Callable:
     def main(ctx: typer.Context, config: Optional[Path] = None, local_rank: int = 0, **flags) -> None:
         try:  # bad options (TrainConfig.validate, --config files) and bad shards end with a one-line error
             values = given_values(ctx, config, command, flags)
-            config = TrainConfig(stage=command.stage, **dict({"mode": command.mode}, **values))
-            if config.command is not command:  # `sft --mode rot` would be a Stage II run
-                raise ValueError(f"--mode {config.mode}: rot-train {command.name} trains {command.mode} (or sft-nocot); "
-                                 f"the {config.mode} run is rot-train {config.command.name}")
-            run(config)
+            cfg = TrainConfig(stage=command.stage, **dict({"mode": command.mode}, **values))
+            if cfg.command is not command:  # `sft --mode rot` would be a Stage II run
+                raise ValueError(f"--mode {cfg.mode}: rot-train {command.name} trains {command.mode} (or sft-nocot); "
+                                 f"the {cfg.mode} run is rot-train {cfg.command.name}")
+            run(cfg)
         except (ShardError, FileNotFoundError, ValueError) as error:
             typer.secho(f"error: {error}", fg="red", err=True)
             raise typer.Exit(1)
