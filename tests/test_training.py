@@ -273,38 +273,41 @@ def test_restored_optimizer_state_moves_beside_its_weights_even_when_zero3_empti
     assert {key: value.device.type for key, value in adam.state[weight].items()} == {"step": "meta", "exp_avg": "meta", "exp_avg_sq": "meta"}
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_command_line_defaults_are_the_dataclass_defaults(stage):
-    """One source of defaults: a run from the API and from the command line train with the same settings
-    (the Stage II vision weight was 10 from the API and 0 from the command line)."""
+@pytest.mark.parametrize("command", ["stage1", "stage2", "sft"])
+def test_command_line_defaults_are_the_dataclass_defaults(command):
+    """One source of defaults: a run from the API and from the command line train with the same settings (the Stage II
+    vision weight was 10 from the API and 0 from the command line); each command shows its own options only."""
     import typer
-    from dataclasses import fields
 
+    from rot_train.config import COMMANDS
     from rot_train.launch import app
-    from rot_train.train import TrainConfig
 
-    config = TrainConfig(stage=stage, shards="s", backbone="b", out="o")
-    names = {f.name for f in fields(TrainConfig)} - {"stage", "shards", "backbone", "out"}
-    command = typer.main.get_command(app).commands[f"stage{stage}"]
-    options = {p.name: p.default for p in command.params if p.name in names}
-    assert set(options) == names
+    spec = COMMANDS[command]
+    config = TrainConfig(stage=spec.stage, mode=spec.mode, shards="s", backbone="b", out="o")
+    names = {f.name for f in spec.fields()} - {"shards", "backbone", "out"}
+    shown = typer.main.get_command(app).commands[command]
+    options = {p.name: p.default for p in shown.params if p.name in names}
+    assert set(options) == names and {p.name for p in shown.params} == names | {"shards", "backbone", "out", "config", "local_rank"}
     for name, default in options.items():
         assert (list(default) if isinstance(default, tuple) else default) == getattr(config, name), name
-    assert config.vision_weight == (10.0 if stage == 1 else 0.0)
+    assert config.vision_weight == (10.0 if command == "stage1" else 0.0)
+    assert ("lora_r" in names) == (command != "stage1") and ("curriculum_steps" in names) == (command == "stage2")
+    assert ("mode" in names) == (command == "sft") and ("max_latents" in names) == (command != "sft")
 
 
 def test_zero_stage_is_chosen_by_name_or_file():
-    from rot_train.launch import defaults, zero_config
-    from rot_train.train import CONFIGS
+    from rot_train.config import CONFIGS
 
-    default = defaults(1)["deepspeed_config"]
-    assert zero_config(None, default) == default == str(CONFIGS / "zero2.json")
-    assert zero_config(3, default) == str(CONFIGS / "zero3.json")
-    assert zero_config(None, "mine.json") == "mine.json"
+    def config(**values):
+        return TrainConfig(stage=1, shards="s", backbone="b", out="o", **values)
+
+    assert config().deepspeed_file == str(CONFIGS / "zero2.json")
+    assert config(zero=3).deepspeed_file == str(CONFIGS / "zero3.json")
+    assert config(ds_config="mine.json").deepspeed_file == "mine.json"
     with pytest.raises(ValueError, match="--zero 1: use 2 or 3"):
-        zero_config(1, default)
+        config(zero=1)
     with pytest.raises(ValueError, match="pass one of them"):
-        zero_config(3, "mine.json")
+        config(zero=3, ds_config="mine.json")
 
 
 def test_stage2_reader_loss_and_trained_head_are_logged_exported_and_leave_the_reader_untouched(micro_anchor, tiny_shards,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rot_train.export import latent_budget
-from rot_train.train import AT_LEAST_ONE, NOT_NEGATIVE, TrainConfig
+from rot_train.config import AT_LEAST_ONE, NOT_NEGATIVE, TrainConfig
 
 
 def _config(**values) -> TrainConfig:

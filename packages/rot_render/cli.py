@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Optional
 
@@ -12,15 +13,20 @@ from rot_data.terminal import wide_help_when_piped
 import rot_anchor
 from rot_data import shards
 from rot_data.records import RecordError, builtin_datasets_help
+from rot_render.pipeline import BuildConfig
 from rot_render.render import RenderSettings
+
+RENDER = RenderSettings()  # how a line is drawn: `build` and `show` take their defaults from here and nowhere else
+BUILD = {f.name: f.default for f in fields(BuildConfig) if f.default is not MISSING}  # and `build` the rest from here
 
 wide_help_when_piped()
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Render chains of thought as one-line images and encode them with a frozen VLM vision tower.")
 
 
-def _render_settings(height, font_size, padding, font, thought_tags) -> RenderSettings:
-    return RenderSettings(height=height, font_size=font_size, padding=padding, font_path=font, thought_tags=thought_tags)
+def _render_settings(height, font_size, padding, font, thought_tags, max_tokens=RENDER.max_tokens) -> RenderSettings:
+    return RenderSettings(height=height, font_size=font_size, padding=padding, font_path=font, thought_tags=thought_tags,
+                          max_tokens=max_tokens)
 
 
 def _fail(message: str) -> None:
@@ -39,33 +45,31 @@ def _human_bytes(count: int) -> str:
 def build(
     dataset: str = typer.Option(..., help=f"{builtin_datasets_help()}, a .jsonl/.json/.parquet/.txt file, or hf:<id>[:<config>]"),
     out: Path = typer.Option(..., help="output folder for shards and manifest.json"),
-    split: str = typer.Option("train"),
-    encoder: str = typer.Option(rot_anchor.NAME, help="'anchor' (the shipped pretrained VLM), a hub id or folder of a Qwen2-VL/Qwen2.5-VL/Qwen3-VL checkpoint, or 'tiny' (untrained smoke-test tower)"),
-    dtype: str = typer.Option("bf16", help="stored embedding dtype: bf16, fp16 or fp32"),
-    shard_size: int = typer.Option(1024, help="rows per Parquet shard"),
-    on_error: str = typer.Option("fail", help="malformed rows: 'fail' stops at the first, 'skip' skips and counts them in the manifest"),
-    keep_calculator: bool = typer.Option(False, help="keep GSM8k's <<a*b=c>> calculator notes in the CoT"),
-    data_dir: Optional[Path] = typer.Option(None, help="another copy of the package's data folders (e.g. ../shared/data)"),
-    limit: Optional[int] = typer.Option(None, help="only the first N rows (smoke runs)"),
-    height: Optional[int] = typer.Option(None, help="line height in px (default: one token row of the encoder, 32 for Qwen3-VL)"),
-    font_size: int = typer.Option(20),
-    padding: int = typer.Option(4),
-    font: Optional[str] = typer.Option(None, help="a .ttf file (default: DejaVu Sans shipped with matplotlib)"),
-    thought_tags: bool = typer.Option(False, help="wrap the CoT in <|begin_of_thought|> ... <|end_of_thought|>"),
-    max_tokens: int = typer.Option(512, help="width cap in visual tokens: a longer line is cut after the last character that fits (counted in the manifest)"),
-    batch_size: int = typer.Option(256, help="images per packed encoder call"),
-    num_encoders: Optional[int] = typer.Option(None, help="encoder actors (default: three per GPU, sharing it, so one encodes while the others do their host work; one on a CPU-only cluster)"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)"),
-    overwrite: bool = typer.Option(False, help="replace a shard set made with different settings"),
+    split: str = typer.Option(BUILD["split"]),
+    encoder: str = typer.Option(BUILD["encoder"], help="'anchor' (the shipped pretrained VLM), a hub id or folder of a Qwen2-VL/Qwen2.5-VL/Qwen3-VL checkpoint, or 'tiny' (untrained smoke-test tower)"),
+    dtype: str = typer.Option(BUILD["dtype"], help="stored embedding dtype: bf16, fp16 or fp32"),
+    shard_size: int = typer.Option(BUILD["shard_size"], help="rows per Parquet shard"),
+    on_error: str = typer.Option(BUILD["on_error"], help="malformed rows: 'fail' stops at the first, 'skip' skips and counts them in the manifest"),
+    keep_calculator: bool = typer.Option(BUILD["keep_calculator"], help="keep GSM8k's <<a*b=c>> calculator notes in the CoT"),
+    data_dir: Optional[Path] = typer.Option(BUILD["data_dir"], help="another copy of the package's data folders (e.g. ../shared/data)"),
+    limit: Optional[int] = typer.Option(BUILD["limit"], help="only the first N rows (smoke runs)"),
+    height: Optional[int] = typer.Option(RENDER.height, help="line height in px (default: one token row of the encoder, 32 for Qwen3-VL)"),
+    font_size: int = typer.Option(RENDER.font_size),
+    padding: int = typer.Option(RENDER.padding),
+    font: Optional[str] = typer.Option(RENDER.font_path, help="a .ttf file (default: DejaVu Sans shipped with matplotlib)"),
+    thought_tags: bool = typer.Option(RENDER.thought_tags, help="wrap the CoT in <|begin_of_thought|> ... <|end_of_thought|>"),
+    max_tokens: int = typer.Option(RENDER.max_tokens, help="width cap in visual tokens: a longer line is cut after the last character that fits (counted in the manifest)"),
+    batch_size: int = typer.Option(BUILD["batch_size"], help="images per packed encoder call"),
+    num_encoders: Optional[int] = typer.Option(BUILD["num_encoders"], help="encoder actors (default: three per GPU, sharing it, so one encodes while the others do their host work; one on a CPU-only cluster)"),
+    address: Optional[str] = typer.Option(BUILD["address"], help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)"),
+    overwrite: bool = typer.Option(BUILD["overwrite"], help="replace a shard set made with different settings"),
 ) -> None:
     """Render and encode every CoT of a dataset into Parquet shards (resumes if re-run)."""
-    from dataclasses import replace
-
-    from rot_render.pipeline import STATS, BuildConfig, BuildError, build as run_build
+    from rot_render.pipeline import STATS, BuildError, build as run_build
 
     config = BuildConfig(dataset=dataset, out=out, split=split, encoder=encoder, dtype=dtype, shard_size=shard_size,
                          on_error=on_error, keep_calculator=keep_calculator, data_dir=data_dir, limit=limit,
-                         render=replace(_render_settings(height, font_size, padding, font, thought_tags), max_tokens=max_tokens),
+                         render=_render_settings(height, font_size, padding, font, thought_tags, max_tokens),
                          batch_size=batch_size, num_encoders=num_encoders, address=address, overwrite=overwrite)
     if encoder == "tiny":
         typer.secho("note: --encoder tiny is an UNTRAINED random tower, for smoke runs only; its embeddings carry no meaning.",
@@ -138,11 +142,11 @@ def show(
     text: str = typer.Argument(..., help="the text to render"),
     output: Path = typer.Option(Path("line.png"), "-o", "--output"),
     token_px: int = typer.Option(32, help="encoder token size in px (32 for Qwen3-VL, 28 for Qwen2/2.5-VL)"),
-    height: Optional[int] = typer.Option(None),
-    font_size: int = typer.Option(20),
-    padding: int = typer.Option(4),
-    font: Optional[str] = typer.Option(None),
-    thought_tags: bool = typer.Option(False),
+    height: Optional[int] = typer.Option(RENDER.height),
+    font_size: int = typer.Option(RENDER.font_size),
+    padding: int = typer.Option(RENDER.padding),
+    font: Optional[str] = typer.Option(RENDER.font_path),
+    thought_tags: bool = typer.Option(RENDER.thought_tags),
     grid: bool = typer.Option(False, help="draw the token boundaries in red"),
 ) -> None:
     """Write one rendered line as a PNG, for a person to look at."""
@@ -188,7 +192,7 @@ def read(
         lines.append(np.asarray(grey.resize((width, 32), Image.BILINEAR), dtype=np.uint8))
         names.append(str(path))
     if text is not None:
-        lines.append(render_line(text, RenderSettings(), 32))
+        lines.append(render_line(text, RENDER, 32))
         names.append("--text")
     try:
         vlm, tokenizer = reader.load(model)

@@ -13,111 +13,20 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rot_data.ranges import refuse_out_of_range
 from rot_train import export as exporting
 from rot_train.backbone import (IMG_BEGIN, IMG_END, add_latent_tokens, checkpoint_activations, load_backbone, set_token_rows,
                                 token_rows)
 from rot_train import batch_size, flops
 from rot_train.batch_size import BatchPlan
 from rot_train.batches import ReadingTurn, RoTCollator, SFTCollator
+from rot_train.config import TrainConfig
 from rot_train.model import RoTModel
 from rot_train.shard_stream import ShardSet, ShardStream
-
-CONFIGS = Path(__file__).parent / "configs"
-
-
-@dataclass
-class TrainConfig:
-    stage: int
-    shards: str
-    backbone: str
-    out: str
-    init: str | None = None  # Stage II: the Stage I export to take the head (and new token rows) from
-    mode: str = "rot"  # or the baselines "sft-cot" / "sft-nocot" (Stage II settings, no latents)
-    deepspeed_config: str = str(CONFIGS / "zero2.json")
-    # samples per optimizer step on any number of GPUs: the official 16 per GPU x 4 accumulation steps x 2 GPUs
-    global_batch: int = 128
-    micro_batch: int | None = None  # samples per GPU per micro step; None: the largest that fits (rot_train.batch_size)
-    epochs: int = 2
-    max_steps: int | None = None
-    # wall-clock budget: a run cut by a GPU call's or a SLURM job's limit loses everything, so stop at the first optimizer
-    # step after this many seconds of training (setup not counted) and end as a finished run does (checkpoint, export)
-    max_seconds: float | None = None
-    lr: float = 2e-5
-    warmup_steps: int = 20
-    max_latents: int | None = None  # cap on the latents trained per sample; None: one per visual token (official)
-    inference_latents: int | None = None  # latent budget recorded for inference; None: the shards' mean per row (at most max_latents)
-    latent_gradient: str = "official"  # Stage II: "official" (answer loss reaches the LLM through the latents) or "detached"
-    vision_weight: float | None = None  # None: the stage's official value (STAGE_DEFAULTS)
-    # Stage II's latent curriculum (0: off, the official forward): the first `curriculum_steps` optimizer steps feed
-    # every latent slot the true visual embedding, then every `curriculum_steps` steps `curriculum_stride` more
-    # leading slots become the model's own rollout, until all are
-    curriculum_steps: int = 0
-    curriculum_stride: int = 4
-    # Stage II: weight of a frozen copy of the backbone VLM reading the predicted latents as the drawn CoT (cross-entropy)
-    reader_weight: float = 0.0
-    train_head: bool = False  # Stage II: keep training the projection head (the official Stage II freezes it)
-    lm_weight: float = 1.0
-    head_width: int = 2048
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    full_finetune: bool = False
-    # activation checkpointing (each layer's activations recomputed in the backward pass: a third more compute for
-    # far less memory); None: only where memory needs it (on a GPU, off when the micro-batch fits without it)
-    gradient_checkpointing: bool | None = None
-    # how latents are rolled out, both on the decoding engine: "graphs" (each step replayed as a CUDA graph) or "eager"
-    # (launched step by step); None: graphs on a GPU unless ZeRO-3 moves the weights between calls, else eager
-    rollout: str | None = None
-    seed: int = 0
-    shuffle_buffer: int = 1024
-    num_workers: int = 1
-    save_every: int = 0
-    keep_checkpoints: int = 2  # the newest N checkpoints stay in <out>/checkpoints, older ones are deleted; 0: keep all
-    resume: bool = False
-    log_ids: bool = False
-
-    def __post_init__(self):
-        for key, value in STAGE_DEFAULTS[self.stage].items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        refuse_out_of_range(self, AT_LEAST_ONE, NOT_NEGATIVE, OPTIONAL)
-        if self.max_seconds is not None and self.max_seconds <= 0:
-            raise ValueError(f"--max-seconds {self.max_seconds:g}: use a number of seconds > 0 (leave it out for no time limit)")
-        if self.rollout not in (None, *ROLLOUTS):
-            raise ValueError(f"--rollout {self.rollout}: use one of {', '.join(ROLLOUTS)} (leave it out for the default)")
-        if self.curriculum_steps < 0 or self.curriculum_stride < 1:
-            raise ValueError(f"--curriculum-steps {self.curriculum_steps} / --curriculum-stride {self.curriculum_stride}: "
-                             "use steps >= 0 (0: off) and a stride >= 1")
-        if self.curriculum_steps and (self.stage != 2 or self.mode != "rot"):
-            raise ValueError("--curriculum-steps is a Stage II option (stage2.py): Stage I trains the head on the full rollout")
-        if self.reader_weight and (self.stage != 2 or self.mode != "rot" or self.max_latents):
-            raise ValueError("--reader-weight is a Stage II option (stage2.py) for uncapped latents: the reader reads the "
-                             "whole line, so drop --max-latents")
-
-    def rolled_out(self, step: int) -> int | None:
-        """Leading latents the model rolls out itself at optimizer step ``step`` (None: all of them)."""
-        return self.curriculum_stride * (step // self.curriculum_steps) if self.curriculum_steps else None
-
-
-ROLLOUTS = ("graphs", "eager")
-AT_LEAST_ONE = ("global_batch", "micro_batch", "epochs", "max_steps", "max_latents", "inference_latents", "head_width",
-                "lora_r", "shuffle_buffer")
-NOT_NEGATIVE = ("lr", "warmup_steps", "vision_weight", "reader_weight", "lm_weight", "lora_alpha", "lora_dropout", "seed",
-                "num_workers", "save_every", "keep_checkpoints")
-OPTIONAL = ("micro_batch", "max_steps", "max_latents", "inference_latents")  # None: not given
-
-# The official configuration's per-stage values: Stage I trains the head on MSE x10 + LM loss, Stage II (and
-# the SFT baselines) on the LM loss alone. The one place these live: the CLI reads them from here.
-STAGE_DEFAULTS = {1: {"vision_weight": 10.0}, 2: {"vision_weight": 0.0}}
-
 
 def init_distributed():
     """Join the launcher's process group, or make a one-process group when run without one."""
@@ -182,7 +91,7 @@ def warmup_steps(cfg: TrainConfig, stop_step: int) -> int:
 
 
 def deepspeed_config(cfg: TrainConfig, plan: BatchPlan, total_steps: int, warmup: int) -> dict:
-    config = json.loads(Path(cfg.deepspeed_config).read_text())
+    config = json.loads(Path(cfg.deepspeed_file).read_text())
     config.update(train_micro_batch_size_per_gpu=plan.micro_batch, gradient_accumulation_steps=plan.grad_accum,
                   train_batch_size=plan.global_batch)
     config.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {}})["params"].update(
@@ -206,11 +115,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, shar
         if model.reader.config.hidden_size != shard_set.dim:
             raise ValueError(f"--reader-weight: the backbone reads visual tokens of size {model.reader.config.hidden_size}, "
                              f"the shards hold {shard_set.dim}; the reader must be the VLM whose tower built the shards")
-    if cfg.mode not in ("rot", "sft-cot", "sft-nocot") or (cfg.mode != "rot" and cfg.stage != 2):
-        raise ValueError(f"--mode {cfg.mode}: use rot (Stage I or II) or sft-cot / sft-nocot (rot_train/sft.py)")
     if cfg.stage == 2:
-        if cfg.init is None and cfg.mode == "rot":
-            raise ValueError("--init is required for Stage II: pass the export folder a Stage I run wrote (<stage1 --out>/export)")
         if cfg.mode == "rot":
             exporting.load_head(model, cfg.init, shard_set)
         model.head.requires_grad_(cfg.train_head)
@@ -400,8 +305,11 @@ class Checkpoints:
         return state["step"], state["epoch"], state["next_batch"], state.get("totals", {"samples": 0, "seconds": 0.0})
 
 
-def check_out_folder(cfg: TrainConfig) -> Path:
-    """A fresh run never writes into an earlier run's folder (its losses would be appended to that run's log)."""
+def check_before_run(cfg: TrainConfig) -> Path:
+    """What a run needs besides valid values (``TrainConfig.validate``): Stage II's --init, and an --out folder that
+    holds no earlier run (its losses would be appended to that run's log) unless --resume continues it."""
+    if cfg.stage == 2 and cfg.mode == "rot" and cfg.init is None:
+        raise ValueError("--init is required for Stage II: pass the export folder a Stage I run wrote (<stage1 --out>/export)")
     out = Path(cfg.out)
     if cfg.resume and not (out / "checkpoints" / "latest").exists():
         raise ValueError(f"--resume: {out} holds no checkpoint (checkpoints/latest) to continue; leave --resume out to "
@@ -527,12 +435,12 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     from tqdm import tqdm
 
     # 1. set up: process group, shards, the model with this stage's trainable parameters, the batch stream
-    out = check_out_folder(cfg)
+    out = check_before_run(cfg)
     rank, world_size, device = init_distributed()
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     shard_set = ShardSet.open(cfg.shards)
-    ds_file = json.loads(Path(cfg.deepspeed_config).read_text())
+    ds_file = json.loads(Path(cfg.deepspeed_file).read_text())
     dtype = torch.bfloat16 if ds_file.get("bf16", {}).get("enabled") else torch.float32
     model, tokenizer, token_ids = build_model(cfg, device, dtype, shard_set)
     collate = make_collate(cfg, shard_set, tokenizer, token_ids)
@@ -570,7 +478,7 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     global_batch = plan.global_batch
     untrained_rows = max(0, shard_set.rows - stream.batches_per_epoch // plan.grad_accum * global_batch)
     counter = flops.Counter(model, cfg)
-    run_info = {"config": asdict(cfg), "world_size": world_size, "global_batch": global_batch,
+    run_info = {"command": cfg.command.name, "config": cfg.options(), "deepspeed_config": cfg.deepspeed_file, "world_size": world_size, "global_batch": global_batch,
                 "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "micro_batch_chosen_by": plan.chosen_by,
                 "rollout": rollout, "activation_checkpointing": plan.checkpointing,
                 "warmup_steps": warmup,
