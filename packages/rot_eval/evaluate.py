@@ -29,7 +29,8 @@ def check_positions(model, tokenizer, questions: list[str], new_positions: int, 
 def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data_dir: Path | None = None,
              latents: int | None = None, dynamic_threshold: float | None = None, batch_size: int = 64,
              max_answer_tokens: int = MAX_ANSWER_TOKENS, max_cot_tokens: int = 256, limit: int | None = None,
-             device: str | None = None, control: str | None = None, truth_shards: Path | None = None) -> dict:
+             device: str | None = None, control: str | None = None, truth_shards: Path | None = None,
+             learned_stop: bool = False) -> dict:
     """``control``: replace the latents by ``zeros``, by another question's (``shuffled``: the batch's latents
     rolled by one row) or by the ``truth`` (the visual embeddings of the question's rendered CoT, read from
     ``truth_shards``, a shard set of the evaluated split built with the training encoder)."""
@@ -37,6 +38,8 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
                         ("--max-cot-tokens", max_cot_tokens)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: use at least 1" + (" (leave it out for every row)" if flag == "--limit" else ""))
+    if dynamic_threshold is not None and learned_stop:
+        raise ValueError("--dynamic-threshold and --learned-stop are two ways to end the latents: pass one of them")
     if control not in CONTROLS:
         raise ValueError(f"--control {control}: use one of {', '.join(c for c in CONTROLS if c)}")
     if control == "truth" and truth_shards is None:
@@ -63,7 +66,7 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
                 given = _control_latents(control, model, tokenizer, questions, latents, truth) if control else None
                 results, elapsed = timed(generate_rot, model, tokenizer, questions, latents=latents,
                                          dynamic_threshold=dynamic_threshold, max_answer_tokens=max_answer_tokens,
-                                         given_latents=given)
+                                         given_latents=given, learned_stop=learned_stop)
             else:
                 results, elapsed = timed(generate_text, model, tokenizer, questions, max_new_tokens=max_cot_tokens)
             seconds += elapsed
@@ -90,7 +93,8 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
         "per_answer_token": [ok / total for ok, total in by_position],
         "mean_reasoning_tokens": reasoning_tokens / len(records), "seconds_per_sample": seconds / len(records),
         "samples_per_s": len(records) / seconds if seconds else 0.0, "batch_size": batch_size, "device": device,
-        "latents": latents if mode == "rot" else None, "dynamic_threshold": dynamic_threshold, "control": control,
+        "latents": latents if mode == "rot" else None, "dynamic_threshold": dynamic_threshold,
+        "learned_stop": learned_stop, "control": control,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

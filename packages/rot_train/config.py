@@ -104,6 +104,9 @@ class StageTwoOptions:
     reader_weight: float = option(0.0, "weight of a frozen copy of the backbone VLM reading the predicted latents as the "
                                   "drawn CoT (cross-entropy; 0: off, the official loss)", at_least=0)
     train_head: bool = option(False, "keep training the projection head (the official Stage II freezes it)")
+    stop_weight: float = option(0.0, "weight of the learned stop: the LM head's <img_end> probability trained at every "
+                                "latent step (1 after a row's own last latent, 0 before), so rot-eval --learned-stop lets "
+                                "the model choose its thinking length (0: off, the official loss)", at_least=0)
 
 
 @dataclass(kw_only=True)

@@ -330,7 +330,7 @@ def make_collate(cfg: TrainConfig, shard_set: ShardSet, tokenizer, token_ids: di
 
 def forward_options(cfg: TrainConfig, step: int) -> dict:
     return {"stage": cfg.stage, "vision_weight": cfg.vision_weight, "lm_weight": cfg.lm_weight,
-            "rolled_out": cfg.rolled_out(step), "reader_weight": cfg.reader_weight}
+            "rolled_out": cfg.rolled_out(step), "reader_weight": cfg.reader_weight, "stop_weight": cfg.stop_weight}
 
 
 def plan_batches(cfg: TrainConfig, model, collate, shard_set: ShardSet, world_size: int, device: torch.device) -> BatchPlan:
