@@ -168,6 +168,18 @@ def test_the_learned_stop_ends_a_row_where_img_end_passes_one_half(exported):
         generate_rot(model, tokenizer, QUESTIONS, latents=6, dynamic_threshold=0.1, learned_stop=True)
 
 
+def test_a_budget_per_question_gives_each_row_its_own_latent_count(exported):
+    """The oracle of a stop: each row reasons for exactly its own budget, and its latents are those it reasons with a
+    fixed budget (a row does not change what the others compute)."""
+    model, tokenizer, _ = load_export(exported)
+    budgets = torch.tensor([2, 5, 1, 3])
+    each = generate_rot(model, tokenizer, QUESTIONS, latents=budgets, max_answer_tokens=3)
+    assert [len(g.latents) for g in each] == budgets.tolist()
+    fixed = generate_rot(model, tokenizer, QUESTIONS, latents=5, max_answer_tokens=3)
+    for own, full, n in zip(each, fixed, budgets.tolist()):
+        torch.testing.assert_close(own.latents, full.latents[:n], atol=1e-4, rtol=1e-4)
+
+
 def test_left_padded_batch_equals_batch_of_one_and_cache_equals_no_cache(exported):
     model, tokenizer, _ = load_export(exported)
     batched = generate_rot(model, tokenizer, QUESTIONS, latents=5, max_answer_tokens=6)

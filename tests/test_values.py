@@ -62,6 +62,7 @@ def test_the_latent_budget_is_the_given_one_or_the_recorded_one():
     (["--limit", "0"], "--limit 0: use at least 1"),
     (["--batch-size", "0"], "--batch-size 0: use at least 1"),
     (["--dynamic-threshold", "0.1", "--learned-stop"], "--dynamic-threshold and --learned-stop are two ways"),
+    (["--oracle-latents"], "--oracle-latents gives each question its own CoT's visual-token count"),
 ])
 def test_rot_eval_refuses_a_budget_it_cannot_decode_in_one_line(tmp_path, args, says):
     from typer.testing import CliRunner

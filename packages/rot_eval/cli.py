@@ -27,6 +27,7 @@ def run_eval(
     latents: Optional[int] = typer.Option(None, help="latent budget (default: the one recorded in the export; the paper uses 32 for GSM8k)"),
     dynamic_threshold: Optional[float] = typer.Option(None, help="stop latents early when within this mean squared distance of <img_end>"),
     learned_stop: bool = typer.Option(False, help="stop each question's latents where the LM head gives <img_end> a probability above one half (a model trained with --stop-weight; at most the budget)"),
+    oracle_latents: bool = typer.Option(False, help="each question's budget is its own CoT's visual-token count, read from --truth-shards (the oracle a stop is measured against)"),
     batch_size: int = typer.Option(64),
     max_answer_tokens: int = typer.Option(MAX_ANSWER_TOKENS),
     max_cot_tokens: int = typer.Option(256, help="SFT-CoT baseline: generation cap"),
@@ -41,7 +42,7 @@ def run_eval(
     try:
         summary = evaluate(checkpoint, dataset, out, split, data_dir, latents, dynamic_threshold, batch_size,
                            max_answer_tokens, max_cot_tokens, limit, control=control, truth_shards=truth_shards,
-                           learned_stop=learned_stop)
+                           learned_stop=learned_stop, oracle_latents=oracle_latents)
     except (RecordError, FileNotFoundError, ValueError) as error:
         message = str(error).replace(" or pass --on-error skip", "")  # rot-eval has no --on-error: every row is evaluated
         typer.secho(f"error: {message}", fg="red", err=True)

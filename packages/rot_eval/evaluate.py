@@ -30,7 +30,7 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
              latents: int | None = None, dynamic_threshold: float | None = None, batch_size: int = 64,
              max_answer_tokens: int = MAX_ANSWER_TOKENS, max_cot_tokens: int = 256, limit: int | None = None,
              device: str | None = None, control: str | None = None, truth_shards: Path | None = None,
-             learned_stop: bool = False) -> dict:
+             learned_stop: bool = False, oracle_latents: bool = False) -> dict:
     """``control``: replace the latents by ``zeros``, by another question's (``shuffled``: the batch's latents
     rolled by one row) or by the ``truth`` (the visual embeddings of the question's rendered CoT, read from
     ``truth_shards``, a shard set of the evaluated split built with the training encoder)."""
@@ -42,6 +42,9 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
         raise ValueError("--dynamic-threshold and --learned-stop are two ways to end the latents: pass one of them")
     if control not in CONTROLS:
         raise ValueError(f"--control {control}: use one of {', '.join(c for c in CONTROLS if c)}")
+    if oracle_latents and (truth_shards is None or control or dynamic_threshold is not None or learned_stop):
+        raise ValueError("--oracle-latents gives each question its own CoT's visual-token count as its budget: it needs "
+                         "--truth-shards (a shard set of the evaluated split) and no --control, --dynamic-threshold or --learned-stop")
     if control == "truth" and truth_shards is None:
         raise ValueError("--control truth needs --truth-shards: a shard set of the evaluated split (rot-render build --split ...)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -55,7 +58,10 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
     check_positions(model, tokenizer, [r.question for r in records], thinking[0] + max_answer_tokens + 2, f"{thinking[1]} + answer tokens".strip(" +"))
     if control and mode != "rot":
         raise ValueError(f"--control applies to RoT exports; {checkpoint} is an {mode} baseline")
-    truth = _truth_embeddings(truth_shards) if control == "truth" else None
+    truth = _truth_embeddings(truth_shards) if control == "truth" or oracle_latents else None
+    if oracle_latents and truth:
+        check_positions(model, tokenizer, [r.question for r in records], max(map(len, truth.values())) + max_answer_tokens + 2,
+                        "--oracle-latents + answer tokens")
     out.mkdir(parents=True, exist_ok=True)
     correct, reasoning_tokens, seconds, by_position = 0, 0, 0.0, []
     with open(out / "predictions.jsonl", "w") as predictions:
@@ -64,7 +70,8 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
             questions = [r.question for r in batch]
             if mode == "rot":
                 given = _control_latents(control, model, tokenizer, questions, latents, truth) if control else None
-                results, elapsed = timed(generate_rot, model, tokenizer, questions, latents=latents,
+                budget = _oracle_budgets(questions, truth) if oracle_latents else latents
+                results, elapsed = timed(generate_rot, model, tokenizer, questions, latents=budget,
                                          dynamic_threshold=dynamic_threshold, max_answer_tokens=max_answer_tokens,
                                          given_latents=given, learned_stop=learned_stop)
             else:
@@ -94,7 +101,7 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
         "mean_reasoning_tokens": reasoning_tokens / len(records), "seconds_per_sample": seconds / len(records),
         "samples_per_s": len(records) / seconds if seconds else 0.0, "batch_size": batch_size, "device": device,
         "latents": latents if mode == "rot" else None, "dynamic_threshold": dynamic_threshold,
-        "learned_stop": learned_stop, "control": control,
+        "learned_stop": learned_stop, "oracle_latents": oracle_latents, "control": control,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -142,6 +149,13 @@ def _control_latents(control, model, tokenizer, questions, latents, truth) -> to
     if len(lengths) > 1:
         raise ValueError(f"--control truth needs CoTs of one length per batch (got {sorted(lengths)} visual tokens); use --batch-size 1")
     return torch.stack([truth[q] for q in questions]).to(device)
+
+
+def _oracle_budgets(questions, truth) -> torch.Tensor:
+    missing = [q for q in questions if q not in truth]
+    if missing:
+        raise ValueError(f"--truth-shards has no row for the question {missing[0]!r}; build it from the evaluated split")
+    return torch.tensor([len(truth[q]) for q in questions])
 
 
 def _cot_tokens(tokenizer, text: str, mode: str) -> int:

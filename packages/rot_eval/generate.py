@@ -57,18 +57,22 @@ def load_for_inference(checkpoint, device="cpu", dtype=torch.float32):
 
 
 @torch.no_grad()
-def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_INFERENCE_LATENTS, dynamic_threshold: float | None = None,
+def generate_rot(model, tokenizer, questions: list[str], latents: int | torch.Tensor = DEFAULT_INFERENCE_LATENTS, dynamic_threshold: float | None = None,
                  max_answer_tokens: int = MAX_ANSWER_TOKENS, use_cache: bool = True, stop_at_eos: bool = True,
                  given_latents: torch.Tensor | None = None, learned_stop: bool = False) -> list[Generation]:
     """``given_latents`` [B, n, latent_dim]: feed these instead of the model's own (the controls: zeros, another
     question's latents, the true visual embeddings); the budget is then ``n``. ``learned_stop``: end each row's
-    latents where the LM head gives <img_end> a probability above one half (at most ``latents``)."""
+    latents where the LM head gives <img_end> a probability above one half (at most ``latents``). ``latents`` may be a
+    tensor of one budget per question (the oracle of a stop: each question's own visual-token count)."""
     model.eval()
     if dynamic_threshold is not None and learned_stop:
         raise ValueError("--dynamic-threshold and --learned-stop are two ways to end the latents: pass one of them")
     if given_latents is not None:
         latents, dynamic_threshold, learned_stop = given_latents.shape[1], None, False
     device = next(model.parameters()).device
+    budget = latents  # one budget for every row, or one per row (the oracle: each question's own visual-token count)
+    if torch.is_tensor(latents):
+        budget, latents = latents.to(device), int(latents.max())
     pad_id = pad_token_id(tokenizer)
     prefix_ids, mask = pad([question_ids(tokenizer, q) + [model.img_begin_id] for q in questions], pad_id, left=True)
     prefix_ids, mask = bucketed(prefix_ids.to(device), mask.to(device), pad_id)
@@ -94,7 +98,8 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_
     # with a fixed budget every row reasons for exactly `latents` steps, so the host knows each step's phase
     # without asking the device; with dynamic termination it learns every CHECK_EVERY steps whether any row still
     # reasons (until then the head runs for every row; rows past their latents ignore it)
-    phases_known, maybe_latent = dynamic_threshold is None and not learned_stop, True
+    phases_known = dynamic_threshold is None and not learned_stop and not torch.is_tensor(budget)
+    maybe_latent = True
     for step in range(last_step + 1):
         # only compute what some row needs: the head in the latent phase, the vocabulary logits after it
         some_latent = step <= latents if phases_known else maybe_latent
@@ -107,7 +112,7 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int = DEFAULT_
             close = (latent_input.float() - embed_end.float()).pow(2).mean(-1) < dynamic_threshold
         if learned_stop and some_latent:  # p(<img_end>) > 1/2 from the hidden state that would predict the next latent
             close = model.output_layer(hidden).float().log_softmax(-1)[:, model.img_end_id] > math.log(0.5)
-        end_now = in_latent & ((latent_count >= latents) | close)
+        end_now = in_latent & ((latent_count >= budget) | close)
         emit_latent = in_latent & ~end_now
         answering = ~in_latent & ~finished
         some_answering = step > latents if phases_known else step > 0
