@@ -429,6 +429,9 @@ def _encode_and_write(ray, plan: BuildPlan, progress: bool) -> tuple[float, floa
                              f"lines above); the finished shards in {config.out} are kept: fix the cause, then re-run the "
                              "same command to resume") from None
         raise
+    except KeyboardInterrupt:  # Ctrl-C: the writers already started finish (their shards are kept) before their
+        _settle(ray, writes)  # pieces are cleared below; else they fail on missing pieces and Ray prints it at exit
+        raise
     finally:
         (config.out / STARTS).unlink(missing_ok=True)
         pieces.clear(config.out)
