@@ -46,11 +46,11 @@ PARTS=${PARTS:-data,stage1,stage2,sft,eval,controls,readback}
 EVAL_RUNS=${EVAL_RUNS:-stage2 vision curriculum curriculum-lora reader reader-tf reader-lora rollout sft-cot sft-nocot rollout-nostage1 rollout-tiny detached}; CONTROL_RUN=${CONTROL_RUN:-stage2}
 if [ -n "${SMOKE:-}" ]; then STEPS1=2; MB=4; ROWS=16; EPOCHS=1; CSTEPS=1; LIMIT=4; fi
 SET=icot_mult_${N}x${N}
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')  # runs side by side
 if [ -n "${GPU:-}" ]; then  # one GPU for this process: runs on other GPUs go on beside it
-  PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')  # two runs may share a GPU
   DS="python3 -m deepspeed.launcher.runner --include localhost:$GPU --master_port $PORT --module rot_train"
-else
-  DS="python3 -m deepspeed.launcher.runner --num_gpus 1 --module rot_train"  # the launcher (also where --target installs left no 'deepspeed' script)
+else  # the launcher (also where --target installs left no 'deepspeed' script)
+  DS="python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port $PORT --module rot_train"
 fi
 part() { [[ ",$PARTS," == *",$1,"* ]]; }
 log() { echo "== $*" | tee -a "$OUT/commands.txt"; }
