@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# One RoT model for 3x3 to 6x6 multiplication (issue 33.2). Its CoTs render to different numbers of visual tokens, so
+# the thinking length varies by question, and the model must end its own thought. Every table row is one command below,
+# through the project's own commands. Parts (a part reads what the earlier ones left in $W):
+#   data    generated rows of every size (the held-out valid/test questions excluded), shuffled together -> one shard
+#           set; and the valid/test shards of every size (the oracle's budgets)
+#   train   pipelines/miniature.sh's recipe on them: Stage I, teacher-forced Stage II (reader loss, head trained), then
+#           Stage II on its own rollouts, both Stage II runs with the learned stop (--stop-weight SW)
+#   sweep   per size, on valid (VLIMIT rows): (b) fixed budgets BUDGETS, (c) the paper's dynamic threshold THRESHOLDS
+#   test    per size, on valid and test: (a) the oracle (each question's own visual-token count), (b) the fixed budget
+#           and (c) the threshold best on valid (mean over sizes), (d) the learned stop; then the table and its picture
+# On a GPU machine (carry .whl), in calls of 10 minutes: PARTS=data,train (DEADLINE caps the rollout), then PARTS=sweep,test.
+# On this CPU, at smoke scale: SMOKE=1 ANCHOR=<a micro anchor folder> bash pipelines/mixed.sh
+# Knobs: SIZES, ROWS (per size), SEED, ANCHOR, W, SW (stop weight), BUDGETS, THRESHOLDS, VLIMIT, and miniature.sh's
+# (STEPS1, MB, EPOCHS, ROLL, ...). Export: $W/rollout-mixed-s$SEED/export.
+set -euo pipefail
+[ -f pipelines/device_env.sh ] && [ -z "${SMOKE:-}" ] && source pipelines/device_env.sh
+export PYTHONPATH=$PWD/packages${PYTHONPATH:+:$PYTHONPATH}
+SIZES=${SIZES:-"3 4 5 6"}; ROWS=${ROWS:-25600}; SEED=${SEED:-0}; ANCHOR=${ANCHOR:-anchor}; SW=${SW:-1}
+BUDGETS=${BUDGETS:-"16 24 32 44 56 72"}; THRESHOLDS=${THRESHOLDS:-"0.005 0.01 0.02 0.05"}; VLIMIT=${VLIMIT:-200}
+export W=$(realpath -m "${W:-/tmp/mixed}"); OUT=$W/eval; mkdir -p "$W" "$OUT"
+PARTS=${PARTS:-data,train,sweep,test}; EVAL_ARGS="--batch-size 256"; TEST_LIMIT=""
+if [ -n "${SMOKE:-}" ]; then ROWS=8; BUDGETS="4 8"; THRESHOLDS="0.01"; VLIMIT=4; TEST_LIMIT="--limit 4"; EVAL_ARGS="--batch-size 4"; fi
+part() { [[ ",$PARTS," == *",$1,"* ]]; }
+run() { echo "== $*" | tee -a "$W/commands.txt"; "$@"; }
+set_of() { case $1 in 4|5) echo "icot_mult_${1}x${1}";; *) echo "mult_${1}x${1}";; esac; }  # the shipped held-out sets
+file_of() { local dir=packages/rot_data/data/$(set_of "$1"); [ "$2" = valid ] && echo "$dir/valid.txt" || ls "$dir"/test*.txt; }
+EXPORT=$W/rollout-mixed-s$SEED/export
+
+if part data; then
+  for n in $SIZES; do
+    run python3 -m rot_render.cli multiplication --n "$n" --count "$ROWS" --seed "$SEED" --out "$W/train-$n.txt" \
+        --exclude "$(file_of "$n" valid)" --exclude "$(file_of "$n" test)"
+    for split in valid test; do
+      [ -f "$W/truth-$n-$split/manifest.json" ] || run python3 -m rot_render.cli build --dataset "$(file_of "$n" "$split")" \
+          --encoder "$ANCHOR" --out "$W/truth-$n-$split" ${SMOKE:+--limit 4}
+    done
+  done
+  python3 - "$W" "$SEED" $SIZES <<'PY'  # one file, the sizes interleaved (the stream's shuffle buffer is local)
+import random, sys
+folder, seed, sizes = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+lines = [line for n in sizes for line in open(f"{folder}/train-{n}.txt") if line.strip()]
+random.Random(seed).shuffle(lines)
+open(f"{folder}/train.txt", "w").writelines(lines)
+print(f"{len(lines)} rows of sizes {', '.join(sizes)} in {folder}/train.txt")
+PY
+  run python3 -m rot_render.cli build --dataset "$W/train.txt" --encoder "$ANCHOR" --out "$W/shards"
+fi
+if part train; then  # miniature.sh's recipe on the mixed shards; its held-out files are not used here
+  export SEED ANCHOR SHARDS=shards
+  PARTS=stage1 bash pipelines/miniature.sh
+  TAG=-mixed EXTRA="--train-head --lr 1e-3 --stop-weight $SW" PARTS=reader-tf bash pipelines/miniature.sh
+  TAG=-mixed ROLL="--stop-weight $SW ${ROLL:-}" PARTS=rollout bash pipelines/miniature.sh
+fi
+max_tokens() {  # the longest held-out CoT in visual tokens, plus 8: the cap of the stops (a stop that runs late shows)
+  python3 - "$W" <<'PY'
+import pathlib, sys
+from rot_train.shard_stream import ShardSet
+longest = 0
+for folder in pathlib.Path(sys.argv[1]).glob("truth-*"):
+    shard_set = ShardSet.open(folder)
+    for index in range(len(shard_set.manifest["shards"])):
+        longest = max([longest, *(row["n_tokens"] for row in shard_set.read_rows(index, with_embeddings=False))])
+print(longest + 8)
+PY
+}
+evaluate() {  # evaluate <name> <size> <split> <options...>
+  local name=$1 n=$2 split=$3; shift 3
+  run python3 -m rot_eval.cli run --checkpoint "$EXPORT" --dataset "$(set_of "$n")" --split "$split" $EVAL_ARGS \
+      --out "$OUT/$name-$n-$split" "$@" > /dev/null
+}
+if part sweep || part test; then MAX=$(max_tokens); fi
+if part sweep; then
+  for n in $SIZES; do
+    for budget in $BUDGETS; do evaluate "fixed$budget" "$n" valid --latents "$budget" --limit "$VLIMIT"; done
+    for threshold in $THRESHOLDS; do evaluate "dyn$threshold" "$n" valid --latents "$MAX" --dynamic-threshold "$threshold" --limit "$VLIMIT"; done
+  done
+fi
+if part test; then
+  best() {  # the sweep's setting with the best mean valid accuracy over the sizes
+    python3 - "$OUT" "$1" <<'PY'
+import json, pathlib, sys
+scores = {}
+for summary in pathlib.Path(sys.argv[1]).glob(f"{sys.argv[2]}*-valid/summary.json"):
+    setting = summary.parent.name[len(sys.argv[2]):].rsplit("-", 2)[0]
+    scores.setdefault(setting, []).append(json.loads(summary.read_text())["accuracy"])
+print(max(scores, key=lambda s: sum(scores[s]) / len(scores[s])))
+PY
+  }
+  budget=$(best fixed); threshold=$(best dyn)
+  echo "chosen on valid: fixed budget $budget, dynamic threshold $threshold" | tee -a "$W/commands.txt"
+  for n in $SIZES; do
+    for split in valid test; do
+      evaluate oracle "$n" "$split" --oracle-latents --truth-shards "$W/truth-$n-$split" $TEST_LIMIT
+      evaluate "fixed$budget" "$n" "$split" --latents "$budget" $TEST_LIMIT
+      evaluate "dyn$threshold" "$n" "$split" --latents "$MAX" --dynamic-threshold "$threshold" $TEST_LIMIT
+      evaluate learned "$n" "$split" --latents "$MAX" --learned-stop $TEST_LIMIT
+    done
+  done
+  run python3 -m rot_eval.cli table "$OUT"/*-test --plot "$W/mixed-test.png"
+fi
