@@ -11,6 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from typer.testing import CliRunner
 
+from rot_data.records import PACKAGE_DATA
+
 pytestmark = pytest.mark.slow  # each draw that passes the checks runs the real command
 
 SMALL = st.integers(-1, 3)
@@ -44,10 +46,12 @@ def check(result, done: str) -> None:
 def test_rot_eval_run_answers_any_small_option_values(values):
     from rot_eval.cli import app
 
-    with tempfile.TemporaryDirectory() as out:
-        result = CliRunner().invoke(app, ["run", "--checkpoint", "rot-4x4", "--dataset", "icot_mult_4x4", "--out", out,
+    with tempfile.TemporaryDirectory() as out:  # three shipped test rows: without --limit every row is decoded
+        rows = Path(out) / "three.txt"
+        rows.write_text("".join(open(PACKAGE_DATA / "icot_mult_4x4" / "test_bigbench.txt").readlines()[:3]))
+        result = CliRunner().invoke(app, ["run", "--checkpoint", "rot-4x4", "--dataset", str(rows), "--out", str(Path(out) / "ev"),
                                           *options(values)])
-    check(result, "RoT on icot_mult_4x4 [test]")
+        check(result, f"RoT on {rows} [test]")
 
 
 @FUZZ
