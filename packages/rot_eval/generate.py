@@ -110,13 +110,14 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int | torch.Te
         close = torch.zeros_like(in_latent)
         if dynamic_threshold is not None and latent_input is not None:
             close = (latent_input.float() - embed_end.float()).pow(2).mean(-1) < dynamic_threshold
+        some_answering = step > latents if phases_known else step > 0
+        logits = model.output_layer(hidden) if some_answering or (learned_stop and some_latent) else None  # once a step
         if learned_stop and some_latent:  # p(<img_end>) > 1/2 from the hidden state that would predict the next latent
-            close = model.output_layer(hidden).float().log_softmax(-1)[:, model.img_end_id] > math.log(0.5)
+            close = logits.float().log_softmax(-1)[:, model.img_end_id] > math.log(0.5)
         end_now = in_latent & ((latent_count >= budget) | close)
         emit_latent = in_latent & ~end_now
         answering = ~in_latent & ~finished
-        some_answering = step > latents if phases_known else step > 0
-        token = model.output_layer(hidden).argmax(-1) if some_answering else torch.zeros_like(latent_count)
+        token = logits.argmax(-1) if some_answering else torch.zeros_like(latent_count)
         step_inputs = model.embed(torch.where(answering, token, torch.full_like(token, model.img_end_id)))
         if latent_input is not None:
             step_inputs = torch.where(emit_latent[:, None], latent_input, step_inputs)

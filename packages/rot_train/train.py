@@ -341,45 +341,42 @@ def plan_batches(cfg: TrainConfig, model, collate, shard_set: ShardSet, world_si
     micro-batch (given, or the whole per-rank batch) fits without it, since recomputing costs a third more compute and
     only pays where it saves accumulation steps; else on (then the probe looks for the largest micro-batch with it).
     On a CPU it stays on (``build_model`` turned it on): nothing is probed there."""
+    if cfg.micro_batch is not None:
+        plan = batch_size.given(cfg.global_batch, world_size, cfg.micro_batch)
+    elif device.type != "cuda":
+        plan = BatchPlan(batch_size.per_rank(cfg.global_batch, world_size), 1, world_size, "no accumulation on a CPU")
+    else:
+        plan = None  # probed below
     checkpointing = "given" if cfg.gradient_checkpointing is not None else "on (a CPU: memory is not probed)"
     if device.type == "cuda" and cfg.gradient_checkpointing is None:
-        options = dict(forward_options(cfg, 0), rolled_out=None)  # the whole rollout: the most memory a step takes
-        model.train()
-        micro = cfg.micro_batch or batch_size.per_rank(cfg.global_batch, world_size)
-        fits = batch_size.probe(model, collate, shard_set, cfg.global_batch, world_size, cfg.max_latents, device,
-                                options, only=micro) is not None
-        fits = _agreed(fits, device, world_size)
-        if fits:
+        micro = plan.micro_batch if plan else batch_size.per_rank(cfg.global_batch, world_size)
+        whole = _probe(cfg, model, collate, shard_set, world_size, device, only=micro)
+        if _smallest_over_ranks(int(whole is not None), device, world_size):
             checkpointing = f"off: a micro-batch of {micro} fits without it"
+            plan = plan or whole  # the whole per-rank batch fits: nothing left to probe
         else:
             checkpoint_activations(model.lm.get_base_model() if hasattr(model.lm, "get_base_model") else model.lm)
             checkpointing = f"on: a micro-batch of {micro} does not fit without it"
-    plan = _plan_micro_batch(cfg, model, collate, shard_set, world_size, device)
+    if plan is None:
+        found = _probe(cfg, model, collate, shard_set, world_size, device)
+        micro = _smallest_over_ranks(found.micro_batch, device, world_size)  # ranks must agree: the smallest found
+        plan = BatchPlan(micro, batch_size.per_rank(cfg.global_batch, world_size) // micro, world_size, found.chosen_by)
     return BatchPlan(plan.micro_batch, plan.grad_accum, plan.world_size, plan.chosen_by, checkpointing)
 
 
-def _agreed(fits: bool, device: torch.device, world_size: int) -> bool:
-    """Ranks decide alike: a step fits only if it fits on every rank."""
-    if torch.distributed.is_initialized() and world_size > 1:
-        found = torch.tensor([int(fits)], device=device)
-        torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)
-        return bool(found)
-    return fits
-
-
-def _plan_micro_batch(cfg: TrainConfig, model, collate, shard_set: ShardSet, world_size: int, device: torch.device) -> BatchPlan:
-    if cfg.micro_batch is not None:
-        return batch_size.given(cfg.global_batch, world_size, cfg.micro_batch)
-    if device.type != "cuda":
-        return BatchPlan(batch_size.per_rank(cfg.global_batch, world_size), 1, world_size, "no accumulation on a CPU")
+def _probe(cfg: TrainConfig, model, collate, shard_set: ShardSet, world_size: int, device: torch.device, only=None):
     options = dict(forward_options(cfg, 0), rolled_out=None)  # the whole rollout: the most memory a step takes
     model.train()  # as in training: dropout, and activation checkpointing where it is on
-    plan = batch_size.probe(model, collate, shard_set, cfg.global_batch, world_size, cfg.max_latents, device, options)
-    if torch.distributed.is_initialized() and world_size > 1:  # ranks must agree: the smallest any rank found
-        found = torch.tensor([plan.micro_batch], device=device)
+    return batch_size.probe(model, collate, shard_set, cfg.global_batch, world_size, cfg.max_latents, device, options, only)
+
+
+def _smallest_over_ranks(value: int, device: torch.device, world_size: int) -> int:
+    """Ranks decide alike: the smallest value any rank found (a step fits only if it fits on every rank)."""
+    if torch.distributed.is_initialized() and world_size > 1:
+        found = torch.tensor([value], device=device)
         torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MIN)
-        plan = BatchPlan(int(found), batch_size.per_rank(cfg.global_batch, world_size) // int(found), world_size, plan.chosen_by)
-    return plan
+        return int(found)
+    return value
 
 
 def micro_batches(stream: ShardStream, cfg: TrainConfig, epoch: int, start_batch: int):
