@@ -7,7 +7,8 @@
 # A seed whose rollout phase needs more than one call continues in the next (rot-4x4 on anchor version 3 did):
 #   CONTINUE=<its compact export, carried in> SEEDS=<seed> bash pipelines/miniature_call.sh
 # ("{seed}" in CONTINUE stands for each seed's number: CONTINUE=carried/s{seed}/compact SEEDS="0 1" continues two) and
-# trains that export on its own rollouts for the call's time (6 epochs planned; run rollout-h2-s<seed>). Every run
+# trains that export on its own rollouts for the call's time (CEPOCHS epochs planned, default 6, so the learning rate
+# decays to zero near the deadline: 5x5 on one H200 makes ~7 steps/s, 250 steps an epoch; run rollout-h2-s<seed>). Every run
 # ends with a compact copy of its export (rot-train compact, 12 MB: <run>/compact) that fits beside the wheels.
 # Each part is a pipelines/miniature.sh command (the table's rows give them one by one). Knobs: SEEDS (one per GPU,
 # in order), DEADLINE (default 520: a 10-minute call with the evaluation after it), EVAL (0: keep the exports in $W
@@ -31,7 +32,7 @@ one_seed() {  # the whole recipe for one seed on one GPU (or, with CONTINUE, mor
   local run=rollout-h epochs=4 from=""
   if [ -n "${CONTINUE:-}" ]; then
     local export=${CONTINUE//\{seed\}/$2}
-    run=rollout-h2 epochs=6 from="--backbone $export --init $export"
+    run=rollout-h2 epochs=${CEPOCHS:-6} from="--backbone $export --init $export"
   else
     PARTS=stage1 mini
     EPOCHS=4 TAG=-h EXTRA="--train-head --lr 1e-3" PARTS=reader-tf mini
