@@ -10,7 +10,7 @@ import time
 import torch
 import typer
 
-from rot_anchor import read
+from rot_vision import read
 from rot_anchor.model import IMAGE_PAD, build_anchor
 from rot_anchor.pretrain import StepBatches, micro_batch_loss, _one_thread
 from rot_anchor.tasks import PretrainData

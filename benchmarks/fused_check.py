@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM
 
 from gpu_bench import qwen3_vl_4b_config
 from rot_fixtures.tiny import tiny_vlm_config
-from rot_train.backbone import text_config_of
-from rot_train.decoding import StaticDecoder
-from rot_train.fused import fuse_projections
+from rot_model.backbone import text_config_of
+from rot_model.decoding import StaticDecoder
+from rot_model.fused import fuse_projections
 
 
 def hidden_states(decoder, ids: torch.Tensor, prompt: int = 40) -> torch.Tensor:

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from rot_data.records import load_records
-from rot_render.encoder import PACKED, VisionEncoder
-from rot_render.render import RenderSettings, render_line
-from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, checkpoint_activations, text_config_of
-from rot_train.batches import RoTCollator, pad, question_ids
+from rot_vision.tower import PACKED, VisionEncoder
+from rot_vision.render import RenderSettings, render_line
+from rot_model.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, checkpoint_activations, text_config_of
+from rot_model.batches import RoTCollator, pad, question_ids
 from rot_eval.generate import generate_rot, generate_text
-from rot_train.fused import fuse_projections
-from rot_train.model import RoTModel
+from rot_model.fused import fuse_projections
+from rot_model.model import RoTModel
 from rot_fixtures.tiny import bpe_tokenizer, tiny_vlm_config
 
 ROOT = Path(__file__).resolve().parents[1]  # the project is installed (pip install -e .) or on PYTHONPATH
@@ -358,7 +358,7 @@ def bench_eval(model, tokenizer, ids, results, work: Path, batch_size: int = 64,
     every batch, the files): the bench's model written as a RoT export, so the user's command is what is timed."""
     from types import SimpleNamespace
 
-    from rot_train.export import export
+    from rot_model.export import export
     from rot_train.train import TrainConfig
 
     folder = work / "export-random"
@@ -400,7 +400,7 @@ def engine_step(model, tokenizer, question: str, compile_step: bool, steps: int 
     compilation, capture), and a torch.profiler view of the kernels inside the replayed graph."""
     from torch.profiler import ProfilerActivity, profile
 
-    from rot_train.decoding import StaticDecoder
+    from rot_model.decoding import StaticDecoder
 
     ids, mask = pad([question_ids(tokenizer, question)], tokenizer.pad_token_id, left=True)
     ids, mask = ids.to(model.lm.device), mask.to(model.lm.device)
@@ -465,7 +465,7 @@ def bench_compiled(model, tokenizer, records, results, device, out, autotune: bo
     captured eager step, in the same run, and against its floor (its prefill + each step's bytes / copy bandwidth);
     with ``autotune``, once more with inductor choosing its own kernels (max_autotune's exhaustive search of matrix
     kernels, coordinate descent over every kernel's launch settings)."""
-    from rot_train.decoding import Engines, bucketed
+    from rot_model.decoding import Engines, bucketed
 
     questions = [records[0].question]
     bandwidth, size = copy_bandwidth(device), weight_bytes(model)

@@ -13,7 +13,7 @@ from multiprocessing import Pool
 import PIL
 
 from rot_data.records import load_records
-from rot_render.render import RenderSettings, render_fitted
+from rot_vision.render import RenderSettings, render_fitted
 
 SETTINGS = RenderSettings().resolved(32)  # Qwen3-VL's 32 px token
 COTS = [r.cot for r in load_records("gsm8k", "train")[0][:2000]]

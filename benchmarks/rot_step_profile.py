@@ -24,9 +24,9 @@ import torch
 import typer
 
 from rot_train import flops
-from rot_train.backbone import IMG_BEGIN, IMG_END, checkpoint_activations
-from rot_train.batches import RoTCollator
-from rot_train.shard_stream import ShardSet, ShardStream
+from rot_model.backbone import IMG_BEGIN, IMG_END, checkpoint_activations
+from rot_model.batches import RoTCollator
+from rot_model.shard_stream import ShardSet, ShardStream
 from rot_train.train import TrainConfig, build_model
 
 

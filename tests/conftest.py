@@ -14,7 +14,7 @@ def tiny_vision_configs() -> dict:
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 
-    from rot_render.encoder import tiny_vision_config
+    from rot_vision.tower import tiny_vision_config
 
     return {
         "qwen2_vl": Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=48, num_heads=4, mlp_ratio=2,

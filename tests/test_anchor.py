@@ -56,7 +56,7 @@ def test_edit_distance_matches_dynamic_programming():
 
 def test_sample_prompts_are_the_chat_template_the_trainer_uses(shared_data):
     from rot_anchor.tasks import SampleMaker
-    from rot_train.batches import question_ids
+    from rot_model.batches import question_ids
 
     tokenizer = byte_tokenizer()
     maker = SampleMaker(tokenizer)
@@ -135,10 +135,10 @@ def test_export_is_read_by_the_build_encoder_the_backbone_loader_and_hf_generate
     import numpy as np
     from transformers import Qwen3VLForConditionalGeneration
 
-    from rot_anchor import read
-    from rot_render.encoder import VisionEncoder
-    from rot_render.render import RenderSettings, render_line
-    from rot_train.backbone import IMG_BEGIN, add_latent_tokens, load_backbone
+    from rot_vision import read
+    from rot_vision.tower import VisionEncoder
+    from rot_vision.render import RenderSettings, render_line
+    from rot_model.backbone import IMG_BEGIN, add_latent_tokens, load_backbone
 
     folder = micro_run[0] / "model"
     image = render_line("1 2 3 + 4 5 6 ( 7 8 9 )", RenderSettings(), 32)
@@ -225,7 +225,7 @@ def test_reading_lines_cover_every_printable_character_and_the_calculator_layout
     font, so no glyph is unseen), equation lines are calculator notes, and long lines are cut where the build cuts."""
     from rot_anchor import texts
     from rot_anchor.tasks import PretrainData, SampleMaker
-    from rot_render.render import drawing_problem
+    from rot_vision.render import drawing_problem
 
     rng = random.Random(0)
     drawn = "".join(texts.printable_line(rng, 200) for _ in range(200))

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from rot_data import shards
-from rot_render.encoder import VisionEncoder
+from rot_vision.tower import VisionEncoder
 from rot_render.pipeline import BuildConfig, BuildError, build
 from rot_data.records import load_records
-from rot_render.render import RenderSettings, render_line
+from rot_vision.render import RenderSettings, render_line
 
 pytestmark = pytest.mark.slow  # Ray / DeepSpeed launcher runs: pytest -m 'not slow' skips them
 

@@ -90,7 +90,7 @@ def test_the_render_commands_take_their_defaults_from_render_settings():
     import typer
 
     from rot_render.cli import app as render
-    from rot_render.render import RenderSettings
+    from rot_vision.render import RenderSettings
 
     settings = RenderSettings()
     for name in ("build", "show"):

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from rot_render.encoder import EncoderSource, VisionEncoder, read_encoder_source, CLIP_MEAN, CLIP_STD
-from rot_render.render import RenderSettings, render_line
+from rot_vision.tower import EncoderSource, VisionEncoder, read_encoder_source, CLIP_MEAN, CLIP_STD
+from rot_vision.render import RenderSettings, render_line
 from tests.conftest import tiny_vision_configs
 
 LINES = ["Natalia sold 48/2 = 24 clips in May.", "48+24 = 72", "x", "She earned 0.2 x 50 = $10 in total for the work."]
@@ -12,7 +12,7 @@ LINES = ["Natalia sold 48/2 = 24 clips in May.", "48+24 = 72", "x", "She earned 
 def _tiny_encoder(family, dtype=torch.float32):
     config = tiny_vision_configs()[family]
     torch.manual_seed(0)
-    from rot_render.encoder import _tower_class
+    from rot_vision.tower import _tower_class
     state = _tower_class(family)._from_config(config).state_dict()
     return VisionEncoder(EncoderSource(family, family, config, state, None, CLIP_MEAN, CLIP_STD), dtype=dtype)
 
@@ -87,7 +87,7 @@ def test_tiny_preset_is_seeded_and_marked_untrained():
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_packed_attention_equals_per_image_sdpa(family):
-    from rot_render.encoder import PACKED
+    from rot_vision.tower import PACKED
 
     sdpa = _tiny_encoder(family)
     packed = VisionEncoder(sdpa.source, attn_implementation=PACKED)
@@ -99,7 +99,7 @@ def test_packed_attention_equals_per_image_sdpa(family):
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_linear_patch_embedding_equals_the_conv3d_it_replaces(family):
-    from rot_render.encoder import _tower_class
+    from rot_vision.tower import _tower_class
 
     encoder = _tiny_encoder(family)
     stock = _tower_class(family)._from_config(tiny_vision_configs()[family]).patch_embed
@@ -114,7 +114,7 @@ def test_linear_patch_embedding_equals_the_conv3d_it_replaces(family):
 def test_equal_widths_merged_into_one_entry_give_the_per_image_result(family):
     """The pack is sorted by width and equal widths go to the tower as one multi-frame entry (transformers' per-entry
     Python work runs once per width); the result, in the caller's order, is what each image gives alone."""
-    from rot_render.encoder import grid_thw_for
+    from rot_vision.tower import grid_thw_for
 
     encoder = _tiny_encoder(family)
     texts = ["1 2 3", "45 + 6 = 51", "7 8 9", "x", "4 5 6", "45 + 6 = 51"]

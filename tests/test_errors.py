@@ -16,9 +16,9 @@ def test_an_unreachable_hub_id_names_the_model_and_says_offline(monkeypatch, tmp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     if load == "encoder":
-        from rot_render.encoder import read_encoder_source as read
+        from rot_vision.tower import read_encoder_source as read
     else:
-        from rot_train.backbone import checkpoint_dir as read
+        from rot_model.backbone import checkpoint_dir as read
     with pytest.raises(ModelNotFound) as error:
         read("Qwen/Qwen3-VL-4B-Instruct")
     message = str(error.value)

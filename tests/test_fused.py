@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from rot_anchor.model import cache_arg, output_cache
-from rot_train.fused import fuse_projections
+from rot_model.fused import fuse_projections
 
 
 def tiny_qwen3(attn_implementation: str = "sdpa", dtype=torch.float32, architecture: str = "qwen3"):
@@ -89,7 +89,7 @@ def test_fused_decoder_compiles_without_graph_breaks():
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_vl"])
 def test_fused_decoder_matches_in_the_static_decoding_engine(family):
-    from rot_train.decoding import StaticDecoder
+    from rot_model.decoding import StaticDecoder
 
     decoder = tiny_qwen3().model if family == "qwen3" else tiny_qwen3_vl_decoder()
     fused = copy.deepcopy(decoder)
@@ -135,7 +135,7 @@ def test_refuses_modules_it_cannot_fuse():
 def test_an_engine_is_made_anew_when_the_weights_move_or_the_engines_are_cleared():
     """On a GPU an engine replays graphs that read the weights where they lay: weights moved (another dtype or
     device) or fused (``load_for_inference`` clears the model's engines after fusing) must not reuse it."""
-    from rot_train.decoding import Engines
+    from rot_model.decoding import Engines
 
     model = tiny_qwen3()
     engines = Engines()

@@ -6,11 +6,11 @@ import subprocess
 import pytest
 import torch
 
-from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone
-from rot_train.export import export, load_export
+from rot_model.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone
+from rot_model.export import export, load_export
 from rot_eval.generate import generate_rot, generate_text
-from rot_train.model import RoTModel
-from rot_train.shard_stream import ShardSet
+from rot_model.model import RoTModel
+from rot_model.shard_stream import ShardSet
 from rot_train.train import TrainConfig
 
 QUESTIONS = ["What is 3 + 4?", "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many?",
@@ -63,7 +63,7 @@ def test_rot_eval_decodes_on_fused_projections_with_the_same_outputs_and_export_
     """``load_for_inference`` fuses q/k/v and gate/up (one product each): the same tokens and latents as the model as
     exported; a fused model is not exported (its weights would not load back into the separate projections)."""
     from rot_eval.generate import load_for_inference
-    from rot_train.fused import FusedInput
+    from rot_model.fused import FusedInput
 
     model, tokenizer, config = load_export(exported)
     fused, _, _ = load_for_inference(exported)
@@ -89,7 +89,7 @@ def test_export_round_trip_gives_the_same_model(exported):
 
 
 def test_delta_quantization_stays_within_half_a_step_per_row():
-    from rot_train.delta import dequantize, quantize
+    from rot_model.delta import dequantize, quantize
 
     torch.manual_seed(0)
     delta = torch.randn(6, 11) * torch.tensor([1e-4, 1e-2, 1.0, 3.0, 0.0, 1e-3])[:, None]
@@ -107,7 +107,7 @@ def test_a_compact_export_is_a_quarter_of_the_size_and_decodes_the_same(exported
     import shutil
 
     from rot_fixtures.tiny import save_tiny_vlm
-    from rot_train.export import compact
+    from rot_model.export import compact
 
     base = tmp_path / "base"
     shutil.copytree(tiny_qwen3_vl, base)
@@ -204,7 +204,7 @@ def test_text_baseline_generation_stops_and_decodes(exported):
 def test_the_static_cache_engine_decodes_text_exactly_as_hugging_face_generate(exported):
     """The baselines' tokens from the engine (static cache, bucketed prefill, in-place mask and positions) are Hugging
     Face's greedy `generate` tokens, row for row, in a left-padded batch; a row that says end-of-turn stops there."""
-    from rot_train.batches import pad, pad_token_id, question_ids
+    from rot_model.batches import pad, pad_token_id, question_ids
 
     model, tokenizer, _ = load_export(exported)
     ids, mask = pad([question_ids(tokenizer, q) for q in QUESTIONS], pad_token_id(tokenizer), left=True)
@@ -359,8 +359,8 @@ def test_on_a_gpu_the_captured_decode_step_gives_the_reference_tokens_and_latent
     Face's generate (text), and no fallback warning; also with the step compiled before its capture."""
     import warnings
 
-    from rot_train.batches import pad, pad_token_id, question_ids
-    from rot_train.decoding import Engines
+    from rot_model.batches import pad, pad_token_id, question_ids
+    from rot_model.decoding import Engines
 
     model, tokenizer, _ = load_export(exported, device="cuda")
     model.engines = Engines(compile_step=compile_step)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from rot_anchor.model import cache_arg, output_cache
-from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone
-from rot_train.batches import RoTCollator
-from rot_train.model import RoTModel
-from rot_train.shard_stream import ShardSet, ShardStream
+from rot_model.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone
+from rot_model.batches import RoTCollator
+from rot_model.model import RoTModel
+from rot_model.shard_stream import ShardSet, ShardStream
 
 
 @pytest.mark.parametrize("fixture", ["tiny_qwen3_vl", "tiny_qwen2_5_vl"])
@@ -156,7 +156,7 @@ def test_stage1_loss_reaches_only_the_head(rot_setup):
 
 
 def test_rot_train_never_imports_rot_render_rot_eval_or_the_fixtures():
-    code = ("import sys, rot_train.train, rot_train.launch, rot_train.export, rot_train.shard_stream; "
+    code = ("import sys, rot_train.train, rot_train.launch, rot_model.export, rot_model.shard_stream; "
             "bad = [m for m in sys.modules if m.startswith(('rot_render', 'rot_eval', 'rot_fixtures'))]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -258,8 +258,8 @@ def test_curriculum_schedule_and_its_errors():
 def test_a_missing_backbone_folder_says_not_found_and_exports_store_resolved_paths(tmp_path, monkeypatch):
     """Issue 14.5: a path that is not a folder is not sent to the hub (whose 'Repo id must be ...' misled), and an
     export records a local backbone as an absolute path, so evaluating from another directory finds it."""
-    from rot_train.backbone import checkpoint_dir
-    from rot_train.export import portable_name
+    from rot_model.backbone import checkpoint_dir
+    from rot_model.export import portable_name
 
     for name in ("./nope", "runs/a/b", "/no/such/folder"):
         with pytest.raises(ValueError, match=f"--backbone {name}: no such checkpoint folder"):
@@ -273,7 +273,7 @@ def test_a_missing_backbone_folder_says_not_found_and_exports_store_resolved_pat
 @pytest.fixture(scope="module")
 def reader_setup(micro_anchor, tiny_shards):
     """The micro anchor as backbone and as frozen reader (hidden 64 = the tiny shards' dim), a batch with a short row."""
-    from rot_train.batches import ReadingTurn
+    from rot_model.batches import ReadingTurn
 
     model, tokenizer, batch = model_and_batch(micro_anchor, tiny_shards, n_short=20,
                                               reading=lambda tokenizer: ReadingTurn(tokenizer, thought_tags=False))
@@ -286,9 +286,9 @@ def test_reader_loss_is_the_reader_transcribing_each_rows_latents(reader_setup):
     """The batched reader loss (padding, holes, positions) equals the reader's cross-entropy on each row's own OCR
     prompt (rot_anchor.read.reading_prompt) with the latents in the placeholders' place, and so do its gradients."""
     from rot_anchor.model import IMAGE_PAD
-    from rot_anchor.read import reading_prompt
+    from rot_vision.read import reading_prompt
     from rot_data.shards import drawn_text
-    from rot_train.batches import answer_ids
+    from rot_model.batches import answer_ids
 
     model, tokenizer, batch, cot_of = reader_setup
     predicted = torch.randn(batch["targets"].shape, requires_grad=True)

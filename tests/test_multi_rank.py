@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rot_train.export import load_export
+from rot_model.export import load_export
 from tests.test_training import ROOT, _launch, _losses
 
 pytestmark = pytest.mark.slow  # Ray / DeepSpeed launcher runs: pytest -m 'not slow' skips them

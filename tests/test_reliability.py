@@ -9,7 +9,7 @@ import pytest
 from rot_data.records import load_records
 from rot_data import shards
 from rot_render.pipeline import BuildConfig, build
-from rot_train.shard_stream import ShardError, ShardSet
+from rot_model.shard_stream import ShardError, ShardSet
 
 pytestmark = pytest.mark.slow  # Ray / DeepSpeed launcher runs: pytest -m 'not slow' skips them
 
@@ -105,7 +105,7 @@ def test_an_edited_source_is_refused_until_overwrite_and_then_encoded(tmp_path):
 def test_undrawable_rows_are_bad_rows_and_long_lines_are_cut_and_counted(tmp_path):
     """CJK (no glyph) and Arabic (right to left) are bad rows naming the characters; a line over --max-tokens is cut."""
     from rot_data.records import RecordError
-    from rot_render.render import RenderSettings
+    from rot_vision.render import RenderSettings
 
     long_cot = " ".join(f"{i} + {i} = {2 * i}" for i in range(40))
     rows = [{"question": "q1", "cot": "1 + 1 = 2", "answer": "2"},

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from rot_data.records import load_records
-from rot_render.render import RenderSettings, line_text, missing_glyphs, render_line
+from rot_vision.render import RenderSettings, line_text, missing_glyphs, render_line
 
 
 @pytest.mark.parametrize("token_px", [32, 28])
@@ -57,13 +57,13 @@ def test_show_writes_a_png(tmp_path):
     ("so 3 apples \U0001F34E", "'\U0001F34E' U+1F34E"),  # emoji
 ])
 def test_characters_without_a_glyph_are_named(text, named):
-    from rot_render.render import drawing_problem
+    from rot_vision.render import drawing_problem
 
     assert drawing_problem(text) == f"the font has no glyph for {named} (they would be drawn as boxes); pass --font with a font that has them"
 
 
 def test_right_to_left_text_is_refused_and_plain_text_accepted():
-    from rot_render.render import drawing_problem
+    from rot_vision.render import drawing_problem
 
     assert drawing_problem("\u0633\u0644\u0627\u0645 = 5") == ("right-to-left text ('\u0627' U+0627, '\u0633' U+0633, '\u0644' U+0644, "
                                                         "'\u0645' U+0645) would be drawn backwards; the renderer draws left to right only")  # Arabic: DejaVu has the glyphs
@@ -72,7 +72,7 @@ def test_right_to_left_text_is_refused_and_plain_text_accepted():
 
 
 def test_long_lines_are_cut_to_max_tokens_after_a_whole_character():
-    from rot_render.render import _font, fit_line, render_fitted
+    from rot_vision.render import _font, fit_line, render_fitted
 
     settings = RenderSettings(max_tokens=4)
     long = "12 + 30 = 42 and 42 * 2 = 84 and 84 - 1 = 83"
@@ -90,7 +90,7 @@ def test_long_lines_are_cut_to_max_tokens_after_a_whole_character():
 
 
 def test_a_missing_or_broken_font_is_named(tmp_path):
-    from rot_render.render import check_font
+    from rot_vision.render import check_font
 
     with pytest.raises(ValueError, match=f"--font {tmp_path / 'no.ttf'} does not exist; give a .ttf/.otf file"):
         check_font(str(tmp_path / "no.ttf"))
@@ -119,7 +119,7 @@ def test_build_command_line_defaults_are_the_dataclass_defaults():
 
 def test_render_sizes_below_their_bound_are_refused_and_a_zero_height_is_not_the_default():
     """Found by the options fuzz: --font-size 0 failed inside a Ray render task, and --height 0 meant "one token row"."""
-    from rot_render.render import RenderSettings
+    from rot_vision.render import RenderSettings
 
     for settings, message in ((RenderSettings(font_size=0), "--font-size 0: use at least 1"),
                               (RenderSettings(height=0), "--height 0: use at least 1"),

@@ -3,7 +3,7 @@ import shutil
 import pytest
 import torch
 
-from rot_train.shard_stream import ShardError, ShardSet, ShardStream, epoch_order
+from rot_model.shard_stream import ShardError, ShardSet, ShardStream, epoch_order
 
 
 def _collect(stream, workers=0):
@@ -93,7 +93,7 @@ def test_bad_shard_sets_are_refused_with_the_file_and_the_fix(tiny_shards, tmp_p
 def test_sft_stream_reads_no_embeddings_and_rot_stream_the_stored_ones(tiny_shards, tiny_qwen3_vl):
     from transformers import AutoTokenizer
 
-    from rot_train.batches import RoTCollator, SFTCollator
+    from rot_model.batches import RoTCollator, SFTCollator
 
     seen = {}
 

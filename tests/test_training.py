@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rot_train.export import load_export
+from rot_model.export import load_export
 from rot_train.train import TrainConfig, run
 
 pytestmark = pytest.mark.slow  # Ray / DeepSpeed launcher runs: pytest -m 'not slow' skips them
@@ -132,7 +132,7 @@ def test_max_seconds_stops_at_an_optimizer_step_then_checkpoints_exports_and_res
 @pytest.fixture(scope="module")
 def stage_runs(tiny_shards, tiny_qwen3_vl, tmp_path_factory):
     """In-process Stage I (LM loss off so the MSE is the whole signal) then Stage II, with the models."""
-    from rot_train.backbone import load_backbone
+    from rot_model.backbone import load_backbone
 
     base = tmp_path_factory.mktemp("runs")
     original, _ = load_backbone(str(tiny_qwen3_vl), dtype=torch.bfloat16)
@@ -318,7 +318,7 @@ def test_stage2_reader_loss_and_trained_head_are_logged_exported_and_leave_the_r
     is refused in one line."""
     from safetensors.torch import load_file
 
-    from rot_train.backbone import load_backbone
+    from rot_model.backbone import load_backbone
 
     common = dict(shards=str(tiny_shards), backbone=str(micro_anchor), **dict(TINY, max_latents=None, epochs=4))
     run(TrainConfig(stage=1, out=str(tmp_path / "s1"), max_steps=1, **common))
@@ -352,7 +352,7 @@ def test_the_recorded_inference_budget_is_the_shards_mean_or_the_training_cap_wh
     """A model trained with --max-latents C puts its answer after latent C, so rot-eval must stop there too."""
     from types import SimpleNamespace
 
-    from rot_train.export import inference_budget
+    from rot_model.export import inference_budget
 
     shards = SimpleNamespace(manifest={"tokens": 2816000, "rows": 64000})  # 5x5 multiplication: 44 visual tokens a row
     assert inference_budget(shards) == 44
@@ -400,11 +400,11 @@ def test_the_flop_count_agrees_with_torch_counting_the_step(tiny_shards, tiny_qw
     attention kernel is not among the ops it counts, so the comparison is of the weights' products."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rot_train.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone
+    from rot_model.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone
     from rot_train.batch_size import worst_case_row
     from rot_train.flops import Counter
-    from rot_train.model import RoTModel
-    from rot_train.shard_stream import ShardSet
+    from rot_model.model import RoTModel
+    from rot_model.shard_stream import ShardSet
     from rot_train.train import forward_options, make_collate
 
     shard_set = ShardSet.open(tiny_shards)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rot_train.export import latent_budget
+from rot_model.export import latent_budget
 from rot_train.config import AT_LEAST_ONE, NOT_NEGATIVE, TrainConfig
 
 

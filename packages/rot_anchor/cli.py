@@ -77,7 +77,7 @@ def evaluate_command(
     """Reading (characters, lines), CoT from text and answer from the true CoT image."""
     import torch
 
-    from rot_anchor import read
+    from rot_vision import read
 
     from rot_data.records import RecordError
 

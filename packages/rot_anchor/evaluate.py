@@ -18,10 +18,11 @@ import random
 
 from tqdm import tqdm
 
-from rot_anchor import read, texts
+from rot_anchor import texts
+from rot_vision import read
 from rot_data.edit_distance import edit_distance
 from rot_data.records import load_records
-from rot_render.render import RenderSettings, fit_line, render_line
+from rot_vision.render import RenderSettings, fit_line, render_line
 
 TOKEN_PX = 32
 READING_SETS = [("icot_mult_4x4", "test"), ("icot_mult_5x5", "test"), ("gsm8k", "test"), ("icot_gsm8k", "test")]

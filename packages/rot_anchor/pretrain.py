@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import rot_anchor
-from rot_anchor import read
+from rot_vision import read
 from rot_anchor.model import IMAGE_PAD, SIZES, build_anchor
 from rot_anchor.tasks import PATCHIFIER, TASKS, Mixture, PretrainData
 from rot_data.ranges import refuse_out_of_range

@@ -26,8 +26,8 @@ from rot_anchor import texts
 from rot_anchor.model import IM_END, IM_START, IMAGE_PAD, IMG_BEGIN, IMG_END
 from rot_data import multiplication
 from rot_data.records import PACKAGE_DATA
-from rot_render.encoder import HALF_MEAN, HALF_STD, Patchifier
-from rot_render.render import RenderSettings, fit_line, render_line
+from rot_vision.tower import HALF_MEAN, HALF_STD, Patchifier
+from rot_vision.render import RenderSettings, fit_line, render_line
 
 TOKEN_PX = 32  # Qwen3-VL: patch 16 with a 2x2 merge
 PATCHIFIER = Patchifier(16, 2, 2, HALF_MEAN, HALF_STD)

@@ -91,10 +91,10 @@ def viz(
 ) -> None:
     """Save the latent heatmap, the token-similarity matrix and per-token statistics for one question (and, with
     --reader, what the latents read as)."""
-    from rot_train.export import latent_budget
+    from rot_model.export import latent_budget
     from rot_eval.evaluate import check_positions
     from rot_eval.generate import generate_rot, load_for_inference
-    from rot_train.shard_stream import ShardSet
+    from rot_model.shard_stream import ShardSet
     from rot_eval.viz import draw, nearest_text
 
     try:
@@ -111,7 +111,7 @@ def viz(
         paths.append(out / "nearest.md")
     read_as = ""
     if reader:
-        from rot_anchor import read
+        from rot_vision import read
         from rot_eval.readback import draw_transcript
 
         vlm, vlm_tokenizer = read.load(reader)

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from rot_data.records import load_records
 from rot_eval import MAX_ANSWER_TOKENS
 from rot_eval.answers import final_segment, is_correct
-from rot_train.export import latent_budget
+from rot_model.export import latent_budget
 from rot_eval.generate import generate_rot, generate_text, load_for_inference, timed
 
 
@@ -128,7 +128,7 @@ def _aligned(gold: str, predicted: str) -> list[tuple[str, str | None]]:
 
 def _truth_embeddings(folder: Path) -> dict[str, torch.Tensor]:
     """question -> stored visual embeddings of its rendered CoT."""
-    from rot_train.shard_stream import ShardSet
+    from rot_model.shard_stream import ShardSet
 
     shard_set = ShardSet.open(folder)
     return {row["question"]: shard_set.embedding(row) for shard in range(len(shard_set.manifest["shards"]))

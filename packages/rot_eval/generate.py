@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from rot_eval import MAX_ANSWER_TOKENS
-from rot_train.decoding import bucketed
-from rot_train.batches import pad, pad_token_id, question_ids
-from rot_train.export import DEFAULT_INFERENCE_LATENTS, load_export
-from rot_train.fused import FUSED_MODEL_TYPES, fuse_projections
+from rot_model.decoding import bucketed
+from rot_model.batches import pad, pad_token_id, question_ids
+from rot_model.export import DEFAULT_INFERENCE_LATENTS, load_export
+from rot_model.fused import FUSED_MODEL_TYPES, fuse_projections
 
 CHECK_EVERY = 8  # decode steps between the host's checks for finished rows (each check waits for the device)
 

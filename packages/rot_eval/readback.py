@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from rot_data.edit_distance import edit_distance
 from rot_data.records import load_records
-from rot_train.export import latent_budget
+from rot_model.export import latent_budget
 from rot_eval.evaluate import check_positions
 from rot_eval.generate import generate_rot, load_for_inference
-from rot_train.shard_stream import ShardSet
+from rot_model.shard_stream import ShardSet
 from rot_eval.viz import token_of_characters
 
 
@@ -53,7 +53,7 @@ def position_scores(cot: str, transcript: str, render: dict, token_px: int, n_po
 @torch.no_grad()
 def read_back(checkpoint: str, dataset: str, shards: Path, out: Path, split: str = "test", data_dir: Path | None = None,
               reader: str = "anchor", latents: int | None = None, limit: int | None = None, batch_size: int = 64) -> dict:
-    from rot_anchor import read
+    from rot_vision import read
 
     if limit is not None and limit < 1:
         raise ValueError(f"--limit {limit}: use at least 1 (leave it out for every row)")

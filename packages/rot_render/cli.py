@@ -14,7 +14,7 @@ import rot_anchor
 from rot_data import shards
 from rot_data.records import RecordError, builtin_datasets_help
 from rot_render.pipeline import BuildConfig
-from rot_render.render import RenderSettings
+from rot_vision.render import RenderSettings
 
 RENDER = RenderSettings()  # how a line is drawn: `build` and `show` take their defaults from here and nowhere else
 BUILD = {f.name: f.default for f in fields(BuildConfig) if f.default is not MISSING}  # and `build` the rest from here
@@ -153,7 +153,7 @@ def show(
     import numpy as np
     from PIL import Image
 
-    from rot_render.render import render_line
+    from rot_vision.render import render_line
 
     try:
         pixels = render_line(text, _render_settings(height, font_size, padding, font, thought_tags), token_px)
@@ -178,8 +178,8 @@ def read(
     import numpy as np
     from PIL import Image
 
-    from rot_anchor import read as reader
-    from rot_render.render import render_line
+    from rot_vision import read as reader
+    from rot_vision.render import render_line
 
     if not images and text is None:
         _fail("give PNG files to read, or --text to render and read back")

@@ -29,11 +29,11 @@ import rot_anchor
 from rot_data.checksums import file_sha256
 from rot_data import locks, shards
 from rot_render import pieces
-from rot_render.encoder import PACKED, EncoderSource, VisionEncoder, read_encoder_source
+from rot_vision.tower import PACKED, EncoderSource, VisionEncoder, read_encoder_source
 from rot_data.records import bad_row, load_records
 from rot_render.ray_output import ray_noise_filtered
 from rot_render.ray_reaper import watch_local_ray
-from rot_render.render import RenderSettings, check_font, drawing_problem, line_text, render_fitted
+from rot_vision.render import RenderSettings, check_font, drawing_problem, line_text, render_fitted
 
 
 STATS = "build-stats.txt"

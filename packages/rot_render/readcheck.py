@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from rot_data import shards
 from rot_data.edit_distance import edit_distance
-from rot_render.render import RenderSettings, default_font_path, fit_line
+from rot_vision.render import RenderSettings, default_font_path, fit_line
 
 
 def drawn_reference(cot: str, render: dict, token_px: int) -> str:
@@ -43,7 +43,7 @@ def read_shards(folder: Path, count: int, reader: str | None = None, seed: int =
     """Transcribe ``count`` random rows with ``reader`` (default: the encoder that built the set); their scores."""
     import torch
 
-    from rot_anchor import read
+    from rot_vision import read
 
     manifest = shards.read_manifest(folder)
     encoder = manifest["encoder"]

@@ -36,7 +36,7 @@ class DeepSpeedNoise(logging.Filter):
 logging.getLogger("DeepSpeed").addFilter(DeepSpeedNoise())
 
 from rot_train.config import COMMANDS, Command, TrainConfig, from_file  # noqa: E402
-from rot_train.shard_stream import ShardError  # noqa: E402 (DeepSpeed is imported from here on)
+from rot_model.shard_stream import ShardError  # noqa: E402 (DeepSpeed is imported from here on)
 from rot_train.train import run  # noqa: E402
 
 wide_help_when_piped()
@@ -122,7 +122,7 @@ def compact_command(
     base: str = typer.Option(rot_anchor.NAME, help="the backbone the run started from (--backbone of its first stage)"),
     bits: int = typer.Option(8, help="8: the weights as trained, within bf16 rounding; 4: half the size, lossier (measure it)"),
 ) -> None:
-    from rot_train.export import compact
+    from rot_model.export import compact
 
     try:
         sizes = compact(export, out, base, bits)

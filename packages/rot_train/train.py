@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rot_train import export as exporting
-from rot_train.backbone import (IMG_BEGIN, IMG_END, add_latent_tokens, checkpoint_activations, load_backbone, set_token_rows,
+from rot_model import export as exporting
+from rot_model.backbone import (IMG_BEGIN, IMG_END, add_latent_tokens, checkpoint_activations, load_backbone, set_token_rows,
                                 token_rows)
 from rot_train import batch_size, flops
 from rot_train.batch_size import BatchPlan
-from rot_train.batches import ReadingTurn, RoTCollator, SFTCollator
+from rot_model.batches import ReadingTurn, RoTCollator, SFTCollator
 from rot_train.config import TrainConfig
-from rot_train.model import RoTModel
-from rot_train.shard_stream import ShardSet, ShardStream
+from rot_model.model import RoTModel
+from rot_model.shard_stream import ShardSet, ShardStream
 
 def init_distributed():
     """Join the launcher's process group, or make a one-process group when run without one."""

@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rot_anchor
-from rot_train import delta
-from rot_train.backbone import IMG_BEGIN, IMG_END, gathered, load_backbone, set_token_rows, text_tensors, token_rows, weights_folders
-from rot_train.fused import FusedInput
-from rot_train.model import RoTModel
+from rot_model import delta
+from rot_model.backbone import IMG_BEGIN, IMG_END, gathered, load_backbone, set_token_rows, text_tensors, token_rows, weights_folders
+from rot_model.fused import FusedInput
+from rot_model.model import RoTModel
 
 
 def _cpu_state(module) -> dict[str, torch.Tensor]:

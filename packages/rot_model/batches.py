@@ -44,7 +44,7 @@ class ReadingTurn:
 
     def __init__(self, tokenizer, thought_tags: bool):
         from rot_anchor.model import IMAGE_PAD
-        from rot_anchor.read import reading_prompt
+        from rot_vision.read import reading_prompt
 
         pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         ids = reading_prompt(tokenizer, 1)

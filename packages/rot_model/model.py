@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rot_train.decoding import Engines, bucketed
+from rot_model.decoding import Engines, bucketed
 
 
 class SwiGLU(nn.Module):

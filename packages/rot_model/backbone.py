@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from rot_data import hub
-from rot_train import delta
+from rot_model import delta
 
 IMG_BEGIN, IMG_END = "<img_begin>", "<img_end>"
 TEXT_ARCHITECTURE = {"qwen3_vl": "qwen3", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2"}

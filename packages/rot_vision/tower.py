@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import rot_anchor
 from rot_data import hub
 from rot_data.checksums import tensors_sha256
-from rot_render.packed_attention import NAME as PACKED, register as register_packed_attention
+from rot_vision.packed_attention import NAME as PACKED, register as register_packed_attention
 
 TINY = "tiny"
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

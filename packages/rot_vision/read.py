@@ -31,8 +31,8 @@ def load(name: str = "anchor", device: str = "cpu", dtype: torch.dtype = torch.f
 
 def prepare_tower(model) -> None:
     """The build's tower settings: packed attention over the whole pack, the patch embedding as a GEMM."""
-    from rot_render.encoder import use_linear_patch_embedding
-    from rot_render.packed_attention import NAME, register
+    from rot_vision.tower import use_linear_patch_embedding
+    from rot_vision.packed_attention import NAME, register
 
     register()
     model.model.visual.config._attn_implementation_internal = NAME
@@ -42,7 +42,7 @@ def prepare_tower(model) -> None:
 def embed_lines(model, patches: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
     """uint8 patches of packed one-line images [sum n_i*4, p*p] -> visual tokens [sum n_i, d] (post-merger)."""
     from rot_anchor.tasks import PATCHIFIER
-    from rot_render.encoder import grid_thw_for
+    from rot_vision.tower import grid_thw_for
 
     tower = model.model.visual
     device = next(tower.parameters()).device
