@@ -11,7 +11,8 @@ import torch
 import typer
 
 from rot_vision import read
-from rot_anchor.model import IMAGE_PAD, build_anchor
+from rot_anchor.model import build_anchor
+from rot_data.tokens import IMAGE_PAD
 from rot_anchor.pretrain import StepBatches, micro_batch_loss, _one_thread
 from rot_anchor.tasks import PretrainData
 

@@ -27,7 +27,9 @@ import torch
 from rot_data.records import load_records
 from rot_vision.tower import PACKED, VisionEncoder
 from rot_vision.render import RenderSettings, render_line
-from rot_model.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, checkpoint_activations, text_config_of
+from rot_data.tokens import IMG_BEGIN, IMG_END
+from rot_data.transformers_compat import checkpoint_activations
+from rot_model.backbone import add_latent_tokens, text_config_of
 from rot_model.batches import RoTCollator, pad, question_ids
 from rot_eval.generate import generate_rot, generate_text
 from rot_model.fused import fuse_projections

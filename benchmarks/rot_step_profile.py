@@ -24,7 +24,8 @@ import torch
 import typer
 
 from rot_train import flops
-from rot_model.backbone import IMG_BEGIN, IMG_END, checkpoint_activations
+from rot_data.tokens import IMG_BEGIN, IMG_END
+from rot_data.transformers_compat import checkpoint_activations
 from rot_model.batches import RoTCollator
 from rot_model.shard_stream import ShardSet, ShardStream
 from rot_train.train import TrainConfig, build_model

@@ -138,7 +138,8 @@ def test_export_is_read_by_the_build_encoder_the_backbone_loader_and_hf_generate
     from rot_vision import read
     from rot_vision.tower import VisionEncoder
     from rot_vision.render import RenderSettings, render_line
-    from rot_model.backbone import IMG_BEGIN, add_latent_tokens, load_backbone
+    from rot_data.tokens import IMG_BEGIN
+    from rot_model.backbone import add_latent_tokens, load_backbone
 
     folder = micro_run[0] / "model"
     image = render_line("1 2 3 + 4 5 6 ( 7 8 9 )", RenderSettings(), 32)
@@ -180,14 +181,14 @@ def test_rot_render_read_transcribes_with_a_given_checkpoint(micro_run, tmp_path
 def test_the_shipped_anchor_is_the_default_and_reads_a_rendered_line(tmp_path):
     """The trained checkpoint in the package: `rot-render read` transcribes a rendered CoT line and a PNG exactly,
     and it is what `rot-render build` encodes with unless told otherwise."""
-    import rot_anchor
+    from rot_data import registry
     from typer.testing import CliRunner
 
     from rot_render.cli import app
     from rot_render.pipeline import BuildConfig
 
-    assert BuildConfig(dataset="gsm8k", out=tmp_path).encoder == rot_anchor.NAME
-    assert (rot_anchor.CHECKPOINT / "README.md").exists()  # the model card
+    assert BuildConfig(dataset="gsm8k", out=tmp_path).encoder == registry.ANCHOR
+    assert (registry.SHIPPED[registry.ANCHOR] / "README.md").exists()  # the model card
     line = "1 2 3 4 5 + 0 6 7 8 9 1 ( 1 8 0 3 5 2 )"  # random digits in the CoT layout: reading, not recall
     cot = "8 9 7 5 3 + 0 2 4 9 3 2 ( 8 1 2 5 7 2 )"
     runner = CliRunner()
@@ -201,12 +202,12 @@ def test_the_shipped_rot_4x4_model_multiplies_questions_it_never_saw(tmp_path):
     """`rot-eval run --checkpoint rot-4x4` on a file of fresh 4x4 rows: the shipped RoT model answers from its own 28
     latents (no vision tower, no CoT text) and gets nearly all of them right; a name that is not shipped fails in
     one line."""
-    import rot_anchor
+    from rot_data import registry
     from typer.testing import CliRunner
 
     from rot_eval.cli import app
 
-    assert (rot_anchor.SHIPPED[rot_anchor.ROT_4X4] / "README.md").exists()  # the model card
+    assert (registry.SHIPPED[registry.ROT_4X4] / "README.md").exists()  # the model card
     rows = tmp_path / "fresh.txt"
     rows.write_text("\n".join(multiplication.generate(4, 48, seed=20261127)) + "\n")
     runner = CliRunner()

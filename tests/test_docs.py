@@ -15,7 +15,7 @@ import typer
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = [README, ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md")),
-        *sorted((ROOT / "packages" / "rot_anchor").glob("*/README.md")), ROOT / "packages/rot_data/data/README.md"]
+        *sorted((ROOT / "packages/rot_data/models").glob("*/README.md")), ROOT / "packages/rot_data/data/README.md"]
 CLIS = {"rot-render": "rot_render.cli", "rot-eval": "rot_eval.cli", "rot-train": "rot_train.launch",
         "rot-anchor": "rot_anchor.cli"}
 

@@ -129,10 +129,10 @@ def test_an_export_without_its_weights_is_one_line_naming_the_folder(tmp_path):
     """A copy of rot-4x4 that lost model/delta.safetensors: rot-eval says which folder is incomplete, no OSError."""
     import shutil
 
-    import rot_anchor
+    from rot_data import registry
 
     broken = tmp_path / "broken"
-    shutil.copytree(rot_anchor.SHIPPED[rot_anchor.ROT_4X4], broken)
+    shutil.copytree(registry.SHIPPED[registry.ROT_4X4], broken)
     (broken / "model" / "delta.safetensors").unlink()
     result = subprocess.run(["rot-eval", "run", "--checkpoint", str(broken), "--dataset", "icot_mult_4x4", "--limit", "2",
                              "--out", str(tmp_path / "ev")], capture_output=True, text=True, timeout=300)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rot_anchor.model import cache_arg, output_cache
+from rot_data.transformers_compat import cache_arg, output_cache
 from rot_model.fused import fuse_projections
 
 

@@ -6,7 +6,8 @@ import subprocess
 import pytest
 import torch
 
-from rot_model.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone
+from rot_data.tokens import IMG_BEGIN, IMG_END
+from rot_model.backbone import add_latent_tokens, load_backbone
 from rot_model.export import export, load_export
 from rot_eval.generate import generate_rot, generate_text
 from rot_model.model import RoTModel

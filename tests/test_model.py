@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rot_anchor.model import cache_arg, output_cache
-from rot_model.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone
+from rot_data.transformers_compat import cache_arg, output_cache
+from rot_data.tokens import IMG_BEGIN, IMG_END
+from rot_model.backbone import add_latent_tokens, load_backbone
 from rot_model.batches import RoTCollator
 from rot_model.model import RoTModel
 from rot_model.shard_stream import ShardSet, ShardStream
@@ -285,7 +286,7 @@ def reader_setup(micro_anchor, tiny_shards):
 def test_reader_loss_is_the_reader_transcribing_each_rows_latents(reader_setup):
     """The batched reader loss (padding, holes, positions) equals the reader's cross-entropy on each row's own OCR
     prompt (rot_anchor.read.reading_prompt) with the latents in the placeholders' place, and so do its gradients."""
-    from rot_anchor.model import IMAGE_PAD
+    from rot_data.tokens import IMAGE_PAD
     from rot_vision.read import reading_prompt
     from rot_data.shards import drawn_text
     from rot_model.batches import answer_ids

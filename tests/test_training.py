@@ -400,7 +400,8 @@ def test_the_flop_count_agrees_with_torch_counting_the_step(tiny_shards, tiny_qw
     attention kernel is not among the ops it counts, so the comparison is of the weights' products."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rot_model.backbone import IMG_BEGIN, IMG_END, add_latent_tokens, load_backbone
+    from rot_data.tokens import IMG_BEGIN, IMG_END
+    from rot_model.backbone import add_latent_tokens, load_backbone
     from rot_train.batch_size import worst_case_row
     from rot_train.flops import Counter
     from rot_model.model import RoTModel

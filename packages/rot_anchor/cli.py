@@ -11,7 +11,7 @@ import typer
 
 from rot_data.terminal import wide_help_when_piped
 
-from rot_anchor import NAME
+from rot_data.registry import ANCHOR
 from rot_anchor.pretrain import PretrainConfig
 
 wide_help_when_piped()
@@ -68,7 +68,7 @@ def _mix(text: Optional[str]) -> Optional[dict]:
 
 @app.command("evaluate")
 def evaluate_command(
-    model: str = typer.Argument(NAME, help="a checkpoint folder, or 'anchor' (the shipped one)"),
+    model: str = typer.Argument(ANCHOR, help="a checkpoint folder, or 'anchor' (the shipped one)"),
     data_dir: Optional[Path] = typer.Option(None, help="another copy of the shipped data folder"),
     out: Path = typer.Option(Path("anchor-eval.json")),
     limit: Optional[int] = typer.Option(None, help="rows per evaluation set (default: all)"),

@@ -1,25 +1,14 @@
 """The anchor's architecture (transformers' Qwen3-VL classes, small) and its byte-level tokenizer.
 
 The tokenizer needs no training data: every byte is a token (digits, letters and punctuation are
-one token each), plus Qwen-style chat specials and the vision tokens. The vision start/end tokens
-are named ``<img_begin>`` / ``<img_end>``, the names RoT uses, so a RoT model built on the anchor
-starts from rows the anchor already learned: ``<img_begin>`` opens a line of visual tokens and
-``<img_end>`` closes it before the answer.
+one token each), plus Qwen-style chat specials and the vision tokens (``rot_data.tokens``). The vision start/end
+tokens are named ``<img_begin>`` / ``<img_end>``, the names RoT uses, so a RoT model built on the anchor
+starts from rows the anchor already learned.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-
-IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-IMG_BEGIN, IMG_END = "<img_begin>", "<img_end>"  # the same strings as rot_train.backbone's RoT tokens
-IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
-SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END, IMG_BEGIN, IMG_END, IMAGE_PAD, VIDEO_PAD]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from rot_data.tokens import CHAT_TEMPLATE, END_OF_TEXT, IM_END, IMAGE_PAD, IMG_BEGIN, IMG_END, SPECIAL_TOKENS, VIDEO_PAD
 
 # Sizes: "anchor" is the shipped model (about 11 M parameters, 22 MB of bf16 safetensors: it must ship in
 # the package); "micro" is the CPU smoke-test size of the same recipe.
@@ -93,19 +82,3 @@ def build_anchor(size: str = "anchor", seed: int = 0):
     generation.bos_token_id, generation.eos_token_id, generation.pad_token_id = None, tokenizer.eos_token_id, tokenizer.pad_token_id
     return model, tokenizer
 
-
-def cache_arg(decoder, cache) -> dict:
-    """``{keyword: cache}`` for a decoder's forward: transformers renamed ``past_key_values`` to ``cache`` (5.24
-    warns on the old name, which goes in 5.40; 5.17 knows only the old one)."""
-    return {_cache_keyword(type(decoder)): cache}
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_keyword(decoder_class) -> str:
-    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
-
-
-def output_cache(output):
-    """The KV cache a decoder returned with ``use_cache=True`` (``cache`` from 5.24, ``past_key_values`` before)."""
-    cache = output.get("cache")
-    return cache if cache is not None else output.past_key_values

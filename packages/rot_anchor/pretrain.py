@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import rot_anchor
+from rot_data import registry
 from rot_vision import read
-from rot_anchor.model import IMAGE_PAD, SIZES, build_anchor
-from rot_anchor.tasks import PATCHIFIER, TASKS, Mixture, PretrainData
+from rot_vision.tower import QWEN3_VL_PATCHIFIER
+from rot_anchor.model import SIZES, build_anchor
+from rot_anchor.tasks import TASKS, Mixture, PretrainData
 from rot_data.ranges import refuse_out_of_range
+from rot_data.tokens import IMAGE_PAD
 
 
 @dataclass
@@ -124,9 +126,9 @@ def export(model, tokenizer, folder: Path) -> Path:
     copy.deepcopy(model).to(torch.bfloat16).save_pretrained(folder, max_shard_size="15MB")
     tokenizer.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_mean": list(PATCHIFIER.image_mean), "image_std": list(PATCHIFIER.image_std),
-        "patch_size": PATCHIFIER.patch_size, "merge_size": PATCHIFIER.merge_size,
-        "temporal_patch_size": PATCHIFIER.temporal_patch_size}, indent=2) + "\n")
+        "image_mean": list(QWEN3_VL_PATCHIFIER.image_mean), "image_std": list(QWEN3_VL_PATCHIFIER.image_std),
+        "patch_size": QWEN3_VL_PATCHIFIER.patch_size, "merge_size": QWEN3_VL_PATCHIFIER.merge_size,
+        "temporal_patch_size": QWEN3_VL_PATCHIFIER.temporal_patch_size}, indent=2) + "\n")
     return folder
 
 
@@ -166,7 +168,7 @@ def run(cfg: PretrainConfig):
 
         from rot_data.hub import MODEL_FILES, snapshot
 
-        init = snapshot(rot_anchor.resolve(cfg.init), "--init", MODEL_FILES)
+        init = snapshot(registry.resolve(cfg.init), "--init", MODEL_FILES)
         model.load_state_dict(Qwen3VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32).state_dict())
     read.prepare_tower(model)
     model.to(device).train()

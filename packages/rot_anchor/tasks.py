@@ -23,14 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from rot_anchor import texts
-from rot_anchor.model import IM_END, IM_START, IMAGE_PAD, IMG_BEGIN, IMG_END
 from rot_data import multiplication
 from rot_data.records import PACKAGE_DATA
-from rot_vision.tower import HALF_MEAN, HALF_STD, Patchifier
+from rot_data.tokens import IM_END, IM_START, IMAGE_PAD, IMG_BEGIN, IMG_END
+from rot_vision.tower import QWEN3_VL_PATCHIFIER
 from rot_vision.render import RenderSettings, fit_line, render_line
 
 TOKEN_PX = 32  # Qwen3-VL: patch 16 with a 2x2 merge
-PATCHIFIER = Patchifier(16, 2, 2, HALF_MEAN, HALF_STD)
 TASKS = ("cot", "answer", "ocr", "ocr_random", "ocr_english", "ocr_equation", "ocr_printable")
 HELD_OUT = ["icot_mult_4x4/valid.txt", "icot_mult_4x4/test_bigbench.txt", "icot_mult_5x5/valid.txt",
             "icot_mult_5x5/test_bigbench.txt", "mult_3x3/valid.txt", "mult_3x3/test.txt", "mult_6x6/valid.txt",
@@ -78,7 +77,7 @@ class SampleMaker:
     def image(self, text: str) -> tuple[np.ndarray, int, str]:
         """(uint8 patches of the rendered line, its number of visual tokens, the text drawn: cut at --max-tokens)."""
         drawn = fit_line(text, self.settings, TOKEN_PX)[0]
-        patches, (_, h, w) = PATCHIFIER.grey_patches(render_line(drawn, self.settings, TOKEN_PX))
+        patches, (_, h, w) = QWEN3_VL_PATCHIFIER.grey_patches(render_line(drawn, self.settings, TOKEN_PX))
         return patches, h * w // 4, drawn
 
     def make(self, task: str, question: str, cot: str, answer: str) -> dict:
@@ -197,7 +196,7 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         loss_mask[row, sample["loss_from"]:len(sample["ids"])] = True
         token_weight[row] = sample.get("weight", 1.0)
     images = [s["patches"] for s in samples if s["patches"] is not None]
-    patches = torch.from_numpy(np.concatenate(images)) if images else torch.zeros(0, PATCHIFIER.patch_size**2, dtype=torch.uint8)
+    patches = torch.from_numpy(np.concatenate(images)) if images else torch.zeros(0, QWEN3_VL_PATCHIFIER.patch_size**2, dtype=torch.uint8)
     grids = torch.tensor([(1, 2, len(p) // 2) for p in images], dtype=torch.long).reshape(-1, 3)
     return {"ids": ids, "loss_mask": loss_mask, "token_weight": token_weight, "patches": patches, "grids": grids,
             "task": torch.tensor([s["task"] for s in samples])}

@@ -1,2 +1,2 @@
-"""Shared by both sides: records (the render job reads CoTs, evaluation reads questions and gold answers),
-file checksums and the shard format's constants."""
+"""The ground every other package stands on (it imports none of them): records, the shard contract, the shipped
+models by name (registry.py, models/), the special tokens, the transformers-version shims, checksums and small helpers."""

@@ -9,7 +9,7 @@ import typer
 
 from rot_data.terminal import wide_help_when_piped
 
-import rot_anchor
+from rot_data import registry
 from rot_data.records import builtin_datasets_help
 from rot_eval import MAX_ANSWER_TOKENS
 
@@ -129,7 +129,7 @@ def readback(
     out: Path = typer.Option(Path("readback"), help="folder for readback.json and readback.png"),
     split: str = typer.Option("test"),
     data_dir: Optional[Path] = typer.Option(None),
-    reader: str = typer.Option(rot_anchor.NAME, help="the VLM that reads the latents as visual tokens"),
+    reader: str = typer.Option(registry.ANCHOR, help="the VLM that reads the latents as visual tokens"),
     latents: Optional[int] = typer.Option(None, help="latent budget (default: the export's)"),
     limit: Optional[int] = typer.Option(None),
 ) -> None:

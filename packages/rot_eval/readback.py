@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from rot_data import registry
 from rot_data.edit_distance import edit_distance
 from rot_data.records import load_records
 from rot_model.export import latent_budget
@@ -52,7 +53,7 @@ def position_scores(cot: str, transcript: str, render: dict, token_px: int, n_po
 
 @torch.no_grad()
 def read_back(checkpoint: str, dataset: str, shards: Path, out: Path, split: str = "test", data_dir: Path | None = None,
-              reader: str = "anchor", latents: int | None = None, limit: int | None = None, batch_size: int = 64) -> dict:
+              reader: str = registry.ANCHOR, latents: int | None = None, limit: int | None = None, batch_size: int = 64) -> dict:
     from rot_vision import read
 
     if limit is not None and limit < 1:

@@ -16,7 +16,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 def byte_tokenizer():
     """A byte-level tokenizer (256 byte tokens + Qwen-style chat specials) that needs no training data."""
-    from rot_anchor.model import IM_START, byte_backend, chat_tokenizer
+    from rot_anchor.model import byte_backend, chat_tokenizer
+    from rot_data.tokens import IM_START
 
     return chat_tokenizer(byte_backend(), [IM_START])
 
@@ -25,7 +26,8 @@ def bpe_tokenizer(texts, vocab_size: int = 8000):
     """A byte-level BPE tokenizer trained here on ``texts`` (seconds), with the same specials and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from rot_anchor.model import IM_START, chat_tokenizer
+    from rot_anchor.model import chat_tokenizer
+    from rot_data.tokens import IM_START
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

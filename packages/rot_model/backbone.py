@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from rot_data import hub
+from rot_data.tokens import IMG_BEGIN, IMG_END
 from rot_model import delta
 
-IMG_BEGIN, IMG_END = "<img_begin>", "<img_end>"
 TEXT_ARCHITECTURE = {"qwen3_vl": "qwen3", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2"}
 VISION_PREFIXES = ("model.visual.", "visual.")
 TEXT_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -34,9 +34,9 @@ def checkpoint_dir(name: str) -> Path:
 
 def weights_folders(name: str) -> tuple[Path, Path]:
     """(weights folder, tokenizer folder) of a backbone name: a RoT export's are its model/ and tokenizer/."""
-    import rot_anchor
+    from rot_data import registry
 
-    folder = checkpoint_dir(rot_anchor.resolve(name))
+    folder = checkpoint_dir(registry.resolve(name))
     if not (folder / "rot_config.json").exists():
         return folder, folder
     if not (folder / "model").is_dir():
@@ -105,16 +105,6 @@ def load_backbone(name: str, dtype: torch.dtype = torch.bfloat16, device: str | 
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}); is it a Qwen-VL checkpoint?")
     model.tie_weights()
     return model, tokenizer
-
-
-def checkpoint_activations(model) -> None:
-    """Recompute each layer's activations in the backward pass (non-reentrant): newer transformers call it
-    activation checkpointing and warn at the older name, which 5.17 (the GPU image's) still needs."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def add_latent_tokens(model, tokenizer, seed: int = 0) -> dict[str, int]:

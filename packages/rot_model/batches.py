@@ -43,7 +43,7 @@ class ReadingTurn:
     should read there: the CoT exactly as the shard's line draws it."""
 
     def __init__(self, tokenizer, thought_tags: bool):
-        from rot_anchor.model import IMAGE_PAD
+        from rot_data.tokens import IMAGE_PAD
         from rot_vision.read import reading_prompt
 
         pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)

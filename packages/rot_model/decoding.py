@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from rot_anchor.model import cache_arg
+from rot_data.transformers_compat import cache_arg
 
 PREFILL_BUCKET = 16  # prompts are left-padded to a multiple of this: few distinct prefill shapes
 

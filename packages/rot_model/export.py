@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-import rot_anchor
+from rot_data import registry
 from rot_model import delta
-from rot_model.backbone import IMG_BEGIN, IMG_END, gathered, load_backbone, set_token_rows, text_tensors, token_rows, weights_folders
+from rot_data.tokens import IMG_BEGIN, IMG_END
+from rot_model.backbone import gathered, load_backbone, set_token_rows, text_tensors, token_rows, weights_folders
 from rot_model.fused import FusedInput
 from rot_model.model import RoTModel
 
@@ -94,14 +95,14 @@ def portable_name(backbone: str) -> str:
 
 def export_folder(name: Path | str) -> Path:
     """An export folder, or the name of a shipped one ('rot-4x4') -> its folder."""
-    return Path(rot_anchor.resolve(str(name)))
+    return Path(registry.resolve(str(name)))
 
 
 def read_config(folder: Path | str) -> dict:
     path = export_folder(folder) / "rot_config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: pass the export folder a training run wrote (<--out>/export) "
-                                f"or a shipped model ('{rot_anchor.ROT_4X4}')")
+                                f"or a shipped model ('{registry.ROT_4X4}')")
     return json.loads(path.read_text())
 
 
@@ -143,7 +144,7 @@ def load_export(folder: Path | str, device="cpu", dtype=torch.float32) -> tuple[
     return model.to(device, dtype).eval(), tokenizer, config
 
 
-def compact(folder: Path | str, out: Path | str, base: str = rot_anchor.NAME, bits: int = 8) -> dict:
+def compact(folder: Path | str, out: Path | str, base: str = registry.ANCHOR, bits: int = 8) -> dict:
     """A copy of a full fine-tuning export whose LLM weights are their difference from ``base`` in ``bits`` bits
     (rot_train.delta) and whose head is bf16; it loads everywhere an export does. Returns the sizes, for the summary."""
     folder, out = export_folder(folder), Path(out)

@@ -10,7 +10,7 @@ import typer
 
 from rot_data.terminal import wide_help_when_piped
 
-import rot_anchor
+from rot_data import registry
 from rot_data import shards
 from rot_data.records import RecordError, builtin_datasets_help
 from rot_render.pipeline import BuildConfig
@@ -99,8 +99,8 @@ def _encoder_words(encoder: dict) -> str:
     """Which tower made the embeddings, in words: a user must see whether they mean anything."""
     if encoder["untrained"]:
         kind = "UNTRAINED random tower, for smoke runs only"
-    elif encoder["name"] == rot_anchor.NAME:
-        kind = f"the shipped pretrained anchor VLM's tower, {rot_anchor.CHECKPOINT}"
+    elif encoder["name"] == registry.ANCHOR:
+        kind = f"the shipped pretrained anchor VLM's tower, {registry.SHIPPED[registry.ANCHOR]}"
     else:
         kind = "pretrained"
     return f"{encoder['name']} ({encoder['model_type']}, {kind}; weights sha256 {encoder['weights_sha256'][:12]})"
@@ -172,7 +172,7 @@ def show(
 def read(
     images: list[Path] = typer.Argument(None, help="PNG files of rendered lines (any height is scaled to one 32 px token row)"),
     text: Optional[str] = typer.Option(None, help="render this text with the build's settings and read it back"),
-    model: str = typer.Option(rot_anchor.NAME, help="a Qwen3-VL checkpoint (folder or hub id); 'anchor' = the shipped pretrained one"),
+    model: str = typer.Option(registry.ANCHOR, help="a Qwen3-VL checkpoint (folder or hub id); 'anchor' = the shipped pretrained one"),
 ) -> None:
     """Transcribe rendered lines with the VLM's tower and language model (no text is given to it)."""
     import numpy as np

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-import rot_anchor
+from rot_data import registry
 from rot_data.checksums import file_sha256
 from rot_data import locks, shards
 from rot_render import pieces
@@ -61,7 +61,7 @@ class BuildConfig:
     dataset: str
     out: Path
     split: str = "train"
-    encoder: str = rot_anchor.NAME  # the shipped pretrained VLM's tower
+    encoder: str = registry.ANCHOR  # the shipped pretrained VLM's tower
     dtype: str = "bf16"
     shard_size: int = 1024
     on_error: str = "fail"

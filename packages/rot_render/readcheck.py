@@ -53,10 +53,10 @@ def read_shards(folder: Path, count: int, reader: str | None = None, seed: int =
                          "pass --reader with a VLM that reads these embeddings")
     from transformers import AutoConfig
 
-    import rot_anchor
+    from rot_data import registry
 
     dim, dtype = manifest["embedding"]["dim"], manifest["embedding"]["dtype"]
-    config = AutoConfig.from_pretrained(rot_anchor.resolve(reader))
+    config = AutoConfig.from_pretrained(registry.resolve(reader))
     width = getattr(config, "text_config", config).hidden_size
     if width != dim:
         raise ValueError(f"--reader {reader} takes {width}-wide visual tokens but {folder} stores {dim}-wide ones; "

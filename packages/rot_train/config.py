@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 
-import rot_anchor
+from rot_data import registry
 from rot_data.ranges import refuse_out_of_range
 
 CONFIGS = Path(__file__).parent / "configs"  # the DeepSpeed configs (zero2.json, zero3.json) and the official runs' YAML
@@ -36,7 +36,7 @@ class RunOptions:
     """Every command: the data and backbone, the run folder, batch and schedule, DeepSpeed, checkpoints."""
 
     shards: str = option(help="shard folder written by rot-render build")
-    backbone: str = option(rot_anchor.NAME, "'anchor' (the shipped pretrained VLM), or a hub id or folder: a Qwen-VL "
+    backbone: str = option(registry.ANCHOR, "'anchor' (the shipped pretrained VLM), or a hub id or folder: a Qwen-VL "
                            "checkpoint (language model only is loaded) or any causal LM")
     out: str = option(help="run folder: checkpoints/, export/, metrics.jsonl, tensorboard/, loss.png, run.json")
     zero: int | None = option(None, "ZeRO stage 2 or 3: the DeepSpeed configs in rot_train/configs (default: 2)")

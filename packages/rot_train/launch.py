@@ -18,7 +18,7 @@ import typer
 
 from rot_data.terminal import wide_help_when_piped
 
-import rot_anchor
+from rot_data import registry
 
 
 class DeepSpeedNoise(logging.Filter):
@@ -119,7 +119,7 @@ for _command in COMMANDS.values():
 def compact_command(
     export: str = typer.Argument(..., help="the export folder (<--out>/export) of a --full-finetune Stage II or SFT run"),
     out: str = typer.Option(..., help="the new folder; it loads wherever an export does"),
-    base: str = typer.Option(rot_anchor.NAME, help="the backbone the run started from (--backbone of its first stage)"),
+    base: str = typer.Option(registry.ANCHOR, help="the backbone the run started from (--backbone of its first stage)"),
     bits: int = typer.Option(8, help="8: the weights as trained, within bf16 rounding; 4: half the size, lossier (measure it)"),
 ) -> None:
     from rot_model.export import compact

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from rot_model import export as exporting
-from rot_model.backbone import (IMG_BEGIN, IMG_END, add_latent_tokens, checkpoint_activations, load_backbone, set_token_rows,
-                                token_rows)
+from rot_data.tokens import IMG_BEGIN, IMG_END
+from rot_data.transformers_compat import checkpoint_activations
+from rot_model.backbone import add_latent_tokens, load_backbone, set_token_rows, token_rows
 from rot_train import batch_size, flops
 from rot_train.batch_size import BatchPlan
 from rot_model.batches import ReadingTurn, RoTCollator, SFTCollator

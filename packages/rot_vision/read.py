@@ -11,20 +11,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rot_anchor.model import IMAGE_PAD, IMG_BEGIN, IMG_END, cache_arg, output_cache
+from rot_data import registry
+from rot_data.tokens import IMAGE_PAD, IMG_BEGIN, IMG_END
+from rot_data.transformers_compat import cache_arg, merged_visual_tokens, output_cache
 
 
-def load(name: str = "anchor", device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load(name: str = registry.ANCHOR, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(Qwen3-VL model, tokenizer) of a checkpoint name or folder ('anchor' is the shipped one)."""
     from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
     from transformers.utils import logging
 
-    import rot_anchor
-
     from rot_data.hub import MODEL_FILES, snapshot
 
     logging.disable_progress_bar()  # a bar for loading 11 M parameters is noise
-    folder = snapshot(rot_anchor.resolve(name), "the VLM", MODEL_FILES)
+    folder = snapshot(registry.resolve(name), "the VLM", MODEL_FILES)
     model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
@@ -41,21 +41,20 @@ def prepare_tower(model) -> None:
 
 def embed_lines(model, patches: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
     """uint8 patches of packed one-line images [sum n_i*4, p*p] -> visual tokens [sum n_i, d] (post-merger)."""
-    from rot_anchor.tasks import PATCHIFIER
-    from rot_vision.tower import grid_thw_for
+    from rot_vision.tower import QWEN3_VL_PATCHIFIER, grid_thw_for
 
     tower = model.model.visual
     device = next(tower.parameters()).device
-    pixels = PATCHIFIER.normalise(patches.to(device)).to(next(tower.parameters()).dtype)
+    pixels = QWEN3_VL_PATCHIFIER.normalise(patches.to(device)).to(next(tower.parameters()).dtype)
     output = tower(pixels, grid_thw=grid_thw_for(tower, grids, device))
-    return output.pooler_output if hasattr(output, "pooler_output") else output[0]
+    return merged_visual_tokens(output)
 
 
 def embed_images(model, images: list[np.ndarray]) -> list[torch.Tensor]:
     """Rendered grey lines [32, W] -> one [W/32, d] tensor of visual tokens each, in one packed tower call."""
-    from rot_anchor.tasks import PATCHIFIER
+    from rot_vision.tower import QWEN3_VL_PATCHIFIER
 
-    patches, grids = zip(*(PATCHIFIER.grey_patches(image) for image in images))
+    patches, grids = zip(*(QWEN3_VL_PATCHIFIER.grey_patches(image) for image in images))
     merged = embed_lines(model, torch.from_numpy(np.concatenate(patches)), torch.tensor(grids))
     return list(merged.split([h * w // 4 for _, h, w in grids]))
 

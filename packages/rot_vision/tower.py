@@ -19,9 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import rot_anchor
+from rot_data import registry
 from rot_data import hub
 from rot_data.checksums import tensors_sha256
+from rot_data.transformers_compat import merged_visual_tokens, tower_reads_grid_on_host
 from rot_vision.packed_attention import NAME as PACKED, register as register_packed_attention
 
 TINY = "tiny"
@@ -84,16 +85,16 @@ def grid_thw_for(tower, grids, device) -> torch.Tensor:
       and gives every frame the same positions, so this is the same computation, while transformers'
       per-entry Python work (position ids, interpolation, rotary tables: ~80 small ops an entry) runs once
       per size instead of once per image (a test checks the outputs are equal).
-    - Older transformers (5.17) loop over it element by element; on a CUDA tensor every read is a GPU sync,
-      so they get it on the CPU. Newer ones (5.24) build device tensors from it, so they get it there."""
+    - On the CPU for a tower that reads it element by element in Python (``tower_reads_grid_on_host``), else on the
+      device."""
     merged: list[list[int]] = []
     for t, h, w in (grids.tolist() if torch.is_tensor(grids) else grids):
         if merged and merged[-1][1:] == [h, w]:
             merged[-1][0] += t
         else:
             merged.append([t, h, w])
-    looping = hasattr(tower, "rot_pos_emb")
-    return torch.tensor(merged, dtype=torch.long, device="cpu" if looping else device)
+    on_host = tower_reads_grid_on_host(tower)
+    return torch.tensor(merged, dtype=torch.long, device="cpu" if on_host else device)
 
 
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -180,6 +181,11 @@ class Patchifier:
         return ((pixels - mean) / std).expand(-1, 3, t, -1).reshape(len(grey_patches), -1)
 
 
+# Qwen3-VL's patches (the anchor's): 16 px, 2x2 merge, 2 frames, mean and std 0.5. The anchor's pretraining and the
+# reader (rot_vision.read) patchify with it, so both see exactly the patches the build's encoder makes.
+QWEN3_VL_PATCHIFIER = Patchifier(16, 2, 2, HALF_MEAN, HALF_STD)
+
+
 def _checkpoint_dir(name: str) -> Path:
     """A local folder, or the hub snapshot holding config, processor config and safetensors index."""
     return hub.snapshot(name, "--encoder", ["*.json"])
@@ -221,7 +227,7 @@ def read_encoder_source(name: str) -> EncoderSource:
         return EncoderSource(TINY, "qwen3_vl", config, state_dict, None, HALF_MEAN, HALF_STD)
     from transformers import AutoConfig
 
-    folder = _checkpoint_dir(rot_anchor.resolve(name))
+    folder = _checkpoint_dir(registry.resolve(name))
     config = AutoConfig.from_pretrained(str(folder))
     model_type = config.model_type
     _check_model_type(model_type)
@@ -287,9 +293,7 @@ class VisionEncoder:
             grey = grey.pin_memory()
         pixel_values = self.normalise(grey.to(self.device, non_blocking=True)).to(self.dtype)
         output = self.tower(pixel_values, grid_thw=grid_thw_for(self.tower, grids, self.device))
-        merged = output.pooler_output if hasattr(output, "pooler_output") else output
-        if isinstance(merged, (tuple, list)):  # older transformers: (merged, deepstack features)
-            merged = merged[0]
+        merged = merged_visual_tokens(output)
         sizes = [t * h * w // self.merge_size**2 for t, h, w in grids]
         pieces = dict(zip(order, merged.split(sizes)))
         if order != sorted(order):
