@@ -1,4 +1,4 @@
-"""Do fused projections (``rot_train.fused``) change what the decoder computes on a GPU? At the 4B shape: hidden states
+"""Do fused projections (``rot_model.fused``) change what the decoder computes on a GPU? At the 4B shape: hidden states
 of a prefill and 8 decode steps on the engine (inputs fixed, not fed back, so a difference cannot compound), fused
 against separate, in bf16 and in fp32 (TF32 off), beside bf16's own rounding (bf16 against the same weights in fp32).
 

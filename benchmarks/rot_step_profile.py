@@ -25,7 +25,7 @@ import typer
 
 from rot_train import flops
 from rot_data.tokens import IMG_BEGIN, IMG_END
-from rot_data.transformers_compat import checkpoint_activations
+from rot_data.transformers_compat import checkpoint_activations, stop_checkpointing_activations
 from rot_model.batches import RoTCollator
 from rot_model.shard_stream import ShardSet, ShardStream
 from rot_train.train import TrainConfig, build_model
@@ -95,8 +95,8 @@ def main(shards: str = typer.Option(...), backbone: str = typer.Option("anchor")
                 for setting in checkpointing:
                     if setting == "on":
                         checkpoint_activations(base)
-                    else:  # the newer transformers name where it exists, as rot_train.backbone does for enabling
-                        getattr(base, "activation_checkpointing_disable", base.gradient_checkpointing_disable)()
+                    else:
+                        stop_checkpointing_activations(base)
                     name = f"stage {stage}, micro-batch {size}, latents {cap or 'uncapped'}, checkpointing {setting}"
                     parts = {"rollout": [], "forward": [], "backward": [], "optimizer": []}
                     options = {"stage": stage, "vision_weight": cfg.vision_weight, "lm_weight": cfg.lm_weight}

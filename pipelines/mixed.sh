@@ -55,7 +55,7 @@ fi
 max_tokens() {  # the longest held-out CoT in visual tokens, plus 8: the cap of the stops (a stop that runs late shows)
   python3 - "$W" <<'PY'
 import pathlib, sys
-from rot_train.shard_stream import ShardSet
+from rot_model.shard_stream import ShardSet
 longest = 0
 for folder in pathlib.Path(sys.argv[1]).glob("truth-*"):
     shard_set = ShardSet.open(folder)

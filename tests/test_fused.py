@@ -1,4 +1,4 @@
-"""Fused q/k/v and gate/up projections (rot_train.fused) compute what the unfused model computes."""
+"""Fused q/k/v and gate/up projections (rot_model.fused) compute what the unfused model computes."""
 
 from __future__ import annotations
 

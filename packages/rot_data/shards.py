@@ -1,5 +1,5 @@
 """The shard format of docs/shard-format.md, the one contract between the build (rot_render, the writer) and the
-trainer (rot_train, the reader): schema, names, fingerprint, manifest, checks. Parquet files plus a manifest
+trainer (rot_model.shard_stream, the reader): schema, names, fingerprint, manifest, checks. Parquet files plus a manifest
 written last.
 
 Every shard carries the build fingerprint in its Parquet metadata, so a re-run can tell a shard it

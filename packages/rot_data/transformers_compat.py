@@ -34,6 +34,12 @@ def checkpoint_activations(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def stop_checkpointing_activations(model) -> None:
+    """Undo ``checkpoint_activations`` (the same two names)."""
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
+
+
 def merged_visual_tokens(output):
     """The post-merger visual tokens [n, d] of a Qwen-VL tower's forward: ``pooler_output`` of the output object newer
     transformers return; older ones return the tensor itself or a tuple (merged, deepstack features)."""

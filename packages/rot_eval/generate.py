@@ -8,7 +8,7 @@ Every row of the batch moves one position per step and feeds one input embedding
 - then ``<img_end>``;
 - then the greedy token from the previous step's logits, until end-of-turn or ``max_answer_tokens``.
 Rows may switch phase at different steps (dynamic termination); left padding and position ids
-keep each row identical to decoding it alone. Decoding runs on the model's static-cache engines (``rot_train.decoding``), the
+keep each row identical to decoding it alone. Decoding runs on the model's static-cache engines (``rot_model.decoding``), the
 text baselines too; the host asks the device whether every row has finished only every ``CHECK_EVERY`` steps
 (steps run after a row finished change nothing it returns). ``use_cache=False`` re-runs the whole sequence at
 every step, as the official code does; it is kept as the reference the tests compare against.
@@ -45,7 +45,7 @@ class Generation:
 def load_for_inference(checkpoint, device="cpu", dtype=torch.float32):
     """``load_export`` with a LoRA adapter merged into the weights (each decode step then reads every weight once, with
     no adapter matmuls beside the base ones; the same outputs up to rounding), and each layer's q/k/v and gate/up
-    projections fused into one product each where the backbone is one ``rot_train.fused`` knows (the same numbers, a
+    projections fused into one product each where the backbone is one ``rot_model.fused`` knows (the same numbers, a
     faster batch-1 step)."""
     model, tokenizer, config = load_export(checkpoint, device=device, dtype=dtype)
     if hasattr(model.lm, "merge_and_unload"):

@@ -39,7 +39,7 @@ def pad(sequences: list[list[int]], value: int, left: bool) -> tuple[torch.Tenso
 
 
 class ReadingTurn:
-    """The anchor's OCR prompt (``rot_anchor.read.reading_prompt``) cut around its visual rows, and the text a reader
+    """The anchor's OCR prompt (``rot_vision.read.reading_prompt``) cut around its visual rows, and the text a reader
     should read there: the CoT exactly as the shard's line draws it."""
 
     def __init__(self, tokenizer, thought_tags: bool):

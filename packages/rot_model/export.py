@@ -36,7 +36,7 @@ def export(model: RoTModel, tokenizer, folder: Path, cfg, shard_set, token_ids: 
     """Every rank calls this (under ZeRO-3 the weights are gathered from all of them); ``write`` ranks write files."""
     folder = Path(folder)
     if any(isinstance(module, FusedInput) for module in model.lm.modules()):
-        raise ValueError("export: this model's projections are fused for inference (rot_train.fused), and its weights "
+        raise ValueError("export: this model's projections are fused for inference (rot_model.fused), and its weights "
                          "would not load back; export the model as trained, before fusing")
     head_state = {f"head.{k}": v for k, v in _cpu_state(model.head).items()}
     head_state.update({f"adapter.{k}": v for k, v in _cpu_state(model.adapter).items()})
@@ -146,7 +146,7 @@ def load_export(folder: Path | str, device="cpu", dtype=torch.float32) -> tuple[
 
 def compact(folder: Path | str, out: Path | str, base: str = registry.ANCHOR, bits: int = 8) -> dict:
     """A copy of a full fine-tuning export whose LLM weights are their difference from ``base`` in ``bits`` bits
-    (rot_train.delta) and whose head is bf16; it loads everywhere an export does. Returns the sizes, for the summary."""
+    (rot_model.delta) and whose head is bf16; it loads everywhere an export does. Returns the sizes, for the summary."""
     folder, out = export_folder(folder), Path(out)
     if read_config(folder)["weights"] != "model":
         raise ValueError(f"{folder} is a LoRA export, already small: only a --full-finetune export is made compact")
