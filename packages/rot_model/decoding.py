@@ -8,7 +8,7 @@ launch per step instead of hundreds of small kernels launched from Python. The p
 once per prompt length. Attention masks are passed as 4-D tensors, which Hugging Face models take as they are, so
 nothing reads a device value on the host during capture. RoT's latents and the text baselines' tokens go through
 the same ``step``, so their speeds compare latents with tokens, not one engine with another. Prompts are left-padded
-up to a multiple of ``PREFILL_BUCKET`` so that a few prefill shapes serve every batch. It lives in ``rot_train``
+up to a multiple of ``PREFILL_BUCKET`` so that a few prefill shapes serve every batch. It lives in ``rot_model``
 because the trainer rolls its latents out on it too (``RoTModel.rollout_hidden``); ``rot_eval`` decodes with it. Each
 model keeps its own engines (``Engines``, ``RoTModel.engines``): no state is shared between models or set from outside.
 """
@@ -42,7 +42,7 @@ class Engines:
     ``compile_step``: torch.compile the step before capturing it (fuses its small kernels: 1.7x faster for the 4B
     shape on an H100, but 55-75 s of compilation per engine shape, so only benchmarks turn it on).
     The key holds the weights' address: a model loaded or moved elsewhere gets a new engine. Fusing a decoder's
-    projections (``rot_train.fused``) replaces weights the key does not see: ``clear()`` after it."""
+    projections (``rot_model.fused``) replaces weights the key does not see: ``clear()`` after it."""
 
     def __init__(self, graphs: bool | None = None, compile_step: bool = False, keep: int = 2):
         self.graphs, self.compile_step, self.keep = graphs, compile_step, keep

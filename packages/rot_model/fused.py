@@ -25,7 +25,7 @@ its state dict (``qkv_proj``, ``gate_up_proj``) does not load back into the unfu
 as a whole (the subclasses are made at run time); it deep-copies. LoRA-wrapped or quantized projections are refused:
 merge the adapters first. Fuse before decoding, compiling or capturing: fusing frees the separate weights, and
 an engine made before it (``RoTModel.engines``, a ``StaticDecoder``) would replay CUDA graphs that read them: clear
-the model's engines after fusing (``rot_eval.generate.load_for_inference`` fuses before any engine exists). ``rot_train.export.export`` refuses a fused model.
+the model's engines after fusing (``rot_eval.generate.load_for_inference`` fuses before any engine exists). ``rot_model.export.export`` refuses a fused model.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch import nn
 __all__ = ["FUSED_MODEL_TYPES", "FusedInput", "ProjectionSlice", "fuse_projections"]
 
 # the text models whose attention and MLP forwards read their input only through these projections (and its shape):
-# the backbones of the supported VLMs (rot_train.backbone.TEXT_ARCHITECTURE); tests/test_fused.py checks both
+# the backbones of the supported VLMs (rot_model.backbone.TEXT_ARCHITECTURE); tests/test_fused.py checks both
 FUSED_MODEL_TYPES = ("qwen2", "qwen3")
 ATTENTION = ("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj"))  # (layer attribute, fused name, its parts)
 MLP = ("mlp", "gate_up_proj", ("gate_proj", "up_proj"))

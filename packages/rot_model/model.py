@@ -6,7 +6,7 @@ Sequence: ``[question] <img_begin> v_1 ... v_N <img_end> [answer]`` with
 
 Training is batched:
 1. ``rollout_hidden``: under ``no_grad``, prefill the questions and roll out the latents on the decoding engine
-   (``rot_train.decoding``: a static KV cache), the whole batch at once. No autograd graph is built here. With
+   (``rot_model.decoding``: a static KV cache), the whole batch at once. No autograd graph is built here. With
    graphs on (``engines.graphs``: the trainer's ``--rollout graphs``, its default on a GPU under ZeRO-2) each step is replayed
    from a CUDA graph: a small model's rollout is otherwise bound by launching some 1 800 kernels per latent from Python.
 2. one teacher-forced pass over the whole sequence with the rolled-out latents in place, for the
