@@ -30,7 +30,8 @@ from rot_vision.render import RenderSettings, render_line
 from rot_data.tokens import IMG_BEGIN, IMG_END
 from rot_data.transformers_compat import checkpoint_activations
 from rot_model.backbone import add_latent_tokens, text_config_of
-from rot_model.batches import RoTCollator, pad, question_ids
+from rot_data.tokens import user_turn_ids
+from rot_model.batches import RoTCollator, pad
 from rot_eval.generate import generate_rot, generate_text
 from rot_model.fused import fuse_projections
 from rot_model.model import RoTModel
@@ -290,7 +291,7 @@ def official_decode(model, tokenizer, questions, latents: int, answer_tokens: in
     """Latents with a KV cache, then every answer token by re-running the whole sequence (the official loop)."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    ids, mask = pad([question_ids(tokenizer, q) + [model.img_begin_id] for q in questions], pad_id, left=True)
+    ids, mask = pad([user_turn_ids(tokenizer, q) + [model.img_begin_id] for q in questions], pad_id, left=True)
     ids, mask = ids.to(device), mask.to(device)
     hidden = model.rollout_hidden(ids, mask, latents + 1)  # h_0 .. h_latents
     inputs = torch.cat([model.embed(ids), model.latent_inputs(model.head(hidden[:, :-1])),
@@ -313,7 +314,7 @@ def explicit_cot(model, tokenizer, questions, new_tokens: int):
 def hf_generate_cot(model, tokenizer, questions, new_tokens: int):
     """The same tokens through Hugging Face `generate` (dynamic cache): the comparison earlier runs made."""
     device = next(model.parameters()).device
-    ids, mask = pad([question_ids(tokenizer, q) for q in questions], tokenizer.pad_token_id, left=True)
+    ids, mask = pad([user_turn_ids(tokenizer, q) for q in questions], tokenizer.pad_token_id, left=True)
     model.lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
@@ -404,7 +405,7 @@ def engine_step(model, tokenizer, question: str, compile_step: bool, steps: int 
 
     from rot_model.decoding import StaticDecoder
 
-    ids, mask = pad([question_ids(tokenizer, question)], tokenizer.pad_token_id, left=True)
+    ids, mask = pad([user_turn_ids(tokenizer, question)], tokenizer.pad_token_id, left=True)
     ids, mask = ids.to(model.lm.device), mask.to(model.lm.device)
     engine = StaticDecoder(model.decoder, 1, ids.shape[1] + max(steps, 16) + 1, compile_step=compile_step)
 
@@ -482,7 +483,7 @@ def bench_compiled(model, tokenizer, records, results, device, out, autotune: bo
             generate_rot(model, tokenizer, questions, latents=latents, max_answer_tokens=answer_tokens, stop_at_eos=False)
             first = time.perf_counter() - started
             compiled = rot_seconds(model, tokenizer, questions, latents, answer_tokens)
-            ids, mask = pad([question_ids(tokenizer, q) + [model.img_begin_id] for q in questions], tokenizer.pad_token_id,
+            ids, mask = pad([user_turn_ids(tokenizer, q) + [model.img_begin_id] for q in questions], tokenizer.pad_token_id,
                             left=True)
             ids, mask = bucketed(ids.to(device), mask.to(device), tokenizer.pad_token_id)
             engine = model.engines.get(model.decoder, 1, ids.shape[1] + latents + answer_tokens + 1)  # the one generate_rot used

@@ -56,12 +56,12 @@ def test_edit_distance_matches_dynamic_programming():
 
 def test_sample_prompts_are_the_chat_template_the_trainer_uses(shared_data):
     from rot_anchor.tasks import SampleMaker
-    from rot_model.batches import question_ids
+    from rot_data.tokens import user_turn_ids
 
     tokenizer = byte_tokenizer()
     maker = SampleMaker(tokenizer)
     question = "5 6 3 2 * 7 4 3 4"
-    assert maker.prompt(maker.encode(question)) == question_ids(tokenizer, question)
+    assert maker.prompt(maker.encode(question)) == user_turn_ids(tokenizer, question)
     sample = maker.make("answer", question, "5 5 5 6 1 + 0 0 6 4 9 0", "5 5 6 0 8 2 0 1")
     n_visual = sample["ids"].count(tokenizer.convert_tokens_to_ids("<|image_pad|>"))
     assert n_visual * 4 == len(sample["patches"]) and n_visual == 8  # 8 tokens of 32 px for this line
@@ -138,7 +138,7 @@ def test_export_is_read_by_the_build_encoder_the_backbone_loader_and_hf_generate
     from rot_vision import read
     from rot_vision.tower import VisionEncoder
     from rot_vision.render import RenderSettings, render_line
-    from rot_data.tokens import IMG_BEGIN
+    from rot_data.tokens import IMG_BEGIN, user_turn_ids
     from rot_model.backbone import add_latent_tokens, load_backbone
 
     folder = micro_run[0] / "model"
@@ -150,7 +150,7 @@ def test_export_is_read_by_the_build_encoder_the_backbone_loader_and_hf_generate
         built = VisionEncoder.from_pretrained(str(folder)).encode([image])[0]
     torch.testing.assert_close(built, ours)
     lm, lm_tokenizer = load_backbone(str(folder), dtype=torch.float32)
-    prompt = torch.tensor([read.question_prompt(tokenizer, "1 2 * 3 4")])
+    prompt = torch.tensor([user_turn_ids(tokenizer, "1 2 * 3 4")])
     with torch.no_grad():
         torch.testing.assert_close(lm(input_ids=prompt).logits, vlm(input_ids=prompt).logits, atol=1e-5, rtol=1e-4)
     before = lm.get_input_embeddings().weight.detach().clone()

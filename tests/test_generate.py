@@ -205,10 +205,11 @@ def test_text_baseline_generation_stops_and_decodes(exported):
 def test_the_static_cache_engine_decodes_text_exactly_as_hugging_face_generate(exported):
     """The baselines' tokens from the engine (static cache, bucketed prefill, in-place mask and positions) are Hugging
     Face's greedy `generate` tokens, row for row, in a left-padded batch; a row that says end-of-turn stops there."""
-    from rot_model.batches import pad, pad_token_id, question_ids
+    from rot_data.tokens import user_turn_ids
+    from rot_model.batches import pad, pad_token_id
 
     model, tokenizer, _ = load_export(exported)
-    ids, mask = pad([question_ids(tokenizer, q) for q in QUESTIONS], pad_token_id(tokenizer), left=True)
+    ids, mask = pad([user_turn_ids(tokenizer, q) for q in QUESTIONS], pad_token_id(tokenizer), left=True)
     reference = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                                   eos_token_id=None, pad_token_id=pad_token_id(tokenizer))[:, ids.shape[1]:].tolist()
     assert [g.token_ids for g in generate_text(model, tokenizer, QUESTIONS, max_new_tokens=12)] == reference
@@ -360,7 +361,8 @@ def test_on_a_gpu_the_captured_decode_step_gives_the_reference_tokens_and_latent
     Face's generate (text), and no fallback warning; also with the step compiled before its capture."""
     import warnings
 
-    from rot_model.batches import pad, pad_token_id, question_ids
+    from rot_data.tokens import user_turn_ids
+    from rot_model.batches import pad, pad_token_id
     from rot_model.decoding import Engines
 
     model, tokenizer, _ = load_export(exported, device="cuda")
@@ -374,7 +376,7 @@ def test_on_a_gpu_the_captured_decode_step_gives_the_reference_tokens_and_latent
         assert [g.token_ids for g in captured] == [g.token_ids for g in reference]
         for a, b in zip(captured, reference):
             torch.testing.assert_close(a.latents, b.latents, atol=1e-4, rtol=1e-4)
-    ids, mask = pad([question_ids(tokenizer, q) for q in QUESTIONS], pad_token_id(tokenizer), left=True)
+    ids, mask = pad([user_turn_ids(tokenizer, q) for q in QUESTIONS], pad_token_id(tokenizer), left=True)
     expected = model.lm.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=12, do_sample=False,
                                  eos_token_id=None, pad_token_id=pad_token_id(tokenizer))[:, ids.shape[1]:].tolist()
     assert [[g.token_ids for g in text] for text in texts] == [expected, expected]

@@ -22,6 +22,7 @@ from rot_anchor import texts
 from rot_vision import read
 from rot_data.edit_distance import edit_distance
 from rot_data.records import load_records
+from rot_data.tokens import user_turn_ids
 from rot_vision.render import RenderSettings, fit_line, render_line
 
 TOKEN_PX = 32
@@ -105,7 +106,7 @@ def evaluate(model, tokenizer, data_dir: Path | None = None, limit: int | None =
         golds = [" ".join(r.answer.split()) for r in records]
         if name != "mult_6x6":
             bar.set_postfix_str(f"CoT from text {name}")
-            prompts = [read.question_prompt(tokenizer, r.question) for r in records]
+            prompts = [user_turn_ids(tokenizer, r.question) for r in records]
             texts_out = read.generate(model, tokenizer, prompts, [None] * len(records), 400, batch_size)
             results["cot_from_text"][f"{name}-valid"] = _accuracy([_answer(t) for t in texts_out], golds)
             bar.update()

@@ -12,3 +12,10 @@ CHAT_TEMPLATE = (  # Qwen's chat layout, for the anchor's tokenizer
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+def user_turn_ids(tokenizer, content: str) -> list[int]:
+    """A user turn of the tokenizer's chat template, then the assistant prompt, as token ids: the prefix of every prompt
+    (RoT's question before ``<img_begin>``, the SFT baselines', the anchor's reading turn)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -24,7 +24,8 @@ import torch
 
 from rot_eval import MAX_ANSWER_TOKENS
 from rot_model.decoding import bucketed
-from rot_model.batches import pad, pad_token_id, question_ids
+from rot_data.tokens import user_turn_ids
+from rot_model.batches import pad, pad_token_id
 from rot_model.export import DEFAULT_INFERENCE_LATENTS, load_export
 from rot_model.fused import FUSED_MODEL_TYPES, fuse_projections
 
@@ -74,7 +75,7 @@ def generate_rot(model, tokenizer, questions: list[str], latents: int | torch.Te
     if torch.is_tensor(latents):
         budget, latents = latents.to(device), int(latents.max())
     pad_id = pad_token_id(tokenizer)
-    prefix_ids, mask = pad([question_ids(tokenizer, q) + [model.img_begin_id] for q in questions], pad_id, left=True)
+    prefix_ids, mask = pad([user_turn_ids(tokenizer, q) + [model.img_begin_id] for q in questions], pad_id, left=True)
     prefix_ids, mask = bucketed(prefix_ids.to(device), mask.to(device), pad_id)
     rows = len(questions)
     embed_end = model.embed(torch.tensor([model.img_end_id], device=device))  # [1, d]
@@ -170,7 +171,7 @@ def generate_text(model, tokenizer, questions: list[str], max_new_tokens: int = 
     model.eval()
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
-    ids, mask = pad([question_ids(tokenizer, q) for q in questions], pad_id, left=True)
+    ids, mask = pad([user_turn_ids(tokenizer, q) for q in questions], pad_id, left=True)
     ids, mask = bucketed(ids.to(device), mask.to(device), pad_id)
     engine = model.engines.get(model.decoder, len(questions), ids.shape[1] + max_new_tokens)
     hidden = engine.prefill(model.embed(ids), mask)

@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from rot_data.tokens import user_turn_ids
+
 
 def pad_token_id(tokenizer) -> int:
     """The tokenizer's padding id, or its end-of-turn id when it has none."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def question_ids(tokenizer, question: str) -> list[int]:
-    """The chat-templated user turn and the assistant prompt, as token ids."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
@@ -74,7 +70,7 @@ class RoTCollator:
 
     def __call__(self, rows: list[dict], embeddings: list[torch.Tensor]) -> dict:
         pad_id = pad_token_id(self.tokenizer)
-        prefix_ids, prefix_mask = pad([question_ids(self.tokenizer, r["question"]) + [self.img_begin_id] for r in rows], pad_id, left=True)
+        prefix_ids, prefix_mask = pad([user_turn_ids(self.tokenizer, r["question"]) + [self.img_begin_id] for r in rows], pad_id, left=True)
         suffix_ids, suffix_mask = pad([[self.img_end_id] + answer_ids(self.tokenizer, r["answer"]) for r in rows], pad_id, left=False)
         n_latents = torch.tensor([len(e) if self.max_latents is None else min(len(e), self.max_latents) for e in embeddings])
         slots = max(1, int(n_latents.max()))
@@ -98,7 +94,7 @@ class SFTCollator:
 
     def __call__(self, rows: list[dict], embeddings: list[torch.Tensor]) -> dict:
         pad_id = pad_token_id(self.tokenizer)
-        prefix_ids, prefix_mask = pad([question_ids(self.tokenizer, r["question"]) for r in rows], pad_id, left=True)
+        prefix_ids, prefix_mask = pad([user_turn_ids(self.tokenizer, r["question"]) for r in rows], pad_id, left=True)
         targets = [f"{' '.join(r['cot'].split())} #### {r['answer']}" if self.with_cot else r["answer"] for r in rows]
         suffix_ids, suffix_mask = pad([answer_ids(self.tokenizer, t) for t in targets], pad_id, left=False)
         return {"ids": [r["id"] for r in rows], "prefix_ids": prefix_ids, "prefix_mask": prefix_mask,

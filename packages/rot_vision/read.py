@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from rot_data import registry
-from rot_data.tokens import IMAGE_PAD, IMG_BEGIN, IMG_END
+from rot_data.tokens import IMAGE_PAD, IMG_BEGIN, IMG_END, user_turn_ids
 from rot_data.transformers_compat import cache_arg, merged_visual_tokens, output_cache
 
 
@@ -117,9 +117,7 @@ def _generate(model, tokenizer, prompts, visual, max_new_tokens):
 
 def reading_prompt(tokenizer, n_visual: int) -> list[int]:
     """The OCR turn: ``<img_begin>`` n placeholders ``<img_end>`` as the user's message, then the assistant prompt."""
-    content = IMG_BEGIN + IMAGE_PAD * n_visual + IMG_END
-    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return user_turn_ids(tokenizer, IMG_BEGIN + IMAGE_PAD * n_visual + IMG_END)
 
 
 def transcribe(model, tokenizer, visual: list[torch.Tensor], max_new_tokens: int = 400, batch_size: int = 256) -> list[str]:
@@ -128,12 +126,6 @@ def transcribe(model, tokenizer, visual: list[torch.Tensor], max_new_tokens: int
     return generate(model, tokenizer, prompts, visual, max_new_tokens, batch_size)
 
 
-def question_prompt(tokenizer, question: str) -> list[int]:
-    """The chat-templated user turn and the assistant prompt (the RoT trainer's prefix before ``<img_begin>``)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def answer_prompt(tokenizer, question: str, n_visual: int) -> list[int]:
     """RoT's layout with visual rows in the latents' place: question, ``<img_begin>`` rows ``<img_end>``."""
-    return question_prompt(tokenizer, question) + tokenizer.convert_tokens_to_ids([IMG_BEGIN] + [IMAGE_PAD] * n_visual + [IMG_END])
+    return user_turn_ids(tokenizer, question) + tokenizer.convert_tokens_to_ids([IMG_BEGIN] + [IMAGE_PAD] * n_visual + [IMG_END])
