@@ -31,7 +31,7 @@
 # Knobs: N (digits), SEED, ANCHOR (encoder and backbone: 'anchor' = the shipped one), DATA (valid/test files: the shipped ones), W (work dir),
 # ROWS (generated training rows), EPOCHS (Stage II / SFT epochs over them), STEPS1 (Stage I steps), CSTEPS (optimizer
 # steps per curriculum stage), VW / RW (vision / reader loss weights of the reader runs), MB (micro-batch), LIMIT (eval
-# rows), GPU (pin this process's parts to one GPU); for the reader runs EXTRA (more trainer options, e.g. --train-head)
+# rows), GPU (pin this process's parts to one GPU), MERGE (visual tokens per latent: 2 halves the latents, issue 33.3); for the reader runs EXTRA (more trainer options, e.g. --train-head)
 # and TAG (a suffix to the run's name, so variants sit side by side); ROLL (more options for the rollout run, e.g.
 # --max-steps 300 --lr 1e-3: later options win); SHARDS (the shard folder in $W that Stage I and II train on) and S1 (the
 # Stage I run, in $W, that Stage II starts from), for the controls.
@@ -56,7 +56,7 @@ part() { [[ ",$PARTS," == *",$1,"* ]]; }
 log() { echo "== $*" | tee -a "$OUT/commands.txt"; }
 run() { local shown="$*"; log "${shown#on_gpu }"; "$@"; }
 on_gpu() { if [ -n "${GPU:-}" ]; then CUDA_VISIBLE_DEVICES=$GPU "$@"; else "$@"; fi; }
-TRAIN="--backbone $ANCHOR --global-batch $MB --micro-batch $MB --seed $SEED --warmup-steps 20 --head-width 512 --num-workers 2"
+TRAIN="--backbone $ANCHOR --global-batch $MB --micro-batch $MB --seed $SEED --warmup-steps 20 --head-width 512 --num-workers 2 --merge-latents ${MERGE:-1}"
 STAGE2="$TRAIN --epochs $EPOCHS --lr 3e-4 --full-finetune"
 
 if part data; then  # training rows; held-out questions are never generated
