@@ -459,3 +459,5 @@ def test_merged_latents_average_consecutive_visual_tokens_and_halve_the_budget(t
     with pytest.raises(ValueError, match=r"--merge-latents 1: the Stage I export .* was trained with --merge-latents 2"):
         run(TrainConfig(stage=2, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(tmp_path / "s2"),
                         init=str(tmp_path / "s1" / "export"), lr=1e-3, max_steps=1, **options))
+    with pytest.raises(ValueError, match=r"^--reader-weight .* one per visual token: .* drop --max-latents and --merge-latents$"):
+        TrainConfig(stage=2, shards="s", out="o", init="i", reader_weight=1.0, merge_latents=2).validate()

@@ -220,9 +220,9 @@ class TrainConfig(RunOptions, LatentOptions, StageTwoOptions, FinetuneOptions, B
                              "use steps >= 0 (0: off) and a stride >= 1")
         if self.curriculum_steps and (self.stage != 2 or self.mode != "rot"):
             raise ValueError("--curriculum-steps is a Stage II option (rot-train stage2): Stage I trains the head on the full rollout")
-        if self.reader_weight and (self.stage != 2 or self.mode != "rot" or self.max_latents):
-            raise ValueError("--reader-weight is a Stage II option (rot-train stage2) for uncapped latents: the reader reads the "
-                             "whole line, so drop --max-latents")
+        if self.reader_weight and (self.stage != 2 or self.mode != "rot" or self.max_latents or self.merge_latents > 1):
+            raise ValueError("--reader-weight is a Stage II option (rot-train stage2) for uncapped latents, one per visual "
+                             "token: the reader reads the whole line, so drop --max-latents and --merge-latents")
 
 
 def _bounded(lowest: int) -> tuple[str, ...]:
