@@ -28,6 +28,7 @@ from rot_data.tokens import IMG_BEGIN, IMG_END
 from rot_data.transformers_compat import checkpoint_activations, stop_checkpointing_activations
 from rot_model.batches import RoTCollator
 from rot_model.shard_stream import ShardSet, ShardStream
+from rot_train.attention import NAME as ATTENTION
 from rot_train.train import TrainConfig, build_model
 
 
@@ -64,6 +65,8 @@ def main(shards: str = typer.Option(...), backbone: str = typer.Option("anchor")
          micro_batch: list[int] = typer.Option([128], help="micro-batches to time (repeat the option)"),
          max_latents: list[int] = typer.Option([32], help="latent caps to time; 0: uncapped (repeat the option)"),
          checkpointing: list[str] = typer.Option(["on", "off"], help="activation checkpointing settings to time"),
+         attention: list[str] = typer.Option([ATTENTION], help=f"the backbone's attention: {ATTENTION} (the trainer's: decode "
+                                             "steps read the grouped KV cache in place), sdpa (transformers' own) to compare"),
          head_width: int = typer.Option(2048), full_finetune: bool = typer.Option(False),
          stages: str = typer.Option("1,2"), repeats: int = typer.Option(3), profile_step: bool = typer.Option(True),
          out: str = typer.Option("rot_step_profile.json")) -> None:
@@ -92,12 +95,15 @@ def main(shards: str = typer.Option(...), backbone: str = typer.Option("anchor")
                 batches = [b for _, b in zip(range(repeats + 1), stream)]
                 loader_rate = len(batches) * size / (time.perf_counter() - loaded)
                 batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
-                for setting in checkpointing:
+                for setting, implementation in [(c, a) for c in checkpointing for a in attention]:
+                    base.config._attn_implementation = implementation  # read by every layer at each call
+                    model.engines.clear()  # the captured steps ran the other attention
                     if setting == "on":
                         checkpoint_activations(base)
                     else:
                         stop_checkpointing_activations(base)
-                    name = f"stage {stage}, micro-batch {size}, latents {cap or 'uncapped'}, checkpointing {setting}"
+                    name = (f"stage {stage}, micro-batch {size}, latents {cap or 'uncapped'}, checkpointing {setting}, "
+                            f"attention {implementation}")
                     parts = {"rollout": [], "forward": [], "backward": [], "optimizer": []}
                     options = {"stage": stage, "vision_weight": cfg.vision_weight, "lm_weight": cfg.lm_weight}
                     if device.type == "cuda":
@@ -126,7 +132,7 @@ def main(shards: str = typer.Option(...), backbone: str = typer.Option("anchor")
                     real = int(batch["prefix_mask"].sum() + batch["n_latents"].sum() + batch["suffix_mask"].sum())
                     padded = batch["prefix_ids"].numel() + batch["targets"].shape[:2].numel() + batch["suffix_ids"].numel()
                     run = {"name": name, "stage": stage, "micro_batch": size, "max_latents": cap or None,
-                           "checkpointing": setting, "seconds": {k: round(v, 4) for k, v in median.items()},
+                           "checkpointing": setting, "attention": implementation, "seconds": {k: round(v, 4) for k, v in median.items()},
                            "step_s": round(step, 4), "samples_per_s": round(size / step, 2),
                            "model_tflop_per_step": round(model_tflop, 2), "mfu": model_tflop / step / peak if peak else None,
                            "latent_slots": batch["targets"].shape[1], "question_columns": batch["prefix_ids"].shape[1],
@@ -138,7 +144,8 @@ def main(shards: str = typer.Option(...), backbone: str = typer.Option("anchor")
                           + (f"; MFU {100 * run['mfu']:.1f}% of the {peak_name}'s {peak:g}" if peak else "")
                           + f"; real tokens {real} of {padded} in the passes' columns; peak {run['peak_gib'] or 0:.1f} GiB"
                           + f"; loader {loader_rate:.0f} samples/s")
-                    if profile_step and device.type == "cuda" and setting == checkpointing[0] and size == micro_batch[0]:
+                    if profile_step and device.type == "cuda" and setting == checkpointing[0] and size == micro_batch[0] \
+                            and implementation == attention[0]:
                         from torch.profiler import ProfilerActivity, profile
 
                         def whole_step():

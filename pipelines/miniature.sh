@@ -31,7 +31,8 @@
 # Knobs: N (digits), SEED, ANCHOR (encoder and backbone: 'anchor' = the shipped one), DATA (valid/test files: the shipped ones), W (work dir),
 # ROWS (generated training rows), EPOCHS (Stage II / SFT epochs over them), STEPS1 (Stage I steps), CSTEPS (optimizer
 # steps per curriculum stage), VW / RW (vision / reader loss weights of the reader runs), MB (micro-batch), LIMIT (eval
-# rows), GPU (pin this process's parts to one GPU); for the reader runs EXTRA (more trainer options, e.g. --train-head)
+# rows), GPU (pin this process's parts to one GPU), MERGE (visual tokens per latent: 2 halves the latents, issue 33.3;
+# the reader loss then defaults off, RW=0: it reads one latent per visual token); for the reader runs EXTRA (more trainer options, e.g. --train-head)
 # and TAG (a suffix to the run's name, so variants sit side by side); ROLL (more options for the rollout run, e.g.
 # --max-steps 300 --lr 1e-3: later options win); SHARDS (the shard folder in $W that Stage I and II train on) and S1 (the
 # Stage I run, in $W, that Stage II starts from), for the controls.
@@ -41,7 +42,7 @@ export PYTHONPATH=$PWD/packages${PYTHONPATH:+:$PYTHONPATH}
 N=${N:-4}; SEED=${SEED:-0}; ANCHOR=${ANCHOR:-anchor}; DATA=$(realpath "${DATA:-packages/rot_data/data}")  # the shipped valid/test files
 W=$(realpath -m "${W:-/tmp/miniature-${N}x${N}}"); OUT=${OUT:-$W/out}; mkdir -p "$W" "$OUT"
 STEPS1=${STEPS1:-300}; MB=${MB:-256}; ROWS=${ROWS:-102400}; EPOCHS=${EPOCHS:-3}; CSTEPS=${CSTEPS:-100}; LIMIT=${LIMIT:-}
-VW=${VW:-10}; RW=${RW:-1}; EXTRA=${EXTRA:-}; TAG=${TAG:-}; ROLL=${ROLL:-}; SHARDS=${SHARDS:-shards}; S1=${S1:-stage1}
+VW=${VW:-10}; RW=${RW:-$( [ "${MERGE:-1}" = 1 ] && echo 1 || echo 0 )}; EXTRA=${EXTRA:-}; TAG=${TAG:-}; ROLL=${ROLL:-}; SHARDS=${SHARDS:-shards}; S1=${S1:-stage1}
 PARTS=${PARTS:-data,stage1,stage2,sft,eval,controls,readback}
 EVAL_RUNS=${EVAL_RUNS:-stage2 vision curriculum curriculum-lora reader reader-tf reader-lora rollout sft-cot sft-nocot rollout-nostage1 rollout-tiny detached}; CONTROL_RUN=${CONTROL_RUN:-stage2}
 if [ -n "${SMOKE:-}" ]; then STEPS1=2; MB=4; ROWS=16; EPOCHS=1; CSTEPS=1; LIMIT=4; fi
@@ -56,7 +57,7 @@ part() { [[ ",$PARTS," == *",$1,"* ]]; }
 log() { echo "== $*" | tee -a "$OUT/commands.txt"; }
 run() { local shown="$*"; log "${shown#on_gpu }"; "$@"; }
 on_gpu() { if [ -n "${GPU:-}" ]; then CUDA_VISIBLE_DEVICES=$GPU "$@"; else "$@"; fi; }
-TRAIN="--backbone $ANCHOR --global-batch $MB --micro-batch $MB --seed $SEED --warmup-steps 20 --head-width 512 --num-workers 2"
+TRAIN="--backbone $ANCHOR --global-batch $MB --micro-batch $MB --seed $SEED --warmup-steps 20 --head-width 512 --num-workers 2 --merge-latents ${MERGE:-1}"
 STAGE2="$TRAIN --epochs $EPOCHS --lr 3e-4 --full-finetune"
 
 if part data; then  # training rows; held-out questions are never generated

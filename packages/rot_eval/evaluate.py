@@ -11,7 +11,7 @@ from tqdm import tqdm
 from rot_data.records import load_records
 from rot_eval import MAX_ANSWER_TOKENS
 from rot_eval.answers import final_segment, is_correct
-from rot_model.export import latent_budget
+from rot_model.export import latent_budget, latent_merge
 from rot_eval.generate import generate_rot, generate_text, load_for_inference, timed
 
 
@@ -58,7 +58,7 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
     check_positions(model, tokenizer, [r.question for r in records], thinking[0] + max_answer_tokens + 2, f"{thinking[1]} + answer tokens".strip(" +"))
     if control and mode != "rot":
         raise ValueError(f"--control applies to RoT exports; {checkpoint} is an {mode} baseline")
-    truth = _truth_embeddings(truth_shards) if control == "truth" or oracle_latents else None
+    truth = _truth_embeddings(truth_shards, latent_merge(config)) if control == "truth" or oracle_latents else None
     if oracle_latents and truth:
         check_positions(model, tokenizer, [r.question for r in records], max(map(len, truth.values())) + max_answer_tokens + 2,
                         "--oracle-latents + answer tokens")
@@ -126,12 +126,13 @@ def _aligned(gold: str, predicted: str) -> list[tuple[str, str | None]]:
     return [(want, got[i] if i < len(got) else None) for i, want in enumerate(gold.split())]
 
 
-def _truth_embeddings(folder: Path) -> dict[str, torch.Tensor]:
-    """question -> stored visual embeddings of its rendered CoT."""
+def _truth_embeddings(folder: Path, merge: int) -> dict[str, torch.Tensor]:
+    """question -> the latents its rendered CoT's stored visual embeddings stand for (merged as the export trained)."""
+    from rot_model.batches import merged
     from rot_model.shard_stream import ShardSet
 
     shard_set = ShardSet.open(folder)
-    return {row["question"]: shard_set.embedding(row) for shard in range(len(shard_set.manifest["shards"]))
+    return {row["question"]: merged(shard_set.embedding(row), merge) for shard in range(len(shard_set.manifest["shards"]))
             for row in shard_set.read_rows(shard)}
 
 

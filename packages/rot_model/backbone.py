@@ -19,6 +19,7 @@ import torch
 from rot_data import hub
 from rot_data.tokens import IMG_BEGIN, IMG_END
 from rot_model import delta
+from rot_train import attention
 
 TEXT_ARCHITECTURE = {"qwen3_vl": "qwen3", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2"}
 VISION_PREFIXES = ("model.visual.", "visual.")
@@ -79,7 +80,8 @@ def text_config_of(vlm_config):
 
 def load_backbone(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
     """(causal LM, tokenizer) for a hub id or local folder ('anchor': the shipped pretrained VLM); VLM checkpoints
-    give their language model only; a RoT export of a full fine-tuning run gives its trained LM (to train on)."""
+    give their language model only; a RoT export of a full fine-tuning run gives its trained LM (to train on). Its
+    attention is transformers' SDPA with decode steps that do not copy the grouped KV cache (rot_train.attention)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, tokenizer_folder = weights_folders(name)  # a RoT export: train on from its fully fine-tuned LM
@@ -93,11 +95,11 @@ def load_backbone(name: str, dtype: torch.dtype = torch.bfloat16, device: str | 
     elif (folder / delta.FILE).exists():
         text_config = config
     else:
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device), tokenizer
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attention.register()).to(device), tokenizer
     tensors = text_tensors(folder)
     text_config.tie_word_embeddings = "lm_head.weight" not in tensors
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(text_config, dtype=dtype, attn_implementation=attention.register())
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and text_config.tie_word_embeddings)]
     if missing or unexpected:

@@ -2,7 +2,8 @@
 
 ``prefix_ids``: chat-templated question + <img_begin>, left-padded (so the rollout's last column is
 every row's newest position). ``suffix_ids``: <img_end> + answer + end-of-turn, right-padded.
-``targets``: the stored visual embeddings (capped at ``max_latents`` if given), zero-padded.
+``targets``: the stored visual embeddings (each ``merge`` consecutive ones averaged into one latent, then capped at
+``max_latents`` if given), zero-padded.
 With a reader (Stage II's reader loss): ``read_prefix_ids`` / ``read_suffix_ids``, the anchor's OCR turn around the
 latent slots with the drawn CoT as the answer to score, which starts at suffix column ``read_from``.
 """
@@ -60,15 +61,27 @@ class ReadingTurn:
                 "read_suffix_mask": suffix_mask, "read_from": len(self.after)}
 
 
+def merged(embeddings: torch.Tensor, merge: int) -> torch.Tensor:
+    """[tokens, dim] -> [ceil(tokens / merge), dim]: each ``merge`` consecutive visual embeddings averaged into the
+    one latent that predicts them (the last group may be shorter). Fewer latents per thought than visual tokens, as
+    the vision tower's own spatial merge makes one token of four patches; ``merge`` 1 keeps them as they are."""
+    if merge == 1:
+        return embeddings
+    groups = torch.arange(len(embeddings)) // merge
+    sums = torch.zeros(int(groups[-1]) + 1, embeddings.shape[1], dtype=torch.float32).index_add_(0, groups, embeddings.float())
+    return (sums / torch.bincount(groups)[:, None]).to(embeddings.dtype)
+
+
 class RoTCollator:
     reads_embeddings = True  # the stored visual latents are Stage I/II targets
 
     def __init__(self, tokenizer, img_begin_id: int, img_end_id: int, max_latents: int | None = None,
-                 reading: ReadingTurn | None = None):
+                 reading: ReadingTurn | None = None, merge: int = 1):
         self.tokenizer, self.img_begin_id, self.img_end_id, self.max_latents = tokenizer, img_begin_id, img_end_id, max_latents
-        self.reading = reading
+        self.reading, self.merge = reading, merge
 
     def __call__(self, rows: list[dict], embeddings: list[torch.Tensor]) -> dict:
+        embeddings = [merged(e, self.merge) for e in embeddings]
         pad_id = pad_token_id(self.tokenizer)
         prefix_ids, prefix_mask = pad([user_turn_ids(self.tokenizer, r["question"]) + [self.img_begin_id] for r in rows], pad_id, left=True)
         suffix_ids, suffix_mask = pad([[self.img_end_id] + answer_ids(self.tokenizer, r["answer"]) for r in rows], pad_id, left=False)

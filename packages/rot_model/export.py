@@ -60,8 +60,9 @@ def export(model: RoTModel, tokenizer, folder: Path, cfg, shard_set, token_ids: 
         "format": "rot-export/1", "stage": cfg.stage, "mode": cfg.mode, "backbone": portable_name(cfg.backbone), "weights": weights,
         "llm_dim": model.lm.config.hidden_size, "latent_dim": shard_set.dim, "head_width": cfg.head_width,
         "tokens": {IMG_BEGIN: token_ids[IMG_BEGIN], IMG_END: token_ids[IMG_END]},
-        "shards_fingerprint": shard_set.fingerprint, "max_latents": cfg.max_latents,
-        "inference_latents": cfg.inference_latents if cfg.inference_latents is not None else inference_budget(shard_set, cfg.max_latents), "latent_gradient": cfg.latent_gradient,
+        "shards_fingerprint": shard_set.fingerprint, "max_latents": cfg.max_latents, "merge_latents": cfg.merge_latents,
+        "inference_latents": cfg.inference_latents if cfg.inference_latents is not None
+        else inference_budget(shard_set, cfg.max_latents, cfg.merge_latents), "latent_gradient": cfg.latent_gradient,
         "train_config": asdict(cfg),
     }
     (folder / "rot_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -80,11 +81,16 @@ def latent_budget(rot_config: dict, latents: int | None = None) -> int:
     return budget
 
 
-def inference_budget(shard_set, max_latents: int | None = None) -> int:
-    """The default latent budget at inference: the mean number of visual tokens per training row, or the training
-    cap when it is lower (a model trained with ``--max-latents C`` answers after latent C)."""
-    mean = max(1, round(shard_set.manifest["tokens"] / max(1, shard_set.manifest["rows"])))
+def inference_budget(shard_set, max_latents: int | None = None, merge: int = 1) -> int:
+    """The default latent budget at inference: the mean number of latents per training row (visual tokens / ``merge``),
+    or the training cap when it is lower (a model trained with ``--max-latents C`` answers after latent C)."""
+    mean = max(1, round(shard_set.manifest["tokens"] / max(1, shard_set.manifest["rows"]) / merge))
     return min(mean, max_latents) if max_latents else mean
+
+
+def latent_merge(rot_config: dict) -> int:
+    """Visual tokens per latent the export was trained with (``--merge-latents``; exports before it: 1)."""
+    return rot_config.get("merge_latents", 1)
 
 
 def portable_name(backbone: str) -> str:

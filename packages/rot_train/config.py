@@ -80,8 +80,13 @@ class LatentOptions:
 
     max_latents: int | None = option(None, "cap on the latents trained per sample (default: one per visual token of the CoT, "
                                      "as the official code)", at_least=1)
+    # fewer reasoning steps than visual tokens (issue 33's compression curve): the target of a latent is the mean of
+    # this many consecutive visual embeddings; Stage II must use its Stage I's value (its head predicts those means)
+    merge_latents: int = option(1, "visual tokens per latent: each latent predicts the mean of this many consecutive visual "
+                                "embeddings (2: half the latents; default 1, one per visual token as the official code)",
+                                at_least=1)
     inference_latents: int | None = option(None, "latent budget recorded in the export for rot-eval (default: the shards' "
-                                           "mean visual tokens per row, or --max-latents if lower)", at_least=1)
+                                           "mean latents per row, or --max-latents if lower)", at_least=1)
     vision_weight: float | None = option(None, "weight of the MSE to the visual embeddings (official: 10 in Stage I, 0 in "
                                          "Stage II)", at_least=0)
     lm_weight: float = option(1.0, "weight of the LM loss on <img_end> + answer", at_least=0)
@@ -215,9 +220,9 @@ class TrainConfig(RunOptions, LatentOptions, StageTwoOptions, FinetuneOptions, B
                              "use steps >= 0 (0: off) and a stride >= 1")
         if self.curriculum_steps and (self.stage != 2 or self.mode != "rot"):
             raise ValueError("--curriculum-steps is a Stage II option (rot-train stage2): Stage I trains the head on the full rollout")
-        if self.reader_weight and (self.stage != 2 or self.mode != "rot" or self.max_latents):
-            raise ValueError("--reader-weight is a Stage II option (rot-train stage2) for uncapped latents: the reader reads the "
-                             "whole line, so drop --max-latents")
+        if self.reader_weight and (self.stage != 2 or self.mode != "rot" or self.max_latents or self.merge_latents > 1):
+            raise ValueError("--reader-weight is a Stage II option (rot-train stage2) for uncapped latents, one per visual "
+                             "token: the reader reads the whole line, so drop --max-latents and --merge-latents")
 
 
 def _bounded(lowest: int) -> tuple[str, ...]:

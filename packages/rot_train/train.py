@@ -118,7 +118,10 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, shar
                              f"the shards hold {shard_set.dim}; the reader must be the VLM whose tower built the shards")
     if cfg.stage == 2:
         if cfg.mode == "rot":
-            exporting.load_head(model, cfg.init, shard_set)
+            stage1 = exporting.load_head(model, cfg.init, shard_set)
+            if exporting.latent_merge(stage1) != cfg.merge_latents:
+                raise ValueError(f"--merge-latents {cfg.merge_latents}: the Stage I export {cfg.init} was trained with "
+                                 f"--merge-latents {exporting.latent_merge(stage1)} (its head predicts those means); pass that")
         model.head.requires_grad_(cfg.train_head)
         model.adapter.requires_grad_(cfg.train_head)
         if cfg.full_finetune:
@@ -325,7 +328,7 @@ def make_collate(cfg: TrainConfig, shard_set: ShardSet, tokenizer, token_ids: di
     """Rows -> a micro-batch: RoT rows (question, targets, answer) or the baselines' text rows."""
     if cfg.mode == "rot":
         reading = ReadingTurn(tokenizer, shard_set.manifest["render"]["thought_tags"]) if cfg.reader_weight else None
-        return RoTCollator(tokenizer, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.max_latents, reading)
+        return RoTCollator(tokenizer, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.max_latents, reading, cfg.merge_latents)
     return SFTCollator(tokenizer, with_cot=cfg.mode == "sft-cot", latent_dim=shard_set.dim)
 
 

@@ -1,0 +1,42 @@
+"""The backbone's attention: transformers' SDPA, except that a decode step reads the grouped KV cache without copying it.
+
+Qwen3 shares each key/value head among several query heads (grouped-query attention). With an attention mask, the
+SDPA path of transformers 5.17 (the GPU image's) first expands the keys and values to one copy per query head
+(``repeat_kv``): during a rollout that copies the whole static cache, every layer, every latent step. On one H200 at
+the 4B shape that copy was the largest kernel of a Stage I step (28% of GPU time at 32 latents, 54% uncapped:
+docs/benchmarks.md, "Where the time goes"). A step has one query per head, so the query heads of a group can stand
+in for query positions instead: queries [batch, kv heads, group, dim] against keys [batch, kv heads, cache, dim],
+the mask broadcast over the group: the same numbers, no copy (newer transformers do the same, ``pack_gqa``).
+Everything else (prefill, the teacher-forced passes, no mask, per-head masks) goes to transformers' own SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "rot_sdpa"  # the backbone's attn_implementation (rot_train.backbone.load_backbone)
+
+
+def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """query [batch, heads, q, dim], key/value [batch, kv heads, k, dim] -> ([batch, q, heads, dim], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    group = getattr(module, "num_key_value_groups", 1)
+    batch, heads, length, dim = query.shape
+    if group == 1 or length != 1 or attention_mask is None or attention_mask.shape[1] != 1 or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    grouped = query.reshape(batch, heads // group, group, dim)  # heads h*group..h*group+group-1 share kv head h
+    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
+                                                              dropout_p=dropout, scale=scaling)
+    return output.reshape(batch, 1, heads, dim), None
+
+
+def register() -> str:
+    """Make ``NAME`` an attention implementation (and its masks SDPA's) for models built after this call."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # without it transformers would drop 2-D masks
+    return NAME

@@ -1,0 +1,79 @@
+"""The backbone's attention (rot_train.attention): transformers' SDPA numbers, without copying the grouped KV cache
+in a decode step. The shipped anchor has 6 query heads over 2 key/value heads: groups of 3."""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from rot_train import attention
+from rot_model.backbone import load_backbone
+from rot_model.decoding import StaticDecoder
+
+
+class QueryShapes(TorchFunctionMode):
+    """Records the query shape of every scaled_dot_product_attention call made inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def anchor_pair():
+    """The anchor's language model with this project's attention, and a copy on transformers' own SDPA."""
+    model, _ = load_backbone("anchor", dtype=torch.float32)
+    assert model.config._attn_implementation == attention.NAME
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation = "sdpa"
+    return model.eval(), reference.eval()
+
+
+def decode(model, prompt, mask, steps):
+    engine = StaticDecoder(model.model, prompt.shape[0], 40)
+    with torch.no_grad():
+        return [engine.prefill(prompt, mask)] + [engine.step(inputs) for inputs in steps]
+
+
+def test_decode_steps_match_transformers_sdpa_and_skip_the_grouped_copy():
+    model, reference = anchor_pair()
+    generator = torch.Generator().manual_seed(0)
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        prompt = embed(torch.randint(0, 200, (3, 16), generator=generator))
+        steps = [torch.randn(3, model.config.hidden_size, generator=generator) for _ in range(5)]
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[0, :6], mask[2, :11] = 0, 0  # left padding of different lengths: the mask matters
+    with QueryShapes() as seen:
+        ours = decode(model, prompt, mask, steps)
+    theirs = decode(reference, prompt, mask, steps)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    layers, heads, kv_heads = model.config.num_hidden_layers, model.config.num_attention_heads, model.config.num_key_value_heads
+    # the prefill as transformers runs it (all query heads), then every step with the query heads grouped per kv head
+    assert seen.shapes[:layers] == [(3, heads, 16, model.config.head_dim)] * layers
+    assert seen.shapes[layers:] == [(3, kv_heads, heads // kv_heads, model.config.head_dim)] * (5 * layers)
+
+
+def test_teacher_forced_pass_keeps_its_padding_mask_and_gradients():
+    """A 2-D padding mask still reaches the attention (transformers drops masks of attention names it has no mask
+    function for): logits and gradients equal SDPA's, and the padding changes them."""
+    model, reference = anchor_pair()
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    outputs = []
+    for m in (model, reference):
+        logits = m(input_ids=ids, attention_mask=mask).logits
+        logits[:, -1].logsumexp(-1).sum().backward()
+        outputs.append((logits.detach(), m.model.layers[0].self_attn.k_proj.weight.grad))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[0][1], outputs[1][1], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        unmasked = model(input_ids=ids).logits
+    assert (unmasked[1, -1] - outputs[0][0][1, -1]).abs().max() > 1e-3
