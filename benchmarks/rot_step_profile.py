@@ -28,7 +28,7 @@ from rot_data.tokens import IMG_BEGIN, IMG_END
 from rot_data.transformers_compat import checkpoint_activations, stop_checkpointing_activations
 from rot_model.batches import RoTCollator
 from rot_model.shard_stream import ShardSet, ShardStream
-from rot_train.attention import NAME as ATTENTION
+from rot_model.attention import NAME as ATTENTION
 from rot_train.train import TrainConfig, build_model
 
 

@@ -1,4 +1,4 @@
-"""The backbone's attention (rot_train.attention): transformers' SDPA numbers, without copying the grouped KV cache
+"""The backbone's attention (rot_model.attention): transformers' SDPA numbers, without copying the grouped KV cache
 in a decode step. The shipped anchor has 6 query heads over 2 key/value heads: groups of 3."""
 
 import copy
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from rot_train import attention
+from rot_model import attention
 from rot_model.backbone import load_backbone
 from rot_model.decoding import StaticDecoder
 

@@ -18,8 +18,7 @@ import torch
 
 from rot_data import hub
 from rot_data.tokens import IMG_BEGIN, IMG_END
-from rot_model import delta
-from rot_train import attention
+from rot_model import attention, delta
 
 TEXT_ARCHITECTURE = {"qwen3_vl": "qwen3", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2"}
 VISION_PREFIXES = ("model.visual.", "visual.")
@@ -81,7 +80,7 @@ def text_config_of(vlm_config):
 def load_backbone(name: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
     """(causal LM, tokenizer) for a hub id or local folder ('anchor': the shipped pretrained VLM); VLM checkpoints
     give their language model only; a RoT export of a full fine-tuning run gives its trained LM (to train on). Its
-    attention is transformers' SDPA with decode steps that do not copy the grouped KV cache (rot_train.attention)."""
+    attention is transformers' SDPA with decode steps that do not copy the grouped KV cache (rot_model.attention)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, tokenizer_folder = weights_folders(name)  # a RoT export: train on from its fully fine-tuned LM

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-NAME = "rot_sdpa"  # the backbone's attn_implementation (rot_train.backbone.load_backbone)
+NAME = "rot_sdpa"  # the backbone's attn_implementation (rot_model.backbone.load_backbone)
 
 
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
