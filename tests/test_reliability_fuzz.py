@@ -44,8 +44,10 @@ def test_every_line_is_a_record_or_a_counted_bad_row(lines, suffix, bom):
         path.write_bytes(content)
         try:
             records, skipped = load_records(str(path), on_error="skip")
-        except RecordError as error:  # a whole-file answer (no usable rows, unknown format): one line naming the file
-            assert str(error).startswith(str(path)) and "\n" not in str(error)
+        except RecordError as error:  # a whole-file answer (no usable rows, unknown format, NUL bytes): one line naming
+            # the file, led by it or by the flag that gave it ("--dataset <file> looks like UTF-16 ...")
+            message = str(error)
+            assert message.startswith((str(path), f"--dataset {path}")) and "\n" not in message, message
             return
         seen = [r.line for r in records] + [s.line for s in skipped]
         assert sorted(seen) == sorted(_non_blank(content)) and len(seen) == len(set(seen))
