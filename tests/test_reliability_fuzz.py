@@ -2,6 +2,7 @@
 non-blank line becomes either a record or a counted bad row with its line number."""
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -22,11 +23,12 @@ _line = st.one_of(
 
 
 def _non_blank(content: bytes) -> set[int]:
-    """Line numbers the loader must account for: all but the blank ones (one BOM may open the file)."""
+    """Line numbers the loader must account for: all but the blank ones (one BOM may open the file). CR LF, LF and a
+    lone CR (old Mac files) each end a line, as the loader counts them."""
     numbers = set()
-    for number, raw in enumerate(content.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+    for number, raw in enumerate(re.split(rb"\r\n|\r|\n", content.removeprefix(b"\xef\xbb\xbf")), start=1):
         try:
-            text = raw.decode("utf-8").removesuffix("\r")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
             numbers.add(number)
             continue
