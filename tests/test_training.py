@@ -437,28 +437,35 @@ def test_a_warm_up_longer_than_the_run_is_scaled_to_half_of_it(tiny_shards, tiny
     assert max(_losses(out, "lr")) == pytest.approx(1e-3, rel=0.01)
 
 
-def test_merged_latents_average_consecutive_visual_tokens_and_halve_the_budget(tiny_shards, tiny_qwen3_vl, tmp_path):
-    """--merge-latents 2 (issue 33's compression curve): a latent predicts the mean of two visual embeddings, the
-    export records it and a budget of half the visual tokens, and Stage II refuses a Stage I trained otherwise."""
+def test_merged_latents_average_consecutive_visual_tokens_and_halve_the_budget(stage_runs, tiny_shards, tiny_qwen3_vl,
+                                                                                tmp_path):
+    """--merge-latents K (issue 33's compression curve): a latent's target is the mean of K visual embeddings, so a row
+    takes ceil(tokens / K) latents; the budget is halved at K=2; the export records K, and Stage II refuses a Stage I
+    trained with another K (its head predicts those means)."""
+    import shutil
     from types import SimpleNamespace
 
-    from rot_model.batches import merged
+    from rot_model.batches import RoTCollator, merged
     from rot_model.export import inference_budget
+    from rot_model.backbone import load_backbone
 
     tokens = torch.arange(10.0).reshape(5, 2)  # 5 visual tokens: pairs (0,1), (2,3), then (4) alone
     assert merged(tokens, 2).tolist() == [[1.0, 2.0], [5.0, 6.0], [8.0, 9.0]]
     assert torch.equal(merged(tokens, 1), tokens)
     assert inference_budget(SimpleNamespace(manifest={"tokens": 2816000, "rows": 64000}), merge=4) == 11  # 44 / 4
+    _, tokenizer = load_backbone(str(tiny_qwen3_vl))
+    rows = [{"id": str(i), "question": "2*3", "answer": "6", "cot": "x"} for i in range(2)]
+    batch = RoTCollator(tokenizer, 1, 2, merge=2)(rows, [tokens, tokens[:4]])
+    assert batch["n_latents"].tolist() == [3, 2] and batch["targets"][1, :2].tolist() == [[1.0, 2.0], [5.0, 6.0]]
 
-    options = dict(TINY, max_latents=None)
-    summary, model = run(TrainConfig(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(tmp_path / "s1"),
-                                     lr=3e-3, max_steps=2, merge_latents=2, **options))
-    config = json.loads((tmp_path / "s1" / "export" / "rot_config.json").read_text())
-    manifest = json.loads((Path(tiny_shards) / "manifest.json").read_text())
-    assert config["merge_latents"] == 2
-    assert config["inference_latents"] == max(1, round(manifest["tokens"] / manifest["rows"] / 2))
+    _, base, _, _ = stage_runs
+    assert json.loads((base / "s1" / "export" / "rot_config.json").read_text())["merge_latents"] == 1
+    stage1 = tmp_path / "stage1-merged"  # the fixture's Stage I export, as if trained with --merge-latents 2
+    shutil.copytree(base / "s1" / "export", stage1)
+    config = json.loads((stage1 / "rot_config.json").read_text())
+    (stage1 / "rot_config.json").write_text(json.dumps({**config, "merge_latents": 2}))
     with pytest.raises(ValueError, match=r"--merge-latents 1: the Stage I export .* was trained with --merge-latents 2"):
         run(TrainConfig(stage=2, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(tmp_path / "s2"),
-                        init=str(tmp_path / "s1" / "export"), lr=1e-3, max_steps=1, **options))
+                        init=str(stage1), lr=1e-3, max_steps=1, **TINY))
     with pytest.raises(ValueError, match=r"^--reader-weight .* one per visual token: .* drop --max-latents and --merge-latents$"):
         TrainConfig(stage=2, shards="s", out="o", init="i", reader_weight=1.0, merge_latents=2).validate()
