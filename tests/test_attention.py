@@ -77,3 +77,61 @@ def test_teacher_forced_pass_keeps_its_padding_mask_and_gradients():
     with torch.no_grad():
         unmasked = model(input_ids=ids).logits
     assert (unmasked[1, -1] - outputs[0][0][1, -1]).abs().max() > 1e-3
+
+
+def block_causal_mask(lengths: list[int]) -> torch.Tensor:
+    """[T, T]: position i sees j when both are in the same sequence and j <= i."""
+    sequence = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    return (sequence[:, None] == sequence[None]) & torch.ones(len(sequence), len(sequence), dtype=torch.bool).tril()
+
+
+def test_packed_attention_equals_sdpa_with_the_block_causal_mask():
+    """Sequences of equal and different lengths, 6 query heads over 2 key/value heads, through the attention function
+    as transformers calls it (cu_seq_lens_q among its keywords)."""
+    lengths = [3, 5, 5, 2, 7]
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 6, sum(lengths), 16, generator=generator)
+    key, value = (torch.randn(1, 2, sum(lengths), 16, generator=generator) for _ in range(2))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    ours, _ = attention.attention(module, query, key, value, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=7)
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=block_causal_mask(lengths), scale=0.3,
+                                              enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+class SquareTensors(TorchFunctionMode):
+    """Records whether any torch call inside it returned a tensor whose last two sizes are both ``size``."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size, self.seen = size, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if isinstance(result, torch.Tensor) and result.dim() >= 2 and tuple(result.shape[-2:]) == (self.size, self.size):
+            self.seen = True
+        return result
+
+
+def test_a_packed_call_hands_transformers_no_square_mask():
+    """With ``no_mask`` the packed call (no cache, as ``RoTModel.decode`` makes it) builds no [T, T] mask; without it
+    transformers detects the packing from the restarting positions and builds one (so the check can see a mask)."""
+    model, _ = anchor_pair()
+    lengths = [4, 9, 6]
+    total = sum(lengths)
+    inputs = torch.randn(1, total, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, 4, 13, 19], dtype=torch.int32)
+    packed = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 9, "max_length_k": 9, "use_cache": False}
+    with torch.no_grad():
+        with SquareTensors(total) as without:
+            model.model(inputs_embeds=inputs, position_ids=positions, **packed)
+        with SquareTensors(total) as with_no_mask:
+            hidden = model.model(inputs_embeds=inputs, attention_mask=attention.no_mask(model.config),
+                                 position_ids=positions, **packed).last_hidden_state
+        # each sequence alone, unpacked, gives the same hidden states
+        alone = [model.model(inputs_embeds=part).last_hidden_state for part in inputs.split(lengths, dim=1)]
+    assert without.seen and not with_no_mask.seen
+    torch.testing.assert_close(hidden, torch.cat(alone, dim=1), rtol=1e-5, atol=1e-5)
