@@ -3,6 +3,7 @@ in a decode step. The shipped anchor has 6 query heads over 2 key/value heads: g
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -99,6 +100,26 @@ def test_packed_attention_equals_sdpa_with_the_block_causal_mask():
     expected = F.scaled_dot_product_attention(query, key, value, attn_mask=block_causal_mask(lengths), scale=0.3,
                                               enable_gqa=True).transpose(1, 2)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernel runs on a GPU only")
+def test_packed_attention_on_the_gpu_equals_sdpa_with_the_block_causal_mask_and_so_do_its_gradients():
+    """The CUDA path (torch's varlen_attn, grouped K/V handed over or expanded as this torch's kernel takes them), bf16,
+    against SDPA with the block-causal mask, outputs and gradients."""
+    lengths = [37, 64, 64, 5, 120]
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    shapes = {"query": (1, 32, sum(lengths), 128), "key": (1, 8, sum(lengths), 128), "value": (1, 8, sum(lengths), 128)}
+    inputs = {name: torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=generator).requires_grad_()
+              for name, shape in shapes.items()}
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    ours = attention.packed(*inputs.values(), cu, max(lengths), 128 ** -0.5)
+    mask = block_causal_mask(lengths).cuda()
+    expected = F.scaled_dot_product_attention(*inputs.values(), attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(ours, expected, rtol=2e-2, atol=2e-2)
+    upstream = torch.randn(ours.shape, device="cuda", dtype=torch.bfloat16, generator=generator)
+    for a, b in zip(torch.autograd.grad(ours, list(inputs.values()), upstream),
+                    torch.autograd.grad(expected, list(inputs.values()), upstream)):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=3e-2)
 
 
 class SquareTensors(TorchFunctionMode):
