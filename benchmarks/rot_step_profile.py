@@ -7,12 +7,14 @@ plain torch (no DeepSpeed, no launcher) so each part can be timed alone, the GPU
 - the forward of the rest of the step (head, the teacher-forced pass(es), the losses),
 - the backward, the optimizer step;
 for each setting (activation checkpointing on/off, micro-batch, latents capped at ``--max-latents`` or uncapped),
-and for each backbone attention given (``--attention rot_sdpa --attention sdpa``: they take turns on every batch),
+and for each backbone attention and packing setting given (``--attention rot_sdpa --attention sdpa``, ``--packing on
+--packing off``: every pair takes its turn on every batch; sdpa runs padded only, packing needs rot_sdpa),
 with the model FLOPs the trainer counts (``rot_train.flops``) as MFU, the padding of the teacher-forced pass, peak
 memory, and one profiled step (the kernels that take the GPU's time, by family).
 
     python benchmarks/rot_step_profile.py --shards S --backbone B --init <stage1 export> --micro-batch 128 --out p.json
     python benchmarks/rot_step_profile.py --shards S --backbone anchor --head-width 512 --full-finetune   # the miniature
+    python benchmarks/rot_step_profile.py ... --checkpointing on --packing on --packing off   # packed vs padded passes
 """
 
 from __future__ import annotations
@@ -102,9 +104,13 @@ def main(shards: str = typer.Option(...), backbone: str = typer.Option("anchor")
          attention: list[str] = typer.Option([ATTENTION], help=f"the backbone's attention: {ATTENTION} (the trainer's: decode "
                                              "steps read the grouped KV cache in place), sdpa (transformers' own); several take "
                                              "turns on every batch"),
+         packing: list[str] = typer.Option(["off"], help="the teacher-forced passes packed (on) or padded (off); several "
+                                           "take turns on every batch"),
          head_width: int = typer.Option(2048), full_finetune: bool = typer.Option(False),
          stages: str = typer.Option("1,2"), repeats: int = typer.Option(3), profile_step: bool = typer.Option(True),
          out: str = typer.Option("rot_step_profile.json")) -> None:
+    if set(packing) - {"on", "off"}:
+        raise typer.BadParameter(f"--packing {' '.join(packing)}: give on and/or off")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: only to check the script runs
     gpu = device.type == "cuda"
     shard_set = ShardSet.open(shards)
@@ -138,45 +144,46 @@ def main(shards: str = typer.Option(...), backbone: str = typer.Option("anchor")
                 for setting in checkpointing:
                     (checkpoint_activations if setting == "on" else stop_checkpointing_activations)(base)
                     where = f"stage {stage}, micro-batch {size}, latents {cap or 'uncapped'}, checkpointing {setting}"
-                    # the attentions take turns on every batch, each with its own engines (its captured steps stay its
-                    # own): a difference between them is not the order they ran in
+                    # the settings take turns on every batch, each attention with its own engines (its captured steps
+                    # stay its own): a difference between them is not the order they ran in
                     engines = {name: Engines(graphs=gpu) for name in attention}  # graphs: the trainer's rollout (ZeRO-2)
-                    times = {name: [] for name in attention}
-                    peaks = dict.fromkeys(attention, 0)
+                    settings = [(name, packed) for name in attention for packed in packing if packed == "off" or name == ATTENTION]
+                    times = {each: [] for each in settings}
+                    peaks = dict.fromkeys(settings, 0)
                     try:
                         for index, each in enumerate(batches):  # the first is a warm-up (captures, allocations)
-                            for name in attention:
+                            for name, packed in settings:
                                 base.config._attn_implementation = name  # read by every layer at each call
-                                model.engines = engines[name]
+                                model.engines, model.packing = engines[name], packed == "on"
                                 torch.cuda.reset_peak_memory_stats() if gpu else None
                                 seconds = timed_step(model, optimizer, each, options)
-                                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() if gpu else 0)
-                                times[name] += [seconds] if index else []
+                                peaks[name, packed] = max(peaks[name, packed], torch.cuda.max_memory_allocated() if gpu else 0)
+                                times[name, packed] += [seconds] if index else []
                     except torch.OutOfMemoryError:
                         optimizer.zero_grad(set_to_none=True)
                         torch.cuda.empty_cache()
                         print(f"{where}: out of GPU memory")
                         results["runs"].append({"name": where, "out_of_memory": True})
                         continue
-                    for name in attention:
-                        median = {part: statistics.median(t[i] for t in times[name])
+                    for name, packed in settings:
+                        median = {part: statistics.median(t[i] for t in times[name, packed])
                                   for i, part in enumerate(("rollout", "forward", "backward", "optimizer"))}
                         step = sum(median.values())
-                        run = {"name": f"{where}, attention {name}", "stage": stage, "micro_batch": size,
-                               "max_latents": cap or None, "checkpointing": setting, "attention": name,
+                        run = {"name": f"{where}, attention {name}, packing {packed}", "stage": stage, "micro_batch": size,
+                               "max_latents": cap or None, "checkpointing": setting, "attention": name, "packing": packed,
                                "seconds": {k: round(v, 4) for k, v in median.items()}, "step_s": round(step, 4),
                                "samples_per_s": round(size / step, 2), "model_tflop_per_step": round(model_tflop, 2),
                                "mfu": model_tflop / step / peak if peak else None, "latent_slots": batch["targets"].shape[1],
                                "question_columns": batch["prefix_ids"].shape[1], "tokens_real_of_padded": [real, padded],
-                               "loader_samples_per_s": round(loader_rate, 1), "peak_gib": peaks[name] / 2**30 if gpu else None}
+                               "loader_samples_per_s": round(loader_rate, 1), "peak_gib": peaks[name, packed] / 2**30 if gpu else None}
                         results["runs"].append(run)
                         print(f"{run['name']}: step {step * 1e3:.0f} ms = {run['samples_per_s']} samples/s, "
                               + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in median.items())
                               + (f"; MFU {100 * run['mfu']:.1f}% of the {peak_name}'s {peak:g}" if peak else "")
                               + f"; real tokens {real} of {padded} in the passes' columns; peak {run['peak_gib'] or 0:.1f} GiB"
                               + f"; loader {loader_rate:.0f} samples/s")
-                        if profile_step and gpu and setting == checkpointing[0] and size == micro_batch[0] and name == attention[0]:
-                            base.config._attn_implementation, model.engines = name, engines[name]
+                        if profile_step and gpu and setting == checkpointing[0] and size == micro_batch[0] and (name, packed) == settings[0]:
+                            base.config._attn_implementation, model.engines, model.packing = name, engines[name], packed == "on"
                             run["profiled"] = profiled_step(model, optimizer, batch, options)
                     with open(out, "w") as handle:
                         json.dump(results, handle, indent=2)

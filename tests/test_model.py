@@ -302,3 +302,58 @@ def test_reader_loss_is_the_reader_transcribing_each_rows_latents(reader_setup):
     torch.testing.assert_close(batched_grad, reference_grad, atol=1e-6, rtol=1e-3)
     assert batched_grad[1, int(batch["n_latents"][1]):].abs().sum() == 0  # holes are never read
 
+
+
+def losses_and_gradients(model, batch, stage: int, packing: bool):
+    """The step's losses and the gradients of every trainable parameter, with packing on or off (the rollout is
+    computed once, outside, so both settings see the same latents)."""
+    model.packing = packing
+    model.zero_grad()
+    options = {"stage": 1, "vision_weight": 10.0, "lm_weight": 1.0} if stage == 1 else \
+        {"stage": 2, "vision_weight": 1.0, "lm_weight": 1.0, "stop_weight": 1.0}
+    losses = model(batch, hidden_roll=batch["hidden_roll"], **options)
+    losses["loss"].backward()
+    model.packing = False
+    return ({k: v.detach() for k, v in losses.items()},
+            {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad})
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_packing_gives_the_same_losses_and_gradients(rot_setup, stage):
+    """The passes packed (real tokens only, one sequence) equal the padded ones: losses and the gradients of the head
+    (Stage I), of the whole LLM through the answer pass and the official latent gradient (Stage II, with the
+    vision and stop losses that read the latent slots and their holes), on a batch with left padding, latent holes
+    and right padding."""
+    model, batch = rot_setup
+    prefix, suffix = batch["prefix_mask"], batch["suffix_mask"]
+    assert (prefix[:, 0] == 0).any() and (suffix[:, -1] == 0).any() and batch["n_latents"][1] < batch["targets"].shape[1]
+    with torch.no_grad():
+        batch = {**batch, "hidden_roll": model.rollout_hidden(batch["prefix_ids"], prefix, batch["targets"].shape[1])}
+    model.lm.requires_grad_(stage == 2)
+    model.head.requires_grad_(stage == 1)
+    try:
+        padded_losses, padded_grads = losses_and_gradients(model, batch, stage, packing=False)
+        packed_losses, packed_grads = losses_and_gradients(model, batch, stage, packing=True)
+    finally:
+        model.lm.requires_grad_(False)
+        model.head.requires_grad_(True)
+        model.zero_grad()
+    assert padded_losses.keys() == packed_losses.keys() and len(padded_grads) > 10
+    for name in padded_losses:
+        torch.testing.assert_close(packed_losses[name], padded_losses[name], atol=1e-5, rtol=1e-5)
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert max(g.abs().max() for g in packed_grads.values()) > 1e-3  # gradients that matter were compared
+
+
+def test_packing_gives_the_same_reader_loss_and_gradient(reader_setup):
+    model, _, batch, _ = reader_setup
+    predicted = torch.randn(batch["targets"].shape, requires_grad=True, generator=torch.Generator().manual_seed(3))
+    results = []
+    for packing in (False, True):
+        model.packing = packing
+        loss = model.reader_loss(batch, predicted)
+        results.append((loss.detach(), torch.autograd.grad(loss, predicted)[0]))
+    model.packing = False
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=1e-4)

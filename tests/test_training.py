@@ -380,6 +380,19 @@ def test_the_global_batch_gives_the_same_losses_however_it_is_split(tiny_shards,
     assert summary["global_batch"] == 8 and summary["model_tflop_per_sample"] > 0 and summary["mfu"] is None
 
 
+def test_packing_trains_with_the_same_losses_and_run_json_records_it(tiny_shards, tiny_qwen3_vl, tmp_path):
+    """--packing (the teacher-forced passes on the real tokens only) through the whole loop: the same losses as the
+    padded passes, step by step, and run.json's config says which ran."""
+    common = dict(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), max_steps=2, lr=1e-3, **TINY)
+    losses = {}
+    for packing in (False, True):
+        out = tmp_path / f"packing-{packing}"
+        run(TrainConfig(out=str(out), packing=packing, **common))
+        losses[packing] = _losses(out)
+        assert json.loads((out / "run.json").read_text())["config"]["packing"] is packing
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 def test_a_batch_split_that_cannot_work_is_refused_in_one_line(tiny_shards, tiny_qwen3_vl, tmp_path):
     from rot_train.batch_size import given
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rot_model import attention
 from rot_model.decoding import Engines, bucketed
 
 
@@ -68,11 +69,12 @@ ROLLOUT_CACHE_BUCKET = 128  # the rollout engine's cache length is a multiple of
 
 class RoTModel(nn.Module):
     def __init__(self, lm, latent_dim: int, img_begin_id: int, img_end_id: int, head_width: int = 2048,
-                 latent_gradient: str = "official"):
+                 latent_gradient: str = "official", packing: bool = False):
         super().__init__()
         if latent_gradient not in LATENT_GRADIENTS:
             raise ValueError(f"--latent-gradient {latent_gradient}: use one of {', '.join(LATENT_GRADIENTS)}")
         self.latent_gradient = latent_gradient
+        self.packing = packing  # the teacher-forced passes run only the rows' real tokens (``decode``)
         llm_dim = lm.config.hidden_size
         self.lm = lm
         self.head = ProjectionHead(llm_dim, latent_dim, head_width)
@@ -136,6 +138,31 @@ class RoTModel(nn.Module):
         finally:
             self.train(was_training)
 
+    def decode(self, decoder, inputs, mask):
+        """Hidden states [B, L, d] of a masked pass over ``inputs`` [B, L, d]; ``mask`` [B, L] marks each row's real
+        positions, which get consecutive positions 0..n-1 (padding and latent holes are skipped, as at inference).
+
+        Packing off: one padded call, holes masked. On: the real positions only, row by row as one sequence [1, T]
+        with each row's bounds (``cu_seq_lens``) for the attention (``rot_model.attention.packed``), scattered back;
+        the holes' hidden states are zeros, and no loss reads them (the losses mask them or multiply them by 0)."""
+        positions = mask.long().cumsum(-1) - 1
+        if not self.packing:
+            return decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions.clamp(min=0),
+                           use_cache=False).last_hidden_state
+        if decoder.config._attn_implementation != attention.NAME:
+            raise ValueError(f"--packing needs the backbone's attention {attention.NAME}, not "
+                             f"{decoder.config._attn_implementation}; use --no-packing")
+        real = mask.bool()
+        lengths = real.sum(1)
+        cu_seq_lens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        longest = int(lengths.max())
+        hidden = decoder(inputs_embeds=inputs[real][None], attention_mask=attention.no_mask(decoder.config),
+                         position_ids=positions[real][None], use_cache=False, cu_seq_lens_q=cu_seq_lens,
+                         cu_seq_lens_k=cu_seq_lens, max_length_q=longest, max_length_k=longest).last_hidden_state
+        unpacked = hidden.new_zeros(*mask.shape, hidden.shape[-1])
+        unpacked[real] = hidden[0]
+        return unpacked
+
     def teacher_forced(self, batch, latents):
         """One pass over [prefix][latent slots][suffix]; slots past a row's own count are masked holes.
 
@@ -146,9 +173,7 @@ class RoTModel(nn.Module):
         slot_mask = (torch.arange(n_slots, device=latents.device)[None] < batch["n_latents"][:, None]).to(batch["prefix_mask"])
         inputs = torch.cat([self.embed(batch["prefix_ids"]), self.latent_inputs(latents), self.embed(batch["suffix_ids"])], 1)
         mask = torch.cat([batch["prefix_mask"], slot_mask, batch["suffix_mask"]], 1)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
-        return hidden, mask
+        return self.decode(self.decoder, inputs, mask), mask
 
     def latent_hidden(self, batch, latents):
         """Hidden states that predict each latent, recomputed with gradients from ``[prefix][latents]``
@@ -157,8 +182,7 @@ class RoTModel(nn.Module):
         slot_mask = (torch.arange(n_slots, device=latents.device)[None] < batch["n_latents"][:, None]).to(batch["prefix_mask"])
         inputs = torch.cat([self.embed(batch["prefix_ids"]), self.latent_inputs(latents)], 1)
         mask = torch.cat([batch["prefix_mask"], slot_mask], 1)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+        hidden = self.decode(self.decoder, inputs, mask)
         start = batch["prefix_ids"].shape[1] - 1  # <img_begin>, the last prefix column (left padding)
         return hidden[:, start:start + n_slots]
 
@@ -214,9 +238,7 @@ class RoTModel(nn.Module):
         slot_mask = (torch.arange(n_slots, device=predicted.device)[None] < batch["n_latents"][:, None]).to(batch["read_suffix_mask"])
         inputs = torch.cat([embed(batch["read_prefix_ids"]), predicted.to(embed.weight.dtype), embed(batch["read_suffix_ids"])], 1)
         mask = torch.cat([torch.ones_like(batch["read_prefix_ids"]), slot_mask, batch["read_suffix_mask"]], 1)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.reader.get_decoder()(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
-                                           use_cache=False).last_hidden_state
+        hidden = self.decode(self.reader.get_decoder(), inputs, mask)
         # the suffix is contiguous: its position j is predicted by the one before it; the text starts at read_from
         first = hidden.shape[1] - batch["read_suffix_ids"].shape[1] + batch["read_from"]
         logits = self.reader.get_output_embeddings()(hidden[:, first - 1:-1]).float()

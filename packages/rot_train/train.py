@@ -106,7 +106,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, shar
     lm, tokenizer = load_backbone(cfg.backbone, dtype=dtype, device=device)
     token_ids = add_latent_tokens(lm, tokenizer, seed=cfg.seed)
     model = RoTModel(lm, shard_set.dim, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.head_width,
-                     cfg.latent_gradient).to(device, dtype)
+                     cfg.latent_gradient, cfg.packing).to(device, dtype)
     lm.requires_grad_(False)
     if cfg.reader_weight:  # an untouched copy of the backbone reads the latents; it is never trained nor saved
         if (Path(cfg.backbone) / "rot_config.json").exists():
