@@ -429,7 +429,7 @@ def test_the_flop_count_agrees_with_torch_counting_the_step(tiny_shards, tiny_qw
     model = RoTModel(lm, shard_set.dim, ids[IMG_BEGIN], ids[IMG_END], cfg.head_width)
     model.requires_grad_(stage == 2)
     model.head.requires_grad_(stage == 1)
-    row, tokens = worst_case_row(shard_set, None)
+    row, tokens = worst_case_row(shard_set)
     batch = make_collate(cfg, shard_set, tokenizer, ids)([row] * 4, [torch.randn(tokens, shard_set.dim)] * 4)
     batch["weights"] = torch.ones(4)
     with FlopCounterMode(display=False) as counted:
@@ -482,3 +482,26 @@ def test_merged_latents_average_consecutive_visual_tokens_and_halve_the_budget(s
                         init=str(stage1), lr=1e-3, max_steps=1, **TINY))
     with pytest.raises(ValueError, match=r"^--reader-weight .* one per visual token: .* drop --max-latents and --merge-latents$"):
         TrainConfig(stage=2, shards="s", out="o", init="i", reader_weight=1.0, merge_latents=2).validate()
+
+
+def test_the_memory_probe_collates_the_longest_row_as_training_does(tiny_shards, tiny_qwen3_vl):
+    """The micro-batch probe must see the longest batch of the run: with --merge-latents 2 and --max-latents 3 the
+    longest row takes min(ceil(tokens / 2), 3) latent slots, as every training batch does (capping before merging
+    would have probed fewer slots than training uses, and a probed micro-batch could run out of memory)."""
+    from rot_model.backbone import add_latent_tokens, load_backbone
+    from rot_model.shard_stream import ShardSet, ShardStream
+    from rot_train.batch_size import worst_case_batch, worst_case_row
+    from rot_train.train import make_collate
+
+    shard_set = ShardSet.open(tiny_shards)
+    lm, tokenizer = load_backbone(str(tiny_qwen3_vl))
+    ids = add_latent_tokens(lm, tokenizer)
+    for merge, cap in ((1, None), (2, None), (2, 3), (3, 2)):
+        cfg = TrainConfig(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out="o",
+                          **dict(TINY, max_latents=cap, merge_latents=merge))
+        collate = make_collate(cfg, shard_set, tokenizer, ids)
+        worst = worst_case_row(shard_set)
+        probed = worst_case_batch(collate, worst, shard_set.dim, 2)["targets"].shape[1]
+        trained = max(batch["targets"].shape[1] for batch in ShardStream(shard_set, collate, 4))
+        expected = -(-worst[1] // merge)
+        assert probed == trained == (min(expected, cap) if cap else expected), (merge, cap)

@@ -53,9 +53,10 @@ def given(global_batch: int, world_size: int, micro_batch: int) -> BatchPlan:
     return BatchPlan(micro_batch, samples // micro_batch, world_size, "given")
 
 
-def worst_case_row(shard_set, max_latents: int | None) -> tuple[dict, int]:
+def worst_case_row(shard_set) -> tuple[dict, int]:
     """A row as long as the longest the shards hold in each part (question, CoT, answer, visual tokens): the
-    micro-batch that fits it fits every batch of the run. Reads the text columns only."""
+    micro-batch that fits it fits every batch of the run. Reads the text columns only. Its visual tokens are not capped
+    here: the collator merges and caps them as it does every training row (``--merge-latents``, then ``--max-latents``)."""
     longest = {"question": "", "cot": "", "answer": ""}
     tokens = 1
     for index in range(len(shard_set.manifest["shards"])):
@@ -64,8 +65,16 @@ def worst_case_row(shard_set, max_latents: int | None) -> tuple[dict, int]:
             for key in longest:
                 if len(row[key]) > len(longest[key]):
                     longest[key] = row[key]
-    tokens = min(tokens, max_latents) if max_latents else tokens
     return {"id": "memory-probe", **longest, "n_tokens": tokens}, tokens
+
+
+def worst_case_batch(collate, worst: tuple[dict, int], dim: int, micro: int) -> dict:
+    """``micro`` copies of the worst-case row (``worst_case_row``), collated as training collates its rows (latents
+    merged by ``--merge-latents``, then capped by ``--max-latents``): the longest batch training will see."""
+    row, tokens = worst
+    batch = collate([row] * micro, [torch.zeros(tokens, dim)] * micro)
+    batch["weights"] = torch.ones(micro)
+    return batch
 
 
 def fits(step, batch: dict, ballast_bytes: int, device: torch.device) -> bool:
@@ -83,14 +92,13 @@ def fits(step, batch: dict, ballast_bytes: int, device: torch.device) -> bool:
         torch.cuda.empty_cache()
 
 
-def probe(model, collate, shard_set, global_batch: int, world_size: int, max_latents: int | None, device: torch.device,
-          forward_kwargs: dict, only: int | None = None) -> BatchPlan | None:
+def probe(model, collate, shard_set, global_batch: int, world_size: int, device: torch.device, forward_kwargs: dict,
+          only: int | None = None) -> BatchPlan | None:
     """The largest micro-batch (a divisor of the per-rank samples) whose step on the worst-case row fits; the model
     is left as it was (gradients dropped, random state restored). ``only``: try that micro-batch alone (None if it
     does not fit)."""
     samples = per_rank(global_batch, world_size)
-    row, tokens = worst_case_row(shard_set, max_latents)
-    embedding = torch.zeros(tokens, shard_set.dim)
+    worst = worst_case_row(shard_set)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = torch.cuda.get_device_properties(device).total_memory
     ballast = int(trainable * OPTIMIZER_BYTES / world_size + MEMORY_MARGIN * total)
@@ -105,11 +113,10 @@ def probe(model, collate, shard_set, global_batch: int, world_size: int, max_lat
     rng = torch.get_rng_state(), torch.cuda.get_rng_state(device)
     try:
         for micro in [only] if only else divisors(samples):
-            batch = collate([row] * micro, [embedding] * micro)
-            batch["weights"] = torch.ones(micro)
+            batch = worst_case_batch(collate, worst, shard_set.dim, micro)
             if fits(step, batch, ballast, device):
                 return BatchPlan(micro, samples // micro, world_size, f"the largest that fits the GPU's memory on the "
-                                 f"longest rows: {tokens} latents, probed")
+                                 f"longest rows: {batch['targets'].shape[1]} latents, probed")
     finally:
         torch.set_rng_state(rng[0])
         torch.cuda.set_rng_state(rng[1], device)

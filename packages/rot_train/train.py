@@ -371,7 +371,7 @@ def plan_batches(cfg: TrainConfig, model, collate, shard_set: ShardSet, world_si
 def _probe(cfg: TrainConfig, model, collate, shard_set: ShardSet, world_size: int, device: torch.device, only=None):
     options = dict(forward_options(cfg, 0), rolled_out=None)  # the whole rollout: the most memory a step takes
     model.train()  # as in training: dropout, and activation checkpointing where it is on
-    return batch_size.probe(model, collate, shard_set, cfg.global_batch, world_size, cfg.max_latents, device, options, only)
+    return batch_size.probe(model, collate, shard_set, cfg.global_batch, world_size, device, options, only)
 
 
 def _smallest_over_ranks(value: int, device: torch.device, world_size: int) -> int:
