@@ -380,3 +380,29 @@ def test_on_a_gpu_the_captured_decode_step_gives_the_reference_tokens_and_latent
     expected = model.lm.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=12, do_sample=False,
                                  eos_token_id=None, pad_token_id=pad_token_id(tokenizer))[:, ids.shape[1]:].tolist()
     assert [[g.token_ids for g in text] for text in texts] == [expected, expected]
+
+
+def test_an_export_with_merged_latents_evaluates_merged_truth_and_refuses_read_back(exported, tiny_shards, micro_anchor,
+                                                                                    tmp_path):
+    """--merge-latents 2: the truth control feeds the stored visual embeddings averaged in pairs (one latent per two
+    visual tokens, as trained), the oracle budget is half the tokens, and read-back (one visual token per position)
+    is refused in one line."""
+    import shutil
+
+    from rot_eval.evaluate import evaluate
+    from rot_eval.readback import read_back
+
+    merged = tmp_path / "merged"
+    shutil.copytree(exported, merged)
+    config = json.loads((merged / "rot_config.json").read_text())
+    (merged / "rot_config.json").write_text(json.dumps({**config, "merge_latents": 2}))
+    lengths = [row["n_tokens"] for row in ShardSet.open(tiny_shards).read_rows(0)[:3]]
+    truth = evaluate(str(merged), "gsm8k", tmp_path / "truth", split="train", batch_size=1, max_answer_tokens=3, limit=3,
+                     control="truth", truth_shards=tiny_shards)
+    oracle = evaluate(str(merged), "gsm8k", tmp_path / "oracle", split="train", batch_size=3, max_answer_tokens=3, limit=3,
+                      oracle_latents=True, truth_shards=tiny_shards)
+    halves = sum(-(-n // 2) for n in lengths) / 3
+    assert truth["mean_reasoning_tokens"] == oracle["mean_reasoning_tokens"] == halves
+    with pytest.raises(ValueError, match=r"^.*merged was trained with --merge-latents 2: .* read back an export trained "
+                                         r"with one latent per visual token$"):
+        read_back(str(merged), "gsm8k", tiny_shards, tmp_path / "rb", split="train", reader=str(micro_anchor), limit=1)

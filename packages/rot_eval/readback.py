@@ -19,7 +19,7 @@ from tqdm import tqdm
 from rot_data import registry
 from rot_data.edit_distance import edit_distance
 from rot_data.records import load_records
-from rot_model.export import latent_budget
+from rot_model.export import latent_budget, latent_merge, read_config
 from rot_eval.evaluate import check_positions
 from rot_eval.generate import generate_rot, load_for_inference
 from rot_model.shard_stream import ShardSet
@@ -61,6 +61,11 @@ def read_back(checkpoint: str, dataset: str, shards: Path, out: Path, split: str
     records, _ = load_records(dataset, split, data_dir=data_dir)
     records = records[:limit] if limit is not None else records
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    merge = latent_merge(read_config(checkpoint))
+    if merge > 1:
+        raise ValueError(f"{checkpoint} was trained with --merge-latents {merge}: each latent stands for the mean of {merge} "
+                         "visual tokens, and the reader reads one visual token per position; read back an export trained "
+                         "with one latent per visual token")
     model, tokenizer, config = load_for_inference(checkpoint, device=device)
     latents = latent_budget(config, latents)
     check_positions(model, tokenizer, [r.question for r in records], latents + 3, "--latents")  # + <img_end>, an answer token
