@@ -143,20 +143,23 @@ def _control_latents(control, model, tokenizer, questions, latents, truth) -> to
     if control == "shuffled":
         own = generate_rot(model, tokenizer, questions, latents=latents, max_answer_tokens=1)
         return torch.stack([g.latents for g in own]).roll(1, dims=0).to(device)
-    missing = [q for q in questions if q not in truth]
-    if missing:
-        raise ValueError(f"--truth-shards has no row for the question {missing[0]!r}; build it from the evaluated split")
-    lengths = {len(truth[q]) for q in questions}
+    latents = _truth_of(questions, truth)
+    lengths = {len(t) for t in latents}
     if len(lengths) > 1:
         raise ValueError(f"--control truth needs CoTs of one length per batch (got {sorted(lengths)} visual tokens); use --batch-size 1")
-    return torch.stack([truth[q] for q in questions]).to(device)
+    return torch.stack(latents).to(device)
 
 
 def _oracle_budgets(questions, truth) -> torch.Tensor:
+    return torch.tensor([len(t) for t in _truth_of(questions, truth)])
+
+
+def _truth_of(questions, truth) -> list[torch.Tensor]:
+    """Each question's true latents from --truth-shards (a one-line error for a question they do not hold)."""
     missing = [q for q in questions if q not in truth]
     if missing:
         raise ValueError(f"--truth-shards has no row for the question {missing[0]!r}; build it from the evaluated split")
-    return torch.tensor([len(truth[q]) for q in questions])
+    return [truth[q] for q in questions]
 
 
 def _cot_tokens(tokenizer, text: str, mode: str) -> int:

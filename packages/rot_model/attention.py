@@ -11,17 +11,13 @@ Everything else (prefill, the padded teacher-forced passes, no mask, per-head ma
 
 A packed call (``RoTModel`` with packing on: the rows' real tokens as one sequence [1, T], ``cu_seq_lens_q`` their
 bounds, keywords the model forwards to every layer's attention) runs causal attention within each row only: on CUDA in
-one ``varlen_attn`` call (flash attention inside PyTorch), elsewhere one SDPA call per run of equal-length rows.
+one ``varlen_attn`` call (flash attention inside PyTorch), elsewhere one SDPA call per run of equal-length rows
+(``rot_vision.packed_attention.attend``, which packs the tower's images too).
 ``no_mask`` keeps transformers from building a [T, T] block mask for it.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import itertools
-
-import torch
 import torch.nn.functional as F
 
 NAME = "rot_sdpa"  # the backbone's attn_implementation (rot_model.backbone.load_backbone)
@@ -40,55 +36,19 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     grouped = query.reshape(batch, heads // group, group, dim)  # heads h*group..h*group+group-1 share kv head h
-    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
-                                                              dropout_p=dropout, scale=scaling)
+    output = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return output.reshape(batch, 1, heads, dim), None
 
 
 def packed(query, key, value, cu_seq_lens, longest, scaling, sliding_window=None):
     """Causal attention within each sequence of a pack: query [1, heads, T, dim], key/value [1, kv heads, T, dim],
-    sequence i at ``cu_seq_lens[i]:cu_seq_lens[i + 1]`` -> [1, T, heads, dim]."""
-    from rot_vision.packed_attention import varlen_trains
+    sequence i at ``cu_seq_lens[i]:cu_seq_lens[i + 1]`` -> [1, T, heads, dim] (the tower's packed attention, causal)."""
+    from rot_vision.packed_attention import attend
 
     if sliding_window is not None:
         raise ValueError("--packing: this backbone has sliding-window layers, which packed attention does not run; "
                          "use --no-packing")
-    group = query.shape[1] // key.shape[1]
-    if query.is_cuda and (not torch.is_grad_enabled() or varlen_trains()):
-        from torch.nn.attention.varlen import varlen_attn
-
-        cu = cu_seq_lens.to(query.device, torch.int32)
-        longest = int(longest) if longest is not None else int((cu[1:] - cu[:-1]).max())
-        causal, takes_groups = varlen_keywords()
-        if not takes_groups:  # this torch's kernel wants one K/V head per query head: expand the pack's K/V only
-            key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # [T, heads, dim]
-        extra = {"enable_gqa": True} if takes_groups and group > 1 else {}
-        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **causal, **extra).unsqueeze(0)
-    # the CPU (tests), or no varlen backward: one SDPA call per run of equal-length sequences
-    lengths = (cu_seq_lens[1:] - cu_seq_lens[:-1]).tolist()
-    outputs, start = [], 0
-    for length, run in itertools.groupby(lengths):
-        count = len(list(run))
-        stop = start + count * length
-        if not length:
-            continue
-        q, k, v = (t[0, :, start:stop].unflatten(1, (count, length)).transpose(0, 1) for t in (query, key, value))
-        output = F.scaled_dot_product_attention(q, k, v, scale=scaling, is_causal=True, enable_gqa=group > 1)
-        outputs.append(output.permute(0, 2, 1, 3).flatten(0, 1))  # [count * length, heads, dim]
-        start = stop
-    return torch.cat(outputs).unsqueeze(0)
-
-
-@functools.lru_cache(maxsize=None)
-def varlen_keywords() -> tuple[dict, bool]:
-    """(the keywords that make this torch's ``varlen_attn`` causal, whether it takes fewer K/V heads than query heads):
-    torch 2.10 takes ``is_causal``, later ones ``window_size=(-1, 0)``; ``enable_gqa`` came after ``window_size``."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    parameters = inspect.signature(varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
-    return causal, "enable_gqa" in parameters
+    return attend(query, key, value, cu_seq_lens, longest, scaling, causal=True)
 
 
 def no_mask(config) -> dict:

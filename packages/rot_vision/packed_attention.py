@@ -12,6 +12,8 @@ as per-image attention (a test checks it).
 from __future__ import annotations
 
 import functools
+import inspect
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -24,27 +26,50 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
     """query/key/value [1, heads, seq, dim] -> ([1, seq, heads, dim], None), images separated by cu_seq_lens_q."""
     seq = query.shape[2]
     cu = cu_seq_lens_q if cu_seq_lens_q is not None else torch.tensor([0, seq], device=query.device, dtype=torch.int32)
+    return attend(query, key, value, cu, max_length_q, scaling), None
+
+
+def attend(query, key, value, cu_seq_lens, longest=None, scaling=None, causal: bool = False) -> torch.Tensor:
+    """Attention within each sequence of a pack: query [1, heads, T, dim], key/value [1, kv heads, T, dim] (fewer KV
+    heads than query heads: grouped-query attention), sequence i at ``cu_seq_lens[i]:cu_seq_lens[i + 1]`` ->
+    [1, T, heads, dim]. The tower's images attend both ways; RoT's packed teacher-forced rows (``rot_model.attention``)
+    are ``causal``."""
+    group = query.shape[1] // key.shape[1]
     if query.is_cuda and (not torch.is_grad_enabled() or varlen_trains()):
         from torch.nn.attention.varlen import varlen_attn
 
-        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # [seq, heads, dim]
-        cu = cu.to(query.device, torch.int32)
-        longest = int(max_length_q) if max_length_q is not None else int((cu[1:] - cu[:-1]).max())
-        output = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling)
-        return output.unsqueeze(0), None
-    # training (needs gradients) or no varlen kernel: one batched SDPA call per run of equal-length images
-    # (a pack-wide block mask would grow with the square of the pack); packs sorted by width have few runs
-    lengths = (cu[1:] - cu[:-1]).tolist()
-    outputs, start, index = [], 0, 0
-    while index < len(lengths):
-        run = 1
-        while index + run < len(lengths) and lengths[index + run] == lengths[index]:
-            run += 1
-        stop = start + run * lengths[index]
-        q, k, v = (t[0, :, start:stop].unflatten(1, (run, lengths[index])).transpose(0, 1) for t in (query, key, value))
-        outputs.append(F.scaled_dot_product_attention(q, k, v, scale=scaling).transpose(0, 1).flatten(1, 2))
-        start, index = stop, index + run
-    return torch.cat(outputs, dim=1).transpose(0, 1).unsqueeze(0), None
+        cu = cu_seq_lens.to(query.device, torch.int32)
+        longest = int(longest) if longest is not None else int((cu[1:] - cu[:-1]).max())
+        causal_keywords, takes_groups = varlen_keywords()
+        if group > 1 and not takes_groups:  # this torch's kernel wants one K/V head per query head: expand them
+            key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # [T, heads, dim]
+        extra = {**(causal_keywords if causal else {}), **({"enable_gqa": True} if takes_groups and group > 1 else {})}
+        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **extra).unsqueeze(0)
+    # training (needs gradients) or no varlen kernel: one batched SDPA call per run of equal-length sequences
+    # (a pack-wide block mask would grow with the square of the pack); packs sorted by length have few runs
+    lengths = (cu_seq_lens[1:] - cu_seq_lens[:-1]).tolist()
+    outputs, start = [], 0
+    for length, run in itertools.groupby(lengths):
+        count = len(list(run))
+        stop = start + count * length
+        if length:
+            q, k, v = (t[0, :, start:stop].unflatten(1, (count, length)).transpose(0, 1) for t in (query, key, value))
+            output = F.scaled_dot_product_attention(q, k, v, scale=scaling, is_causal=causal, enable_gqa=group > 1)
+            outputs.append(output.permute(0, 2, 1, 3).flatten(0, 1))  # [count * length, heads, dim]
+        start = stop
+    return torch.cat(outputs).unsqueeze(0)
+
+
+@functools.lru_cache(maxsize=None)
+def varlen_keywords() -> tuple[dict, bool]:
+    """(the keywords that make this torch's ``varlen_attn`` causal, whether it takes fewer K/V heads than query heads):
+    torch 2.10 takes ``is_causal``, later ones ``window_size=(-1, 0)``; ``enable_gqa`` came after ``window_size``."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    parameters = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
+    return causal, "enable_gqa" in parameters
 
 
 @functools.lru_cache(maxsize=None)
