@@ -122,6 +122,25 @@ def test_packed_attention_on_the_gpu_equals_sdpa_with_the_block_causal_mask_and_
         torch.testing.assert_close(a, b, rtol=2e-2, atol=3e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernel runs on a GPU only")
+def test_the_first_packed_call_can_run_under_activation_checkpointing():
+    """The first packed call asks once whether the varlen kernel trains (a probe with its own backward); under
+    activation checkpointing that first call is recorded and recomputed, so the probe must save nothing into the
+    checkpoint (on the GPU it once failed: 'A different number of tensors was saved')."""
+    import torch.utils.checkpoint
+
+    from rot_vision.packed_attention import varlen_trains
+
+    varlen_trains.cache_clear()
+    lengths = [5, 11]
+    cu = torch.tensor([0, 5, 16], dtype=torch.int32, device="cuda")
+    query = torch.randn(1, 4, 16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    key, value = (torch.randn(1, 2, 16, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    run = lambda q: attention.packed(q, key, value, cu, max(lengths), 0.125).float().square().sum()  # noqa: E731
+    torch.utils.checkpoint.checkpoint(run, query, use_reentrant=False).backward()
+    assert query.grad is not None and torch.isfinite(query.grad).all()
+
+
 class SquareTensors(TorchFunctionMode):
     """Records whether any torch call inside it returned a tensor whose last two sizes are both ``size``."""
 

@@ -74,13 +74,18 @@ def varlen_keywords() -> tuple[dict, bool]:
 
 @functools.lru_cache(maxsize=None)
 def varlen_trains() -> bool:
-    """Whether this torch's varlen kernel has a backward on this GPU (tried once on a tiny input)."""
+    """Whether this torch's varlen kernel has a backward on this GPU (tried once on a tiny input).
+
+    The first call comes from inside a layer's forward, which activation checkpointing may be recording: the probe
+    keeps its own saved tensors (identity hooks), else the recomputed forward, where the answer is cached, would save
+    fewer tensors than the first and checkpointing would refuse the backward."""
     try:
         from torch.nn.attention.varlen import varlen_attn
 
-        q = torch.randn(8, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        cu = torch.tensor([0, 3, 8], device="cuda", dtype=torch.int32)
-        varlen_attn(q, q, q, cu, cu, 5, 5).sum().backward()
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            q = torch.randn(8, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            cu = torch.tensor([0, 3, 8], device="cuda", dtype=torch.int32)
+            varlen_attn(q, q, q, cu, cu, 5, 5).sum().backward()
         return q.grad is not None
     except Exception:  # an older torch: no varlen module, or no backward registered
         return False
