@@ -132,9 +132,9 @@ def test_refuses_modules_it_cannot_fuse():
         fuse_projections(model.model)
 
 
-def test_an_engine_is_made_anew_when_the_weights_move_or_the_engines_are_cleared():
+def test_an_engine_is_made_anew_when_any_weight_moves_or_the_engines_are_cleared():
     """On a GPU an engine replays graphs that read the weights where they lay: weights moved (another dtype or
-    device) or fused (``load_for_inference`` clears the model's engines after fusing) must not reuse it."""
+    device) or fused, or any one of them given new storage, must not reuse it."""
     from rot_model.decoding import Engines
 
     model = tiny_qwen3()
@@ -146,3 +146,7 @@ def test_an_engine_is_made_anew_when_the_weights_move_or_the_engines_are_cleared
     moved = engines.get(model.model, 1, 32)
     engines.clear()
     assert engines.get(model.model, 1, 32) is not moved
+    cleared = engines.get(model.model, 1, 32)
+    down = model.model.layers[1].mlp.down_proj.weight  # one weight of a later layer given new storage, as DeepSpeed's
+    down.data = down.data.clone()  # ZeRO-2 does to the trainable ones (its flat buffer) after the trainer's probe
+    assert engines.get(model.model, 1, 32) is not cleared

@@ -52,8 +52,7 @@ def load_for_inference(checkpoint, device="cpu", dtype=torch.float32):
     if hasattr(model.lm, "merge_and_unload"):
         model.lm = model.lm.merge_and_unload()
     if model.lm.config.model_type in FUSED_MODEL_TYPES:
-        fuse_projections(model.decoder)
-        model.engines.clear()  # none made yet; said here because an engine made before fusing reads freed weights
+        fuse_projections(model.decoder)  # new weights: an engine made before would not be reused (its key)
     return model, tokenizer, config
 
 

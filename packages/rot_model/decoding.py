@@ -41,8 +41,10 @@ class Engines:
     on a GPU). Off where weights do not stay in place (ZeRO-3 gathers them into new buffers at every call).
     ``compile_step``: torch.compile the step before capturing it (fuses its small kernels: 1.7x faster for the 4B
     shape on an H100, but 55-75 s of compilation per engine shape, so only benchmarks turn it on).
-    The key holds the weights' address: a model loaded or moved elsewhere gets a new engine. Fusing a decoder's
-    projections (``rot_model.fused``) replaces weights the key does not see: ``clear()`` after it."""
+    The key holds the address of every weight: a model loaded or moved elsewhere, or any one weight given new
+    storage (DeepSpeed's ZeRO-2 gathers the trainable ones, e.g. Stage II's LoRA matrices, into one flat buffer after
+    the trainer's memory probe has rolled out; fusing projections, ``rot_model.fused``), gets a new engine, never one
+    whose graphs read freed memory."""
 
     def __init__(self, graphs: bool | None = None, compile_step: bool = False, keep: int = 2):
         self.graphs, self.compile_step, self.keep = graphs, compile_step, keep
@@ -51,7 +53,8 @@ class Engines:
     def get(self, decoder, rows: int, max_len: int) -> "StaticDecoder":
         weight = next(decoder.parameters())
         graphs = weight.is_cuda if self.graphs is None else self.graphs and weight.is_cuda
-        key = (id(decoder), rows, max_len, weight.data_ptr(), graphs, self.compile_step)
+        addresses = tuple(p.data_ptr() for p in decoder.parameters())
+        key = (id(decoder), rows, max_len, addresses, graphs, self.compile_step)
         if key not in self.kept:
             self.kept[key] = StaticDecoder(decoder, rows, max_len, graphs=graphs, compile_step=self.compile_step)
             while len(self.kept) > self.keep:
