@@ -198,27 +198,28 @@ def test_the_shipped_anchor_is_the_default_and_reads_a_rendered_line(tmp_path):
     assert f"{tmp_path / 'cot.png'}: {cot}\n" in result.output and f"--text: {line}\n" in result.output, result.output
 
 
-def test_the_shipped_rot_4x4_model_multiplies_questions_it_never_saw(tmp_path):
-    """`rot-eval run --checkpoint rot-4x4` on a file of fresh 4x4 rows: the shipped RoT model answers from its own 28
-    latents (no vision tower, no CoT text) and gets nearly all of them right; a name that is not shipped fails in
+@pytest.mark.parametrize("name,digits,latents", [("rot-4x4", 4, 28), ("rot-5x5", 5, 44)])
+def test_the_shipped_rot_models_multiply_questions_they_never_saw(tmp_path, name, digits, latents):
+    """`rot-eval run --checkpoint rot-4x4` (or rot-5x5) on a file of fresh rows: the shipped RoT model answers from its
+    own latents (no vision tower, no CoT text) and gets nearly all of them right; a name that is not shipped fails in
     one line."""
     from rot_data import registry
     from typer.testing import CliRunner
 
     from rot_eval.cli import app
 
-    assert (registry.SHIPPED[registry.ROT_4X4] / "README.md").exists()  # the model card
+    assert (registry.SHIPPED[name] / "README.md").exists()  # the model card
     rows = tmp_path / "fresh.txt"
-    rows.write_text("\n".join(multiplication.generate(4, 48, seed=20261127)) + "\n")
+    rows.write_text("\n".join(multiplication.generate(digits, 48, seed=20261127)) + "\n")
     runner = CliRunner()
-    result = runner.invoke(app, ["run", "--checkpoint", "rot-4x4", "--dataset", str(rows), "--out", str(tmp_path / "ev"),
+    result = runner.invoke(app, ["run", "--checkpoint", name, "--dataset", str(rows), "--out", str(tmp_path / "ev"),
                                  "--batch-size", "48"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
-    assert summary["examples"] == 48 and summary["mean_reasoning_tokens"] == 28
-    assert summary["accuracy"] >= 0.95, summary  # 100% on the 1000 test rows, 99.9% on 1000 fresh ones
-    missing = runner.invoke(app, ["run", "--checkpoint", "rot-5x5", "--dataset", str(rows), "--out", str(tmp_path / "x")])
-    assert missing.exit_code == 1 and "rot-5x5/rot_config.json is missing" in missing.output, missing.output
+    assert summary["examples"] == 48 and summary["mean_reasoning_tokens"] == latents
+    assert summary["accuracy"] >= 0.95, summary  # on the 1000 test rows: rot-4x4 100%, rot-5x5 99.7%
+    missing = runner.invoke(app, ["run", "--checkpoint", "rot-6x6", "--dataset", str(rows), "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 1 and "rot-6x6/rot_config.json is missing" in missing.output, missing.output
 
 
 def test_reading_lines_cover_every_printable_character_and_the_calculator_layout():

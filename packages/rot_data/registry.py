@@ -1,11 +1,12 @@
-"""The models this project trains from scratch and ships, by name: ``anchor`` and ``rot-4x4``.
+"""The models this project trains from scratch and ships, by name: ``anchor``, ``rot-4x4`` and ``rot-5x5``.
 
 ``anchor`` is a small Qwen3-VL (vision tower + language model).
 No model hub is reachable offline, and a random tower's embeddings mean nothing, so the project
 pretrains its own VLM of the real architecture (``rot-anchor pretrain``) and ships the checkpoint
 folder inside the package. ``anchor`` is then a model name like a hub id: ``--encoder anchor``,
-``--backbone anchor``. ``rot-4x4`` is a RoT export trained on the anchor for 4x4 multiplication (its model
-card: ``models/rot-4x4/README.md``): ``rot-eval run --checkpoint rot-4x4``. This module only says where they live, so
+``--backbone anchor``. ``rot-4x4`` and ``rot-5x5`` are RoT exports trained on the anchor for 4x4 and 5x5
+multiplication (model cards: ``models/rot-4x4/README.md``, ``models/rot-5x5/README.md``): ``rot-eval run --checkpoint
+rot-5x5``. This module only says where they live, so
 importing it is cheap.
 """
 
@@ -14,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 ANCHOR = "anchor"
-ROT_4X4 = "rot-4x4"
+ROT_4X4, ROT_5X5 = "rot-4x4", "rot-5x5"
 MODELS = Path(__file__).parent / "models"
-SHIPPED = {ANCHOR: MODELS / "anchor", ROT_4X4: MODELS / ROT_4X4}  # name -> folder inside the package
+SHIPPED = {ANCHOR: MODELS / "anchor", ROT_4X4: MODELS / ROT_4X4, ROT_5X5: MODELS / ROT_5X5}  # name -> folder inside the package
 
 
 def resolve(name: str) -> str:

@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Evaluate RoT
 
 @app.command("run")
 def run_eval(
-    checkpoint: str = typer.Option(..., help="an export folder (<run --out>/export) or a shipped model: 'rot-4x4' (4x4 multiplication)"),
+    checkpoint: str = typer.Option(..., help="an export folder (<run --out>/export) or a shipped model: 'rot-4x4' or 'rot-5x5' (4x4 or 5x5 multiplication)"),
     dataset: str = typer.Option(..., help=f"{builtin_datasets_help()}, or a .jsonl/.json/.parquet/.txt file"),
     out: Path = typer.Option(..., help="folder for predictions.jsonl and summary.json"),
     split: str = typer.Option("test"),
@@ -81,7 +81,7 @@ def table(
 
 @app.command()
 def viz(
-    checkpoint: str = typer.Option(..., help="an export folder (<run --out>/export) or a shipped model: 'rot-4x4' (4x4 multiplication)"),
+    checkpoint: str = typer.Option(..., help="an export folder (<run --out>/export) or a shipped model: 'rot-4x4' or 'rot-5x5' (4x4 or 5x5 multiplication)"),
     question: str = typer.Option(..., help="the question to reason about"),
     out: Path = typer.Option(Path("viz")),
     latents: Optional[int] = typer.Option(None, help="latent budget (default: the one recorded in the export)"),
@@ -123,7 +123,7 @@ def viz(
 
 @app.command()
 def readback(
-    checkpoint: str = typer.Option(..., help="an export folder (<run --out>/export) or a shipped model: 'rot-4x4' (4x4 multiplication)"),
+    checkpoint: str = typer.Option(..., help="an export folder (<run --out>/export) or a shipped model: 'rot-4x4' or 'rot-5x5' (4x4 or 5x5 multiplication)"),
     dataset: str = typer.Option(..., help="a set with CoTs (e.g. icot_mult_4x4)"),
     shards: Path = typer.Option(..., help="the shard set the model was trained on (its render settings place each character)"),
     out: Path = typer.Option(Path("readback"), help="folder for readback.json and readback.png"),

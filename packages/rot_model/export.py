@@ -108,7 +108,7 @@ def read_config(folder: Path | str) -> dict:
     path = export_folder(folder) / "rot_config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: pass the export folder a training run wrote (<--out>/export) "
-                                f"or a shipped model ('{registry.ROT_4X4}')")
+                                f"or a shipped model ('{registry.ROT_4X4}', '{registry.ROT_5X5}')")
     return json.loads(path.read_text())
 
 
