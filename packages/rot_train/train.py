@@ -469,6 +469,7 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    model.engines.clear()  # the probe's engines read weights ZeRO-2 has just moved (a new key each); free their caches
     checkpoints = Checkpoints(engine, model, cfg, shard_set, token_ids, rank)
     step, epoch, next_batch, before = checkpoints.resume(resume_tag) if resume_tag else (0, 0, 0, {"samples": 0, "seconds": 0.0})
     resumed_from = step
