@@ -7,9 +7,11 @@
 # A seed whose rollout phase needs more than one call continues in the next (rot-4x4 on anchor version 3 did):
 #   CONTINUE=<its compact export, carried in> SEEDS=<seed> bash pipelines/miniature_call.sh
 # ("{seed}" in CONTINUE stands for each seed's number: CONTINUE=carried/s{seed}/compact SEEDS="0 1" continues two) and
-# trains that export on its own rollouts for the call's time (CEPOCHS epochs planned, default 6, so the learning rate
-# decays to zero near the deadline: 5x5 on one H200 makes ~7 steps/s, 250 steps an epoch; run rollout-h2-s<seed>). Every run
-# ends with a compact copy of its export (rot-train compact, 12 MB: <run>/compact) that fits beside the wheels.
+# trains that export on its own rollouts for the call's time (run rollout-h2-s<seed>). CEPOCHS: the rollout phase's
+# planned epochs (default 6 when continuing, 4 in a first call), so the learning rate decays to zero near the deadline
+# (5x5 on one H200 makes ~7 steps/s, 250 steps an epoch). Every run
+# ends with a compact copy of its export (rot-train compact --bits 4, ~7.5 MB: <run>/compact) that fits beside the
+# wheels (two of them do; the 4-bit form is also what ships: rot-5x5 lost 0.2 points on test to it).
 # Each part is a pipelines/miniature.sh command (the table's rows give them one by one). Knobs: SEEDS (one per GPU,
 # in order), DEADLINE (default 520: a 10-minute call with the evaluation after it), EVAL (0: keep the exports in $W
 # for evaluation elsewhere), and miniature.sh's (N, DATA, W, ROWS, STEPS1, ...). On this CPU, at smoke scale (one seed,
@@ -29,7 +31,7 @@ echo "data: $(grep -E '^done:' "$LOGS/data.log") ($(elapsed) s)"
 one_seed() {  # the whole recipe for one seed on one GPU (or, with CONTINUE, more of its rollout phase)
   [ -z "${SMOKE:-}" ] && export GPU=$1
   export SEED=$2
-  local run=rollout-h epochs=4 from=""
+  local run=rollout-h epochs=${CEPOCHS:-4} from=""
   if [ -n "${CONTINUE:-}" ]; then
     local export=${CONTINUE//\{seed\}/$2}
     run=rollout-h2 epochs=${CEPOCHS:-6} from="--backbone $export --init $export"
@@ -40,7 +42,7 @@ one_seed() {  # the whole recipe for one seed on one GPU (or, with CONTINUE, mor
   local left=$(( DEADLINE - $(elapsed) - 38 ))  # ~38 s of launcher and model start-up before the clock starts
   EPOCHS=$epochs TAG=${run#rollout} ROLL="$from --max-seconds $(( left > 30 ? left : 30 )) --no-gradient-checkpointing" PARTS=rollout mini
   if [ "$EVAL" = 1 ]; then EVAL_RUNS=$run PARTS=eval mini; fi
-  python3 -m rot_train compact "$W/$run-s$SEED/export" --out "$W/$run-s$SEED/compact" --base "${ANCHOR:-anchor}"
+  python3 -m rot_train compact "$W/$run-s$SEED/export" --out "$W/$run-s$SEED/compact" --base "${ANCHOR:-anchor}" --bits 4
 }
 GPUS=$( [ -n "${SMOKE:-}" ] && echo 1 || nvidia-smi -L | wc -l ); i=0
 for seed in $SEEDS; do  # more seeds than GPUs: they share GPUs in turn (small models leave a GPU half idle)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Several pipelines/miniature_call.sh runs on one GPU at once: the anchor-sized model leaves most of the GPU idle (5x5
+# made 6.5 rollout steps/s on an H100 beside a 4x4 run, 7.1 alone on an H200), so a 10-minute call trains two.
+# Each argument is one run's settings (miniature_call.sh's and miniature.sh's knobs):
+#   bash pipelines/together.sh "N=5 SEEDS=1" "MERGE=2 N=4 SEEDS=0 CONTINUE=$PWD/carried/m2/compact"     (carry .whl and carried)
+# Run i works in /tmp/together-<i> and logs to $OUT/run<i>.log; a run starts once the one before it has built its data
+# (two Ray builds at once compete for the host), and all end DEADLINE seconds (default 545) after this script started.
+# Their compact exports come back as $OUT/run<i>-compact.tar (4 bits, ~7.5 MB: two fit beside the wheels in the next
+# call's upload; unpack one and pass its folder as CONTINUE). On this CPU, at smoke scale: SMOKE=1 ANCHOR=<a micro
+# anchor folder> bash pipelines/together.sh "N=3 SEEDS=0" "MERGE=2 N=3 SEEDS=0"
+set -uo pipefail
+START=$(date +%s); DEADLINE=${DEADLINE:-545}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+i=0
+for settings in "$@"; do
+  W=/tmp/together-$i; rm -rf "$W"; mkdir -p "$W"
+  left=$(( DEADLINE - ($(date +%s) - START) ))
+  ( env $settings W="$W" OUT="$W/out" DEADLINE="$left" bash pipelines/miniature_call.sh > "$OUT/run$i.log" 2>&1
+    echo "run $i ($settings): exit $?" >> "$OUT/run$i.log"
+    run=$(ls -d "$W"/rollout-h*-s*/compact 2>/dev/null | head -1)
+    [ -n "$run" ] && tar cf "$OUT/run$i-compact.tar" -C "$(dirname "$run")" compact ) &
+  until grep -qE '^data:' "$OUT/run$i.log" 2>/dev/null || ! kill -0 $! 2>/dev/null; do sleep 2; done
+  i=$((i + 1))
+done
+wait
+for ((j = 0; j < i; j++)); do  # the true summary: each run's own (miniature_call.sh's last lines)
+  echo "== run $j: $(sed -n "$((j + 1))p" <(printf '%s\n' "$@"))"
+  grep -E '^(data:|seed |    RoT|exports:|run [0-9]+ )' "$OUT/run$j.log"
+done
+tar czf "$OUT/together-logs.tgz" -C /tmp $(cd /tmp && ls -d together-*/logs together-*/out 2>/dev/null) 2>/dev/null
+echo "together: $i runs in $(( $(date +%s) - START )) s"
