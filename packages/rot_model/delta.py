@@ -3,8 +3,9 @@
 Full fine-tuning exports every LLM weight (19 MB for the anchor's 6 layers), but what training changed is small next
 to the weights themselves. Stored as ``bits``-bit integers times a scale, that difference costs about a quarter
 (8 bits, one float scale per output row) or an eighth (4 bits, one bf16 scale per ``GROUP`` weights) of the bf16
-weights: a shipped model stays small in every clone's history, and an export fits beside the wheels in one GPU call. The file records the base by name and by the checksum
-of its weights, so a delta is never added to weights it was not made from.
+weights: a shipped model stays small in every clone's history, and an export fits beside the wheels in one GPU call.
+The file records the base by name and by the checksum of its weights, so a delta is never added to weights it was not
+made from.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ GROUP = 64  # weights per scale at 4 bits: one scale per row (1024 weights) took
 
 
 def quantize(delta: torch.Tensor, bits: int, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row integers and their scales (stored as ``scale_dtype``, rounded up so that every integer stays
-    within range and every weight within half a step); 4-bit values are packed two to a byte (the row length made
-    even)."""
+    """Symmetric integers and one scale per row of ``delta`` (a matrix's row, or a group of it: ``groups``), the scale
+    stored as ``scale_dtype`` and rounded up so every integer stays in range and every weight within half a step;
+    4-bit values are packed two to a byte (the row length made even)."""
     top = 2 ** (bits - 1) - 1
     delta = delta.float()
     exact = delta.abs().amax(dim=1) / top
