@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import multi_gpu
@@ -32,13 +33,22 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = multi_gpu.repeated_gsm8k(work / f"gsm8k-x{args.repeat}.jsonl", args.repeat)
-    site = os.environ.get("PYTHONPATH", "").split(os.pathsep)  # the installed wheels stay; the project's tree is swapped
-    site = [p for p in site if p and Path(p).resolve() != PACKAGES.resolve()]
-    results = {"encoder": args.encoder, "old": args.old, "rows": sum(1 for _ in open(rows)), "runs": {}}
+    # the installed wheels stay on the path; each side runs from its own tree (multi_gpu.command: working directory
+    # and PYTHONPATH), and says which rot_render it imported, so the comparison cannot run one version twice
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                               if p and Path(p).resolve() != PACKAGES.resolve())
+    trees = {"new": PACKAGES, "old": Path(args.old).resolve()}
+    results = {"encoder": args.encoder, "old": args.old, "rows": sum(1 for _ in open(rows)), "imported": {}, "runs": {}}
+    for name, tree in trees.items():
+        probe = work / f"import-{name}.log"
+        multi_gpu.command([sys.executable, "-c", "import rot_render; print(rot_render.__file__)"], probe, 60, None, tree)
+        results["imported"][name] = probe.read_text().strip()
+        if not results["imported"][name].startswith(str(tree)):
+            raise SystemExit(f"the {name} side imported {results['imported'][name]!r}, not its tree {tree}")
     for turn in range(2):
-        for name, tree in (("new", PACKAGES), ("old", Path(args.old))):
-            os.environ["PYTHONPATH"] = os.pathsep.join([*site, str(tree.resolve())])
-            run = multi_gpu.build(work / f"{name}{turn}", args.encoder, args.limit, 1024, work, 600, dataset=str(rows), gpus=1)
+        for name, tree in trees.items():
+            run = multi_gpu.build(work / f"{name}{turn}", args.encoder, args.limit, 1024, work, 600, dataset=str(rows),
+                                  gpus=1, packages=tree)
             results["runs"][f"{name}{turn}"] = {k: run.get(k) for k in ("returncode", "seconds", "images_per_s_with_startup",
                                                                        "images_per_s_steady", "summary", "log_tail")}
             print(f"{name} (turn {turn + 1}): {run.get('images_per_s_steady')} images/s steady", flush=True)

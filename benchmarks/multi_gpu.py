@@ -35,9 +35,9 @@ PACKAGES = ROOT / "packages"  # the project is installed (pip install -e .) or o
 GPU = torch.cuda.is_available()
 
 
-def environment() -> dict:
+def environment(packages: Path = PACKAGES) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(PACKAGES)])),
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(packages)])),
                NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     if not GPU:
         env["DS_ACCELERATOR"] = "cpu"
@@ -54,8 +54,9 @@ STARTED = time.perf_counter()
 BUDGET = [float("inf")]  # seconds this script may run; set by --budget
 
 
-def command(args: list[str], log: Path, timeout: int, gpus: int | None = None) -> dict:
-    """Run ``args`` (on the first ``gpus`` GPUs only, if given) and keep its output in ``log``."""
+def command(args: list[str], log: Path, timeout: int, gpus: int | None = None, packages: Path = PACKAGES) -> dict:
+    """Run ``args`` (on the first ``gpus`` GPUs only, if given) and keep its output in ``log``. ``packages``: the
+    project tree it runs (its working directory, which ``python -m`` puts first on the path, and on PYTHONPATH)."""
     started = time.perf_counter()
     left = BUDGET[0] - (started - STARTED)
     if left < 30:
@@ -63,8 +64,8 @@ def command(args: list[str], log: Path, timeout: int, gpus: int | None = None) -
         return {"returncode": "skipped: --budget spent"}
     timeout = int(min(timeout, left))
     try:
-        env = environment() | ({"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus)))} if GPU and gpus else {})
-        result = subprocess.run(args, cwd=PACKAGES, env=env, capture_output=True, text=True, timeout=timeout)
+        env = environment(packages) | ({"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus)))} if GPU and gpus else {})
+        result = subprocess.run(args, cwd=packages, env=env, capture_output=True, text=True, timeout=timeout)
         code, output = result.returncode, result.stdout + result.stderr
     except subprocess.TimeoutExpired as expired:
         code, output = "timeout", (expired.stdout or b"").decode(errors="replace") + (expired.stderr or b"").decode(errors="replace")
@@ -74,12 +75,12 @@ def command(args: list[str], log: Path, timeout: int, gpus: int | None = None) -
 
 # ---------------------------------------------------------------- the build job on 1, 2, 4 GPUs
 def build(out: Path, encoder: str, limit: int | None, shard_size: int, work: Path, timeout: int, dataset: str = "gsm8k",
-          gpus: int | None = None, encoders: int | None = None) -> dict:
+          gpus: int | None = None, encoders: int | None = None, packages: Path = PACKAGES) -> dict:
     """``rot-render build`` on the first ``gpus`` GPUs (all: None) with ``encoders`` actors (None: the job's default)."""
     args = [sys.executable, "-m", "rot_render.cli", "build", "--dataset", dataset, "--out", str(out), "--encoder", encoder,
             "--shard-size", str(shard_size)] + (["--limit", str(limit)] if limit else [])
     args += ["--num-encoders", str(encoders)] if encoders else []
-    result = command(args, work / f"build-{out.name}.log", timeout, gpus)
+    result = command(args, work / f"build-{out.name}.log", timeout, gpus, packages)
     output = (work / f"build-{out.name}.log").read_text()
     result["summary"] = [line.strip() for line in output.splitlines() if line.startswith(("done:", "      "))]  # start-up too
     rates = build_rates(output)

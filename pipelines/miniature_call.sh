@@ -41,8 +41,9 @@ one_seed() {  # the whole recipe for one seed on one GPU (or, with CONTINUE, mor
   fi
   local left=$(( DEADLINE - $(elapsed) - 38 ))  # ~38 s of launcher and model start-up before the clock starts
   EPOCHS=$epochs TAG=${run#rollout} ROLL="$from --max-seconds $(( left > 30 ? left : 30 )) --no-gradient-checkpointing" PARTS=rollout mini
-  if [ "$EVAL" = 1 ]; then EVAL_RUNS=$run PARTS=eval mini; fi
+  # compact first: the export that travels to the next call is ready before the evaluation spends the call's last seconds
   python3 -m rot_train compact "$W/$run-s$SEED/export" --out "$W/$run-s$SEED/compact" --base "${ANCHOR:-anchor}" --bits 4
+  if [ "$EVAL" = 1 ]; then EVAL_RUNS=$run PARTS=eval mini; fi
 }
 GPUS=$( [ -n "${SMOKE:-}" ] && echo 1 || nvidia-smi -L | wc -l ); i=0
 for seed in $SEEDS; do  # more seeds than GPUs: they share GPUs in turn (small models leave a GPU half idle)
