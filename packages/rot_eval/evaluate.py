@@ -143,11 +143,11 @@ def _control_latents(control, model, tokenizer, questions, latents, truth) -> to
     if control == "shuffled":
         own = generate_rot(model, tokenizer, questions, latents=latents, max_answer_tokens=1)
         return torch.stack([g.latents for g in own]).roll(1, dims=0).to(device)
-    latents = _truth_of(questions, truth)
-    lengths = {len(t) for t in latents}
+    true = _truth_of(questions, truth)  # (``latents`` above is the budget, a number)
+    lengths = {len(t) for t in true}
     if len(lengths) > 1:
         raise ValueError(f"--control truth needs CoTs of one length per batch (got {sorted(lengths)} visual tokens); use --batch-size 1")
-    return torch.stack(latents).to(device)
+    return torch.stack(true).to(device)
 
 
 def _oracle_budgets(questions, truth) -> torch.Tensor:
