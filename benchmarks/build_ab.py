@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -47,12 +48,16 @@ def main() -> None:
             raise SystemExit(f"the {name} side imported {results['imported'][name]!r}, not its tree {tree}")
     for turn in range(2):
         for name, tree in trees.items():
-            run = multi_gpu.build(work / f"{name}{turn}", args.encoder, args.limit, 1024, work, 600, dataset=str(rows),
+            out = work / f"{name}{turn}"
+            shutil.rmtree(out, ignore_errors=True)  # a fresh build each turn: a kept folder would resume or be refused
+            run = multi_gpu.build(out, args.encoder, args.limit, 1024, work, 600, dataset=str(rows),
                                   gpus=1, packages=tree)
             results["runs"][f"{name}{turn}"] = {k: run.get(k) for k in ("returncode", "seconds", "images_per_s_with_startup",
                                                                        "images_per_s_steady", "summary", "log_tail")}
-            print(f"{name} (turn {turn + 1}): {run.get('images_per_s_steady')} images/s steady", flush=True)
             Path(args.out).write_text(json.dumps(results, indent=1))
+            if run.get("returncode") != 0:
+                raise SystemExit(f"the {name} build of turn {turn + 1} failed: {(run.get('log_tail') or '').strip()[-300:]}")
+            print(f"{name} (turn {turn + 1}): {run.get('images_per_s_steady')} images/s steady", flush=True)
     steady = {side: [results["runs"][f"{side}{t}"]["images_per_s_steady"] for t in range(2)] for side in ("new", "old")}
     if all(v is not None for side in steady.values() for v in side):
         results["steady_new_vs_old"] = sum(steady["new"]) / sum(steady["old"])

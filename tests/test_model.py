@@ -346,6 +346,19 @@ def test_packing_gives_the_same_losses_and_gradients(rot_setup, stage):
     assert max(g.abs().max() for g in packed_grads.values()) > 1e-3  # gradients that matter were compared
 
 
+def test_packing_on_a_backbone_that_cannot_pack_is_refused_in_one_line(rot_setup):
+    model, batch = rot_setup
+    config = model.decoder.config
+    attention_before, model.packing = config._attn_implementation, True
+    config._attn_implementation = "eager"
+    try:
+        with pytest.raises(ValueError, match=r"^--packing: this backbone cannot pack \(its attention is eager, not rot_sdpa\); "
+                                             r"use --no-packing$"):
+            model.decode(model.decoder, model.embed(batch["prefix_ids"]), batch["prefix_mask"])
+    finally:
+        config._attn_implementation, model.packing = attention_before, False
+
+
 def test_packing_gives_the_same_reader_loss_and_gradient(reader_setup):
     model, _, batch, _ = reader_setup
     predicted = torch.randn(batch["targets"].shape, requires_grad=True, generator=torch.Generator().manual_seed(3))

@@ -389,8 +389,32 @@ def test_packing_trains_with_the_same_losses_and_run_json_records_it(tiny_shards
         out = tmp_path / f"packing-{packing}"
         run(TrainConfig(out=str(out), packing=packing, **common))
         losses[packing] = _losses(out)
-        assert json.loads((out / "run.json").read_text())["config"]["packing"] is packing
+        recorded = json.loads((out / "run.json").read_text())
+        assert recorded["config"]["packing"] is packing and recorded["packing"] == f"{'on' if packing else 'off'} (given)"
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_packing_by_default_is_on_only_on_a_gpu_where_the_backbone_can_pack(tiny_qwen3_vl):
+    """The default (--packing unset): off on a CPU; on a GPU on for the backbone's own attention, off with the reason
+    where it cannot pack (another attention, sliding-window layers); a given --packing wins (a backbone that cannot
+    pack then refuses in one line: test_model)."""
+    from transformers import AutoConfig
+
+    from rot_model import attention
+    from rot_train.train import packing_choice
+
+    config = AutoConfig.from_pretrained(tiny_qwen3_vl).get_text_config()
+    config._attn_implementation = attention.NAME
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    unset = TrainConfig(stage=1, shards="shards", out="out")
+    assert packing_choice(unset, config, cpu) == (False, "off (a CPU)")
+    assert packing_choice(unset, config, gpu) == (True, "on (a GPU)")
+    assert packing_choice(TrainConfig(stage=1, shards="shards", out="out", packing=False), config, gpu) == (False, "off (given)")
+    config.layer_types = ["full_attention", "sliding_attention"]
+    assert packing_choice(unset, config, gpu) == (
+        False, "off: it has sliding-window layers, which packed attention does not run")
+    config.layer_types, config._attn_implementation = None, "eager"
+    assert packing_choice(unset, config, gpu) == (False, f"off: its attention is eager, not {attention.NAME}")
 
 
 def test_a_batch_split_that_cannot_work_is_refused_in_one_line(tiny_shards, tiny_qwen3_vl, tmp_path):

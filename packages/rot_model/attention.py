@@ -51,6 +51,15 @@ def packed(query, key, value, cu_seq_lens, longest, scaling, sliding_window=None
     return attend(query, key, value, cu_seq_lens, longest, scaling, causal=True)
 
 
+def cannot_pack(config) -> str | None:
+    """Why a backbone's passes cannot be packed (its attention, sliding-window layers), or None if they can."""
+    if config._attn_implementation != NAME:
+        return f"its attention is {config._attn_implementation}, not {NAME}"
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        return "it has sliding-window layers, which packed attention does not run"
+    return None
+
+
 def no_mask(config) -> dict:
     """The attention masks of a packed call, one per layer type, all None: Qwen2/Qwen3 models take such a mapping as
     masks already made (``generate`` passes them so) and build none. Given nothing, transformers would detect the

@@ -149,9 +149,8 @@ class RoTModel(nn.Module):
         if not self.packing:
             return decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions.clamp(min=0),
                            use_cache=False).last_hidden_state
-        if decoder.config._attn_implementation != attention.NAME:
-            raise ValueError(f"--packing needs the backbone's attention {attention.NAME}, not "
-                             f"{decoder.config._attn_implementation}; use --no-packing")
+        if reason := attention.cannot_pack(decoder.config):
+            raise ValueError(f"--packing: this backbone cannot pack ({reason}); use --no-packing")
         real = mask.bool()
         lengths = real.sum(1)
         cu_seq_lens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)

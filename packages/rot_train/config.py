@@ -63,9 +63,11 @@ class RunOptions:
     gradient_checkpointing: bool | None = option(None, "recompute each layer's activations in the backward pass (a third more "
                                                  "compute, far less memory); default: only where memory needs it (on a GPU, "
                                                  "off when the micro-batch fits without it; on a CPU on)")
-    # the teacher-forced passes without their padding and latent holes (rot_model.RoTModel.decode); off until measured
-    packing: bool = option(False, "run the teacher-forced passes on each row's real tokens only, packed into one sequence "
-                           "with variable-length attention, instead of padded rows (the same losses and gradients)")
+    # the teacher-forced passes without their padding and latent holes (rot_model.RoTModel.decode): 1.39x a Stage I step
+    # at the 4B shape on one H100 (docs/benchmarks.md); None: on where it runs as one flash-attention call
+    packing: bool | None = option(None, "run the teacher-forced passes on each row's real tokens only, packed into one "
+                                  "sequence with variable-length attention, instead of padded rows (the same losses and "
+                                  "gradients); default: on a GPU on where the backbone can pack, on a CPU off")
     seed: int = option(0, "seed of the data order, the new token rows and dropout", at_least=0)
     # rows wait in this buffer before they are drawn: larger mixes better, costs host memory (rows, not embeddings)
     shuffle_buffer: int = option(1024, "rows in the seeded shuffle buffer each rank draws from", at_least=1)

@@ -21,6 +21,7 @@ import torch
 from rot_model import export as exporting
 from rot_data.tokens import IMG_BEGIN, IMG_END
 from rot_data.transformers_compat import checkpoint_activations
+from rot_model import attention
 from rot_model.backbone import add_latent_tokens, load_backbone, set_token_rows, token_rows
 from rot_train import batch_size, flops
 from rot_train.batch_size import BatchPlan
@@ -106,7 +107,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, shar
     lm, tokenizer = load_backbone(cfg.backbone, dtype=dtype, device=device)
     token_ids = add_latent_tokens(lm, tokenizer, seed=cfg.seed)
     model = RoTModel(lm, shard_set.dim, token_ids[IMG_BEGIN], token_ids[IMG_END], cfg.head_width,
-                     cfg.latent_gradient, cfg.packing).to(device, dtype)
+                     cfg.latent_gradient, packing_choice(cfg, lm.config, device)[0]).to(device, dtype)
     lm.requires_grad_(False)
     if cfg.reader_weight:  # an untouched copy of the backbone reads the latents; it is never trained nor saved
         if (Path(cfg.backbone) / "rot_config.json").exists():
@@ -135,6 +136,17 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, shar
     if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and device.type != "cuda"):
         checkpoint_activations(lm)  # Stage I too: the teacher-forced pass keeps activations for the input gradients
     return model, tokenizer, token_ids
+
+
+def packing_choice(cfg: TrainConfig, config, device: torch.device) -> tuple[bool, str]:
+    """``--packing``, or its default: on a GPU, where the backbone can pack (one flash-attention call per pass); on a
+    CPU off (there it runs one attention call per group of equal-length rows). Returns (on, why) for run.json."""
+    if cfg.packing is not None:
+        return cfg.packing, f"{'on' if cfg.packing else 'off'} (given)"
+    if device.type != "cuda":
+        return False, "off (a CPU)"
+    reason = attention.cannot_pack(config)
+    return reason is None, f"off: {reason}" if reason else "on (a GPU)"
 
 
 def _totals(before: dict, samples: int, started: float) -> dict:
@@ -453,7 +465,7 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     plan = plan_batches(cfg, model, collate, shard_set, world_size, device)
     if rank == 0:
         print(f"batches: {plan.describe()}")
-        print(f"rollout: {rollout} ({ROLLOUT_WORDS[rollout]})")
+        print(f"rollout: {rollout} ({ROLLOUT_WORDS[rollout]}); packing: {packing_choice(cfg, model.lm.config, device)[1]}")
     stream = ShardStream(shard_set, collate, plan.micro_batch, rank, world_size, cfg.seed, cfg.shuffle_buffer)
     total_steps = stream.batches_per_epoch // plan.grad_accum * cfg.epochs  # the LR schedule's length
     stop_step = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)  # --max-steps only stops early
@@ -483,6 +495,7 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     run_info = {"command": cfg.command.name, "config": cfg.options(), "deepspeed_config": cfg.deepspeed_file, "world_size": world_size, "global_batch": global_batch,
                 "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "micro_batch_chosen_by": plan.chosen_by,
                 "rollout": rollout, "activation_checkpointing": plan.checkpointing,
+                "packing": packing_choice(cfg, model.lm.config, device)[1],
                 "warmup_steps": warmup,
                 "shards_fingerprint": shard_set.fingerprint, "trainable_parameters": sum(p.numel() for p in trainable),
                 "total_steps": total_steps, "stop_step": stop_step, "device": str(device), "embedding_row_norm": embedding_norm,
