@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rot_model import export as exporting
+from rot_model import attention, export as exporting
 from rot_data.tokens import IMG_BEGIN, IMG_END
 from rot_data.transformers_compat import checkpoint_activations
-from rot_model import attention
 from rot_model.backbone import add_latent_tokens, load_backbone, set_token_rows, token_rows
 from rot_train import batch_size, flops
 from rot_train.batch_size import BatchPlan
@@ -463,9 +462,10 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     rollout = rollout_mode(cfg, device, ds_file.get("zero_optimization", {}).get("stage", 0))
     model.engines.graphs = rollout == "graphs"  # before the memory probe, which rolls out as training will
     plan = plan_batches(cfg, model, collate, shard_set, world_size, device)
+    packing = packing_choice(cfg, model.lm.config, device)[1]  # what build_model chose, in words
     if rank == 0:
         print(f"batches: {plan.describe()}")
-        print(f"rollout: {rollout} ({ROLLOUT_WORDS[rollout]}); packing: {packing_choice(cfg, model.lm.config, device)[1]}")
+        print(f"rollout: {rollout} ({ROLLOUT_WORDS[rollout]}); packing: {packing}")
     stream = ShardStream(shard_set, collate, plan.micro_batch, rank, world_size, cfg.seed, cfg.shuffle_buffer)
     total_steps = stream.batches_per_epoch // plan.grad_accum * cfg.epochs  # the LR schedule's length
     stop_step = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)  # --max-steps only stops early
@@ -495,7 +495,7 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     run_info = {"command": cfg.command.name, "config": cfg.options(), "deepspeed_config": cfg.deepspeed_file, "world_size": world_size, "global_batch": global_batch,
                 "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "micro_batch_chosen_by": plan.chosen_by,
                 "rollout": rollout, "activation_checkpointing": plan.checkpointing,
-                "packing": packing_choice(cfg, model.lm.config, device)[1],
+                "packing": packing,
                 "warmup_steps": warmup,
                 "shards_fingerprint": shard_set.fingerprint, "trainable_parameters": sum(p.numel() for p in trainable),
                 "total_steps": total_steps, "stop_step": stop_step, "device": str(device), "embedding_row_norm": embedding_norm,
