@@ -6,8 +6,8 @@
 #   bash pipelines/together.sh "N=5 SEEDS=1" "MERGE=2 N=4 SEEDS=0 CONTINUE=$PWD/carried/m2/compact"     (carry .whl and carried)
 # Run i works in /tmp/together-<i> and logs to $OUT/run<i>.log; a run starts once the one before it has built its data
 # (two Ray builds at once compete for the host), and all end DEADLINE seconds (default 545) after this script started.
-# Their compact exports come back as $OUT/run<i>-compact.tar (4 bits, ~7.5 MB: two fit beside the wheels in the next
-# call's upload; unpack one and pass its folder as CONTINUE). On this CPU, at smoke scale: SMOKE=1 ANCHOR=<a micro
+# Their compact exports come back as $OUT/run<i>-compact.tar (4 bits, ~7.5 MB: one fits beside the wheels and the
+# anchor in the next call's 64 MiB upload, two do not; unpack it and pass its folder as CONTINUE). On this CPU, at smoke scale: SMOKE=1 ANCHOR=<a micro
 # anchor folder> bash pipelines/together.sh "N=3 SEEDS=0" "MERGE=2 N=3 SEEDS=0"
 set -uo pipefail
 START=$(date +%s); DEADLINE=${DEADLINE:-545}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
