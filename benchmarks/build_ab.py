@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -49,7 +48,6 @@ def main() -> None:
     for turn in range(2):
         for name, tree in trees.items():
             out = work / f"{name}{turn}"
-            shutil.rmtree(out, ignore_errors=True)  # a fresh build each turn: a kept folder would resume or be refused
             run = multi_gpu.build(out, args.encoder, args.limit, 1024, work, 600, dataset=str(rows),
                                   gpus=1, packages=tree)
             results["runs"][f"{name}{turn}"] = {k: run.get(k) for k in ("returncode", "seconds", "images_per_s_with_startup",

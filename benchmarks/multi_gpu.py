@@ -73,10 +73,26 @@ def command(args: list[str], log: Path, timeout: int, gpus: int | None = None, p
     return {"returncode": code, "seconds": round(time.perf_counter() - started, 1), "log_tail": output[-1200:] if code else ""}
 
 
+def reuse_only_if_made_with(work: Path, settings: dict) -> None:
+    """The random checkpoint (``vlm``) and training shards (``shards``) a later call on the same machine reuses are
+    kept only if they were made with these ``settings`` (size, rows): a 4B run must not train on a tiny checkpoint,
+    nor a 1024-row run on 128 rows."""
+    record = work / "made-with.json"
+    if record.exists() and json.loads(record.read_text()) == settings:
+        return
+    for name in ("vlm", "shards"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings))
+
+
 # ---------------------------------------------------------------- the build job on 1, 2, 4 GPUs
 def build(out: Path, encoder: str, limit: int | None, shard_size: int, work: Path, timeout: int, dataset: str = "gsm8k",
           gpus: int | None = None, encoders: int | None = None, packages: Path = PACKAGES) -> dict:
-    """``rot-render build`` on the first ``gpus`` GPUs (all: None) with ``encoders`` actors (None: the job's default)."""
+    """``rot-render build`` on the first ``gpus`` GPUs (all: None) with ``encoders`` actors (None: the job's default),
+    into an emptied ``out``: a folder kept from an earlier run would be resumed or refused, and its files read as this
+    run's."""
+    shutil.rmtree(out, ignore_errors=True)
     args = [sys.executable, "-m", "rot_render.cli", "build", "--dataset", dataset, "--out", str(out), "--encoder", encoder,
             "--shard-size", str(shard_size)] + (["--limit", str(limit)] if limit else [])
     args += ["--num-encoders", str(encoders)] if encoders else []
@@ -123,7 +139,11 @@ def compare_shards(a: Path, b: Path) -> dict:
 # ---------------------------------------------------------------- training runs
 def launch(stage: int, gpus: int, zero: int, out: Path, common: list[str], work: Path, timeout: int, device: int | None = None,
            extra: list[str] = ()) -> dict:
-    """One `deepspeed --module rot_train stage<N>` run; ``device`` pins a 1-GPU run to that GPU (two can run side by side)."""
+    """One `deepspeed --module rot_train stage<N>` run; ``device`` pins a 1-GPU run to that GPU (two can run side by side).
+    A run that does not ``--resume`` starts from an emptied ``out``: the trainer refuses a kept folder, and its
+    metrics would be read as this run's."""
+    if "--resume" not in extra:
+        shutil.rmtree(out, ignore_errors=True)
     micro = (16 if GPU else 4) // gpus  # global batch 32 (GPU) / 8 (CPU) in 2 accumulation steps
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port())]
     launcher += ["--include", f"localhost:{device}"] if GPU and device is not None else ["--num_gpus", str(gpus)]
@@ -222,6 +242,7 @@ def main():
     def save():
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
+    reuse_only_if_made_with(work, {"size": args.size, "train_rows": args.train_rows})
     checkpoint = work / "vlm"
     if not (checkpoint / "config.json").exists():
         started = time.perf_counter()

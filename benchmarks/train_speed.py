@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from multi_gpu import GPU, build, command, free_port, random_checkpoint, read_run
+from multi_gpu import GPU, build, command, free_port, random_checkpoint, read_run, reuse_only_if_made_with
 
 SETTINGS = {"before": ["--global-batch", "16", "--micro-batch", "4"], "defaults": [],
             "checkpointing": ["--gradient-checkpointing"], "no-checkpointing": ["--no-gradient-checkpointing"]}
@@ -29,6 +30,7 @@ SETTINGS = {"before": ["--global-batch", "16", "--micro-batch", "4"], "defaults"
 
 def train(stage: int, name: str, common: list[str], work: Path, steps: int, timeout: int) -> dict:
     out = work / f"stage{stage}-{name}"
+    shutil.rmtree(out, ignore_errors=True)  # a kept run (say, of other --latents) is refused and its figures read as this one's
     args = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
             "--module", "rot_train", f"stage{stage}", *common, *SETTINGS[name], "--max-steps", str(steps), "--out", str(out)]
     result = command(args, work / f"stage{stage}-{name}.log", timeout)
@@ -61,6 +63,7 @@ def main():
     def save():
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
+    reuse_only_if_made_with(work, {"size": args.size, "train_rows": args.train_rows})
     checkpoint = work / "vlm"
     if not (checkpoint / "config.json").exists():
         random_checkpoint(checkpoint, args.size)
@@ -74,8 +77,11 @@ def main():
     for stage in map(int, args.stages.split(",")):
         for name in args.settings.split(","):
             extra = [] if stage == 1 else ["--init", str(work / f"stage1-{name}" / "export")]
-            results["runs"][f"stage{stage}_{name}"] = train(stage, name, common + extra, work, int(steps[name]), timeout)
+            run = results["runs"][f"stage{stage}_{name}"] = train(stage, name, common + extra, work, int(steps[name]), timeout)
             save()
+            if run["returncode"] != 0:  # no figure from a failed run, and no Stage II without its Stage I
+                raise SystemExit(f"stage {stage} ({name}) failed: {run['log_tail'].strip()[-400:]} "
+                                 f"(log: {work}/stage{stage}-{name}.log)")
     for stage in map(int, args.stages.split(",")):
         runs = [results["runs"].get(f"stage{stage}_{n}", {}).get("steady_samples_per_s") for n in ("before", "defaults")]
         if all(runs):
