@@ -119,18 +119,17 @@ def test_skipped_rows_are_counted_in_the_manifest(tmp_path):
 
 
 def test_two_encoder_actors_write_the_same_shards_as_one(tmp_path):
+    """Bit for bit: each CPU encoder runs the same number of torch threads whatever their number (the float results
+    depend on it), so a build resumed with another --num-encoders, or on another machine, writes the same bytes."""
     one = build(BuildConfig(encoder="tiny", dataset="gsm8k", out=tmp_path / "one", limit=24, shard_size=12, batch_size=4, num_encoders=1),
                 progress=False)
     two = build(BuildConfig(encoder="tiny", dataset="gsm8k", out=tmp_path / "two", limit=24, shard_size=12, batch_size=4, num_encoders=2),
                 progress=False)
     assert two["run"]["encoders"] == 2 and one["fingerprint"] == two["fingerprint"]
+    assert one["encoder"]["cpu_threads"] == 2  # recorded: shards made with another count are never mixed in
     for name in ("shard-00000.parquet", "shard-00001.parquet"):
         a, b = (pq.read_table(tmp_path / side / name).to_pylist() for side in ("one", "two"))
-        assert [r["id"] for r in a] == [r["id"] for r in b]
-        for x, y in zip(a, b):
-            assert x["n_tokens"] == y["n_tokens"]
-            ex, ey = (torch.frombuffer(bytearray(r["embedding"]), dtype=torch.bfloat16).float() for r in (x, y))
-            torch.testing.assert_close(ex, ey, atol=1e-3, rtol=8e-3)  # packs differ, so float order may too
+        assert [(r["id"], r["n_tokens"], r["embedding"]) for r in a] == [(r["id"], r["n_tokens"], r["embedding"]) for r in b]
 
 
 def test_steady_rate_leaves_out_start_up_and_stragglers():

@@ -45,6 +45,10 @@ STARTS = ".encoder-starts"  # one line per encoder actor start, in the output fo
 # tasks and shard writers on one host that host work grows, and two actors per GPU left the GPUs idle between packs
 # (docs/benchmarks.md: the 4-GPU build)
 ENCODERS_PER_GPU = 3
+# on a CPU, float results depend on torch's thread count (how a reduction is split), so every CPU encoder runs this
+# many threads whatever the number of encoders or cores: the shards' bytes, and a resume on another machine, agree;
+# the default number of CPU encoders fills the cores with them
+CPU_THREADS_PER_ENCODER = 2
 WRITE_RETRIES = 2  # a shard writer task whose worker died is run again (the write is atomic: a rename at the end)
 
 
@@ -104,12 +108,12 @@ class EncodeBatch:
     stay on this node, in pieces of the output folder; Ray Data takes on each row's shard, piece and node."""
 
     def __init__(self, encoder: str, expected_sha256: str, dtype: str, height: int, attn_implementation: str,
-                 starts_file: str, max_starts: int, out: str, cpu_encoders: int = 0):
+                 starts_file: str, max_starts: int, out: str, cpu_threads: int = 0):
         import ray
         import torch
 
-        if cpu_encoders:  # Ray gives a 1-CPU actor one torch thread; on CPU-only nodes the encoders share the cores
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // cpu_encoders))
+        if cpu_threads:  # Ray gives a 1-CPU actor one torch thread; the build fixes the count (it changes the bytes)
+            torch.set_num_threads(cpu_threads)
 
         # Ray restarts a dead actor forever (a finite max_restarts stalled 2-actor builds on 2 CPUs), so the actors
         # count their own starts: past the budget the constructor fails, which Ray does not retry, and the build ends
@@ -260,8 +264,10 @@ def _build(config: BuildConfig, progress: bool) -> dict:
     expected_sha256, token_px = source.weights_sha256, source.token_px
     source_rows_sha256 = rows_sha256(records)
     n_gpus = int(ray.cluster_resources().get("GPU", 0))
-    num_encoders = config.num_encoders or max(1, ENCODERS_PER_GPU * n_gpus)
-    encoder_info = source.describe(config.attn_implementation, "bfloat16" if n_gpus else "float32")
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    num_encoders = config.num_encoders or max(1, ENCODERS_PER_GPU * n_gpus if n_gpus else cpus // CPU_THREADS_PER_ENCODER)
+    encoder_info = source.describe(config.attn_implementation, "bfloat16" if n_gpus else "float32",
+                                   cpu_threads=None if n_gpus else CPU_THREADS_PER_ENCODER)
     settings = {
         "format": shards.FORMAT,
         "dataset": {"source": config.dataset, "split": config.split, "keep_calculator": config.keep_calculator,
@@ -388,7 +394,7 @@ def _encode_and_write(ray, plan: BuildPlan, progress: bool) -> tuple[float, floa
         fn_constructor_kwargs={"encoder": config.encoder, "expected_sha256": plan.expected_sha256, "dtype": config.dtype,
                                "height": render.height, "attn_implementation": config.attn_implementation,
                                "starts_file": str(config.out / STARTS), "max_starts": plan.num_encoders + ENCODER_RESTARTS,
-                               "out": str(config.out), "cpu_encoders": 0 if plan.n_gpus else plan.num_encoders},
+                               "out": str(config.out), "cpu_threads": 0 if plan.n_gpus else CPU_THREADS_PER_ENCODER},
         batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=plan.num_encoders),
         num_gpus=gpu_share(plan.num_encoders, plan.n_gpus), num_cpus=0 if plan.n_gpus else 1,
     )

@@ -130,15 +130,16 @@ class EncoderSource:
     def dim(self) -> int:
         return getattr(self.vision_config, "out_hidden_size", None) or self.vision_config.hidden_size
 
-    def describe(self, attn_implementation: str, compute_dtype: str) -> dict:
-        """What the shard manifest records about the encoder (never mix shards that differ here)."""
+    def describe(self, attn_implementation: str, compute_dtype: str, cpu_threads: int | None = None) -> dict:
+        """What the shard manifest records about the encoder (never mix shards that differ here): on a CPU the torch
+        thread count too, since the float results depend on it."""
         return {
             "name": self.name, "model_type": self.model_type, "revision": self.revision,
             "weights_sha256": self.weights_sha256, "untrained": self.untrained,
             "attn_implementation": attn_implementation, "compute_dtype": compute_dtype,
             "patch_size": self.vision_config.patch_size, "merge_size": self.vision_config.spatial_merge_size,
             "token_px": self.token_px, "dim": self.dim, "patch_embedding": "linear",
-        }
+        } | ({"cpu_threads": cpu_threads} if cpu_threads else {})
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,12 @@ class VisionEncoder:
         self.token_px = source.token_px
         self.dim = source.dim
         self.attn_implementation = attn_implementation
+        if self.device.type == "cpu":
+            # one throwaway encode: in a fresh process with several torch threads, the first call of a vector-math
+            # function (the rotary embedding's cos) was sometimes slightly off on one thread's half of its output (seen
+            # in 8 of 40 loaded processes; a first-call race in the CPU math library, inferred): the first real pack
+            # would then differ from a resumed build's by a bf16 step
+            self.encode_packed([np.zeros((self.token_px, 4 * self.token_px), np.uint8)])
 
     @classmethod
     def from_pretrained(cls, name: str, device: str = "cpu", dtype: torch.dtype | None = None,
