@@ -2,18 +2,24 @@
 # One RoT model for 3x3 to 6x6 multiplication (issue 33.2). Its CoTs render to different numbers of visual tokens, so
 # the thinking length varies by question, and the model must end its own thought. Every table row is one command below,
 # through the project's own commands. Parts (a part reads what the earlier ones left in $W):
-#   data    generated rows of every size (the held-out valid/test questions excluded), shuffled together -> one shard
-#           set; and the valid/test shards of every size (the oracle's budgets)
+#   data    generated rows of every size (the held-out valid/test questions excluded), shuffled together -> one shard set
 #   train   pipelines/miniature.sh's recipe on them: Stage I, teacher-forced Stage II (reader loss, head trained), then
-#           Stage II on its own rollouts, both Stage II runs with the learned stop (--stop-weight SW)
+#           Stage II on its own rollouts until DEADLINE seconds after this script started, both Stage II runs with the
+#           learned stop (--stop-weight SW); with CONTINUE=<an earlier call's export>, more of the rollout phase only
+#           (run rollout-mixed-c<CALL>). Each ends with a compact copy of its export (<run>/compact, 4 bits, ~7.5 MB).
+#   (sweep and test build the valid/test shards of every size first, where they are missing: the oracle's budgets)
 #   sweep   per size, on valid (VLIMIT rows): (b) fixed budgets BUDGETS, (c) the paper's dynamic threshold THRESHOLDS
 #   test    per size, on valid and test: (a) the oracle (each question's own visual-token count), (b) the fixed budget
 #           and (c) the threshold best on valid (mean over sizes), (d) the learned stop; then the table and its picture
-# On a GPU machine (carry .whl), in calls of 10 minutes: PARTS=data,train (DEADLINE caps the rollout), then PARTS=sweep,test.
+# On a GPU machine (carry .whl), in calls of 10 minutes: PARTS=data,train; then PARTS=data,train CALL=2 CONTINUE=<its
+# export or compact export> (data again only on a fresh machine: a kept shard set is checked and reused) while the
+# answers still improve; then PARTS=sweep,test (EXPORT: the newest rollout-mixed*-s$SEED/export in W unless given).
 # On this CPU, at smoke scale: SMOKE=1 ANCHOR=<a micro anchor folder> bash pipelines/mixed.sh
-# Knobs: SIZES, ROWS (per size), SEED, ANCHOR, W, SW (stop weight), BUDGETS, THRESHOLDS, VLIMIT, and miniature.sh's
-# (STEPS1, MB, EPOCHS, ROLL, ...). Export: $W/rollout-mixed-s$SEED/export.
+# Knobs: SIZES, ROWS (per size), SEED, ANCHOR, W, SW (stop weight), DEADLINE (default 520), CONTINUE, CALL, CEPOCHS
+# (the rollout phase's planned epochs: 4, or 6 when continuing), EXPORT, BUDGETS, THRESHOLDS, VLIMIT, and
+# miniature.sh's (STEPS1, MB, EPOCHS, ROLL, ...).
 set -euo pipefail
+START=$(date +%s); DEADLINE=${DEADLINE:-520}
 [ -f pipelines/device_env.sh ] && [ -z "${SMOKE:-}" ] && source pipelines/device_env.sh
 export PYTHONPATH=$PWD/packages${PYTHONPATH:+:$PYTHONPATH}
 SIZES=${SIZES:-"3 4 5 6"}; ROWS=${ROWS:-25600}; SEED=${SEED:-0}; ANCHOR=${ANCHOR:-anchor}; SW=${SW:-1}
@@ -25,16 +31,11 @@ part() { [[ ",$PARTS," == *",$1,"* ]]; }
 run() { echo "== $*" | tee -a "$W/commands.txt"; "$@"; }
 set_of() { case $1 in 4|5) echo "icot_mult_${1}x${1}";; *) echo "mult_${1}x${1}";; esac; }  # the shipped held-out sets
 file_of() { local dir=packages/rot_data/data/$(set_of "$1"); [ "$2" = valid ] && echo "$dir/valid.txt" || ls "$dir"/test*.txt; }
-EXPORT=$W/rollout-mixed-s$SEED/export
 
 if part data; then
   for n in $SIZES; do
     run python3 -m rot_render.cli multiplication --n "$n" --count "$ROWS" --seed "$SEED" --out "$W/train-$n.txt" \
         --exclude "$(file_of "$n" valid)" --exclude "$(file_of "$n" test)"
-    for split in valid test; do
-      [ -f "$W/truth-$n-$split/manifest.json" ] || run python3 -m rot_render.cli build --dataset "$(file_of "$n" "$split")" \
-          --encoder "$ANCHOR" --out "$W/truth-$n-$split" ${SMOKE:+--limit 4}
-    done
   done
   python3 - "$W" "$SEED" $SIZES <<'PY'  # one file, the sizes interleaved (the stream's shuffle buffer is local)
 import random, sys
@@ -48,9 +49,18 @@ PY
 fi
 if part train; then  # miniature.sh's recipe on the mixed shards; its held-out files are not used here
   export SEED ANCHOR SHARDS=shards
-  PARTS=stage1 bash pipelines/miniature.sh
-  TAG=-mixed EXTRA="--train-head --lr 1e-3 --stop-weight $SW" PARTS=reader-tf bash pipelines/miniature.sh
-  TAG=-mixed ROLL="--stop-weight $SW ${ROLL:-}" PARTS=rollout bash pipelines/miniature.sh
+  if [ -n "${CONTINUE:-}" ]; then  # more of the rollout phase, from an earlier call's export (later options win)
+    tag=-mixed-c${CALL:-2} epochs=${CEPOCHS:-6} from="--backbone $CONTINUE --init $CONTINUE"
+  else
+    tag=-mixed epochs=${CEPOCHS:-4} from=""
+    PARTS=stage1 bash pipelines/miniature.sh
+    TAG=-mixed EXTRA="--train-head --lr 1e-3 --stop-weight $SW" PARTS=reader-tf bash pipelines/miniature.sh
+  fi
+  left=$(( DEADLINE - ($(date +%s) - START) - 38 ))  # ~38 s of launcher and model start-up before the clock starts
+  EPOCHS=$epochs TAG=$tag ROLL="$from --stop-weight $SW --max-seconds $(( left > 30 ? left : 30 )) --no-gradient-checkpointing ${ROLL:-}" \
+      PARTS=rollout bash pipelines/miniature.sh
+  # the compact copy travels to the next call (a full export is ~24 MB) before anything else spends the call's time
+  run python3 -m rot_train compact "$W/rollout$tag-s$SEED/export" --out "$W/rollout$tag-s$SEED/compact" --base "$ANCHOR" --bits 4
 fi
 max_tokens() {  # the longest held-out CoT in visual tokens, plus 8: the cap of the stops (a stop that runs late shows)
   python3 - "$W" <<'PY'
@@ -69,13 +79,27 @@ evaluate() {  # evaluate <name> <size> <split> <options...>
   run python3 -m rot_eval.cli run --checkpoint "$EXPORT" --dataset "$(set_of "$n")" --split "$split" $EVAL_ARGS \
       --out "$OUT/$name-$n-$split" "$@" > /dev/null
 }
-if part sweep || part test; then MAX=$(max_tokens); fi
-if part sweep; then
-  for n in $SIZES; do
-    for budget in $BUDGETS; do evaluate "fixed$budget" "$n" valid --latents "$budget" --limit "$VLIMIT"; done
-    for threshold in $THRESHOLDS; do evaluate "dyn$threshold" "$n" valid --latents "$MAX" --dynamic-threshold "$threshold" --limit "$VLIMIT"; done
+if part sweep || part test; then
+  for n in $SIZES; do  # each held-out question's own visual-token count: the oracle's budget, and the stops' cap
+    for split in valid test; do
+      [ -f "$W/truth-$n-$split/manifest.json" ] || run python3 -m rot_render.cli build --dataset "$(file_of "$n" "$split")" \
+          --encoder "$ANCHOR" --out "$W/truth-$n-$split" ${SMOKE:+--limit 4}
+    done
   done
+  EXPORT=${EXPORT:-$(ls -td "$W"/rollout-mixed*-s"$SEED"/export | head -1)}
+  echo "evaluating $EXPORT" | tee -a "$W/commands.txt"
+  MAX=$(max_tokens)
 fi
+each_size() {  # each_size <function>: the function for every size at once (each evaluation is its own short process)
+  local pids=() pid
+  for n in $SIZES; do "$1" "$n" & pids+=($!); done
+  for pid in "${pids[@]}"; do wait "$pid"; done  # a failed size stops the script (set -e)
+}
+sweep_size() {
+  for budget in $BUDGETS; do evaluate "fixed$budget" "$1" valid --latents "$budget" --limit "$VLIMIT"; done
+  for threshold in $THRESHOLDS; do evaluate "dyn$threshold" "$1" valid --latents "$MAX" --dynamic-threshold "$threshold" --limit "$VLIMIT"; done
+}
+if part sweep; then each_size sweep_size; fi
 if part test; then
   best() {  # the sweep's setting with the best mean valid accuracy over the sizes
     python3 - "$OUT" "$1" <<'PY'
@@ -89,13 +113,14 @@ PY
   }
   budget=$(best fixed); threshold=$(best dyn)
   echo "chosen on valid: fixed budget $budget, dynamic threshold $threshold" | tee -a "$W/commands.txt"
-  for n in $SIZES; do
+  test_size() {
     for split in valid test; do
-      evaluate oracle "$n" "$split" --oracle-latents --truth-shards "$W/truth-$n-$split" $TEST_LIMIT
-      evaluate "fixed$budget" "$n" "$split" --latents "$budget" $TEST_LIMIT
-      evaluate "dyn$threshold" "$n" "$split" --latents "$MAX" --dynamic-threshold "$threshold" $TEST_LIMIT
-      evaluate learned "$n" "$split" --latents "$MAX" --learned-stop $TEST_LIMIT
+      evaluate oracle "$1" "$split" --oracle-latents --truth-shards "$W/truth-$1-$split" $TEST_LIMIT
+      evaluate "fixed$budget" "$1" "$split" --latents "$budget" $TEST_LIMIT
+      evaluate "dyn$threshold" "$1" "$split" --latents "$MAX" --dynamic-threshold "$threshold" $TEST_LIMIT
+      evaluate learned "$1" "$split" --latents "$MAX" --learned-stop $TEST_LIMIT
     done
-  done
+  }
+  each_size test_size
   run python3 -m rot_eval.cli table "$OUT"/*-test --plot "$W/mixed-test.png"
 fi
