@@ -58,7 +58,8 @@ part() { [[ ",$PARTS," == *",$1,"* ]]; }
 log() { echo "== $*" | tee -a "$OUT/commands.txt"; }
 run() { local shown="$*"; log "${shown#on_gpu }"; "$@"; }
 on_gpu() { if [ -n "${GPU:-}" ]; then CUDA_VISIBLE_DEVICES=$GPU "$@"; else "$@"; fi; }
-TRAIN="--backbone $ANCHOR --global-batch $MB --micro-batch $MB --seed $SEED --warmup-steps 20 --head-width 512 --num-workers 2 --merge-latents ${MERGE:-1}"
+COMMON="--backbone $ANCHOR --global-batch $MB --micro-batch $MB --seed $SEED --warmup-steps 20 --head-width 512 --num-workers 2"
+TRAIN="$COMMON --merge-latents ${MERGE:-1}"  # the RoT runs (the SFT baselines have no latents to merge)
 STAGE2="$TRAIN --epochs $EPOCHS --lr 3e-4 --full-finetune"
 
 if part data; then  # training rows; held-out questions are never generated
@@ -108,7 +109,7 @@ if part rollout; then  # train the teacher-forced model on its own rollouts (the
 fi
 if part sft; then  # the baselines, same rows and steps, full fine-tuning
   for mode in ${SFT_MODES:-sft-cot sft-nocot}; do
-    run $DS sft --mode "$mode" --shards "$W/$SHARDS" $STAGE2 --out "$W/$mode-s$SEED"
+    run $DS sft --mode "$mode" --shards "$W/$SHARDS" $COMMON --epochs "$EPOCHS" --lr 3e-4 --full-finetune --out "$W/$mode-s$SEED"
   done
 fi
 if part nostage1; then  # control: no Stage I (a Stage I run with learning rate 0 exports a random head)
