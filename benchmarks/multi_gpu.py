@@ -74,15 +74,16 @@ def command(args: list[str], log: Path, timeout: int, gpus: int | None = None, p
 
 
 def reuse_only_if_made_with(work: Path, settings: dict) -> None:
-    """The random checkpoint (``vlm``) and training shards (``shards``) a later call on the same machine reuses are
-    kept only if they were made with these ``settings`` (size, rows): a 4B run must not train on a tiny checkpoint,
-    nor a 1024-row run on 128 rows."""
+    """What a later call on the same machine reuses from ``work`` (the random checkpoint, the training shards, Stage I
+    heads to start Stage II from) is kept only if it was made with these ``settings`` (size, rows); otherwise the
+    whole folder is emptied: a 4B run must not train on a tiny checkpoint, nor a 1024-row run on 128 rows."""
     record = work / "made-with.json"
     if record.exists() and json.loads(record.read_text()) == settings:
         return
-    for name in ("vlm", "shards"):
-        shutil.rmtree(work / name, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
+    if work.exists() and any(work.iterdir()) and not record.exists():
+        raise SystemExit(f"--work {work} holds files this benchmark did not make: give an empty or new folder")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     record.write_text(json.dumps(settings))
 
 
@@ -231,7 +232,6 @@ def main():
     args = parser.parse_args()
     BUDGET[0] = args.budget
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
     zeros = [int(z) for z in args.zero_stages.split(",")]
     counts = [int(n) for n in args.gpu_counts.split(",")]

@@ -55,7 +55,6 @@ def main():
     parser.add_argument("--stages", default="1,2")
     args = parser.parse_args()
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
     steps = dict(item.split("=") for item in args.steps.split(","))
     results = {"device": torch.cuda.get_device_name() if GPU else "cpu (gloo)", "size": args.size,
                "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "args": vars(args), "runs": {}}

@@ -24,7 +24,7 @@ START=$(date +%s); DEADLINE=${DEADLINE:-520}
 export PYTHONPATH=$PWD/packages${PYTHONPATH:+:$PYTHONPATH}
 SIZES=${SIZES:-"3 4 5 6"}; ROWS=${ROWS:-25600}; SEED=${SEED:-0}; ANCHOR=${ANCHOR:-anchor}; SW=${SW:-1}
 BUDGETS=${BUDGETS:-"16 24 32 44 56 72"}; THRESHOLDS=${THRESHOLDS:-"0.005 0.01 0.02 0.05"}; VLIMIT=${VLIMIT:-200}
-export W=$(realpath -m "${W:-/tmp/mixed}"); OUT=$W/eval; mkdir -p "$W" "$OUT"
+export W=$(realpath -m "${W:-/tmp/mixed}"); mkdir -p "$W"
 PARTS=${PARTS:-data,train,sweep,test}; EVAL_ARGS="--batch-size 256"; TEST_LIMIT=""
 if [ -n "${SMOKE:-}" ]; then ROWS=8; BUDGETS="4 8"; THRESHOLDS="0.01"; VLIMIT=4; TEST_LIMIT="--limit 4"; EVAL_ARGS="--batch-size 4"; fi
 part() { [[ ",$PARTS," == *",$1,"* ]]; }
@@ -57,10 +57,18 @@ if part train; then  # miniature.sh's recipe on the mixed shards; its held-out f
     TAG=-mixed EXTRA="--train-head --lr 1e-3 --stop-weight $SW" PARTS=reader-tf bash pipelines/miniature.sh
   fi
   left=$(( DEADLINE - ($(date +%s) - START) - 38 ))  # ~38 s of launcher and model start-up before the clock starts
-  EPOCHS=$epochs TAG=$tag ROLL="$from --stop-weight $SW --max-seconds $(( left > 30 ? left : 30 )) --no-gradient-checkpointing ${ROLL:-}" \
-      PARTS=rollout bash pipelines/miniature.sh
+  trained=rollout$tag
+  if (( left >= 60 )); then
+    EPOCHS=$epochs TAG=$tag ROLL="$from --stop-weight $SW --max-seconds $left --no-gradient-checkpointing ${ROLL:-}" \
+        PARTS=rollout bash pipelines/miniature.sh
+  elif [ -z "${CONTINUE:-}" ]; then  # the call's time went to the earlier phases: the rollout phase starts next call
+    trained=reader-tf-mixed
+    echo "no time left for the rollout phase ($left s): continue from $W/$trained-s$SEED/export (or its compact copy)"
+  else
+    echo "no time left for the rollout phase ($left s)"; exit 1
+  fi
   # the compact copy travels to the next call (a full export is ~24 MB) before anything else spends the call's time
-  run python3 -m rot_train compact "$W/rollout$tag-s$SEED/export" --out "$W/rollout$tag-s$SEED/compact" --base "$ANCHOR" --bits 4
+  run python3 -m rot_train compact "$W/$trained-s$SEED/export" --out "$W/$trained-s$SEED/compact" --base "$ANCHOR" --bits 4
 fi
 max_tokens() {  # the longest held-out CoT in visual tokens, plus 8: the cap of the stops (a stop that runs late shows)
   python3 - "$W" <<'PY'
@@ -87,13 +95,16 @@ if part sweep || part test; then
     done
   done
   EXPORT=${EXPORT:-$(ls -td "$W"/rollout-mixed*-s"$SEED"/export | head -1)}
-  echo "evaluating $EXPORT" | tee -a "$W/commands.txt"
+  OUT=$W/eval-$(basename "$(dirname "$EXPORT")"); mkdir -p "$OUT"  # each export's evaluations apart: never mixed
+  echo "evaluating $EXPORT into $OUT" | tee -a "$W/commands.txt"
   MAX=$(max_tokens)
 fi
 each_size() {  # each_size <function>: the function for every size at once (each evaluation is its own short process)
   local pids=() pid
   for n in $SIZES; do "$1" "$n" & pids+=($!); done
-  for pid in "${pids[@]}"; do wait "$pid"; done  # a failed size stops the script (set -e)
+  local failed=0
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done  # every size ends before a failed one stops the script
+  return $failed
 }
 sweep_size() {
   for budget in $BUDGETS; do evaluate "fixed$budget" "$1" valid --latents "$budget" --limit "$VLIMIT"; done
@@ -122,5 +133,5 @@ PY
     done
   }
   each_size test_size
-  run python3 -m rot_eval.cli table "$OUT"/*-test --plot "$W/mixed-test.png"
+  run python3 -m rot_eval.cli table "$OUT"/*-test --plot "$OUT/mixed-test.png"
 fi

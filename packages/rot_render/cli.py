@@ -60,7 +60,7 @@ def build(
     thought_tags: bool = typer.Option(RENDER.thought_tags, help="wrap the CoT in <|begin_of_thought|> ... <|end_of_thought|>"),
     max_tokens: int = typer.Option(RENDER.max_tokens, help="width cap in visual tokens: a longer line is cut after the last character that fits (counted in the manifest)"),
     batch_size: int = typer.Option(BUILD["batch_size"], help="images per packed encoder call"),
-    num_encoders: Optional[int] = typer.Option(BUILD["num_encoders"], help="encoder actors (default: three per GPU, sharing it, so one encodes while the others do their host work; on a CPU-only cluster one per 2 cores, each running 2 torch threads whatever their number, so the shards' bytes do not depend on it)"),
+    num_encoders: Optional[int] = typer.Option(BUILD["num_encoders"], help="encoder actors (default: three per GPU, sharing it, so one encodes while the others do their host work; on a CPU-only cluster one per 2 cores, at most 8, each running 2 torch threads whatever their number, so the shards' bytes do not depend on it)"),
     address: Optional[str] = typer.Option(BUILD["address"], help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)"),
     overwrite: bool = typer.Option(BUILD["overwrite"], help="replace a shard set made with different settings"),
 ) -> None:

@@ -46,9 +46,11 @@ STARTS = ".encoder-starts"  # one line per encoder actor start, in the output fo
 # (docs/benchmarks.md: the 4-GPU build)
 ENCODERS_PER_GPU = 3
 # on a CPU, float results depend on torch's thread count (how a reduction is split), so every CPU encoder runs this
-# many threads whatever the number of encoders or cores: the shards' bytes, and a resume on another machine, agree;
-# the default number of CPU encoders fills the cores with them
+# many threads whatever the number of encoders or cores: a resume with another --num-encoders, or on a machine with
+# other cores (the same CPU kind and torch), writes the same bytes. The default number of CPU encoders fills the
+# cores with them, up to MAX_CPU_ENCODERS (each holds its own copy of the tower)
 CPU_THREADS_PER_ENCODER = 2
+MAX_CPU_ENCODERS = 8
 WRITE_RETRIES = 2  # a shard writer task whose worker died is run again (the write is atomic: a rename at the end)
 
 
@@ -265,7 +267,8 @@ def _build(config: BuildConfig, progress: bool) -> dict:
     source_rows_sha256 = rows_sha256(records)
     n_gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    num_encoders = config.num_encoders or max(1, ENCODERS_PER_GPU * n_gpus if n_gpus else cpus // CPU_THREADS_PER_ENCODER)
+    num_encoders = config.num_encoders or max(1, ENCODERS_PER_GPU * n_gpus if n_gpus else
+                                              min(cpus // CPU_THREADS_PER_ENCODER, MAX_CPU_ENCODERS))
     encoder_info = source.describe(config.attn_implementation, "bfloat16" if n_gpus else "float32",
                                    cpu_threads=None if n_gpus else CPU_THREADS_PER_ENCODER)
     settings = {

@@ -265,10 +265,13 @@ class VisionEncoder:
         self.dim = source.dim
         self.attn_implementation = attn_implementation
         if self.device.type == "cpu":
-            # one throwaway encode: in a fresh process with several torch threads, the first call of a vector-math
-            # function (the rotary embedding's cos) was sometimes slightly off on one thread's half of its output (seen
-            # in 8 of 40 loaded processes; a first-call race in the CPU math library, inferred): the first real pack
-            # would then differ from a resumed build's by a bf16 step
+            # warm-up: in a fresh process with several torch threads, the first call of a vector-math function (the
+            # rotary embedding's cos) was sometimes slightly off on one thread's half of its output (seen in 8 of 40
+            # loaded processes; a first-call race in the CPU math library, inferred), so the first real pack would
+            # differ from a resumed build's by a bf16 step. Each function once on an input large enough to be split
+            # over every thread, then one throwaway encode for the rest of the tower's first calls
+            for function in (torch.cos, torch.sin, torch.exp, torch.tanh, torch.erf, torch.sigmoid):
+                function(torch.linspace(-1, 1, 1 << 20))
             self.encode_packed([np.zeros((self.token_px, 4 * self.token_px), np.uint8)])
 
     @classmethod
