@@ -265,8 +265,8 @@ def _build(config: BuildConfig, progress: bool) -> dict:
     prepared = time.perf_counter()
     expected_sha256, token_px = source.weights_sha256, source.token_px
     source_rows_sha256 = rows_sha256(records)
-    n_gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    resources = ray.cluster_resources()
+    n_gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     num_encoders = config.num_encoders or max(1, ENCODERS_PER_GPU * n_gpus if n_gpus else
                                               min(cpus // CPU_THREADS_PER_ENCODER, MAX_CPU_ENCODERS))
     encoder_info = source.describe(config.attn_implementation, "bfloat16" if n_gpus else "float32",

@@ -270,8 +270,9 @@ class VisionEncoder:
             # loaded processes; a first-call race in the CPU math library, inferred), so the first real pack would
             # differ from a resumed build's by a bf16 step. Each function once on an input large enough to be split
             # over every thread, then one throwaway encode for the rest of the tower's first calls
+            values = torch.linspace(-1, 1, 1 << 20)
             for function in (torch.cos, torch.sin, torch.exp, torch.tanh, torch.erf, torch.sigmoid):
-                function(torch.linspace(-1, 1, 1 << 20))
+                function(values)
             self.encode_packed([np.zeros((self.token_px, 4 * self.token_px), np.uint8)])
 
     @classmethod
