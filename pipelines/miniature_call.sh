@@ -8,8 +8,8 @@
 #   CONTINUE=<its compact export, carried in> SEEDS=<seed> bash pipelines/miniature_call.sh
 # ("{seed}" in CONTINUE stands for each seed's number: CONTINUE=carried/s{seed}/compact SEEDS="0 1" continues two) and
 # trains that export on its own rollouts for the call's time (run rollout-h2-s<seed>). CEPOCHS: the rollout phase's
-# planned epochs (default 6 when continuing, 4 in a first call), so the learning rate decays to zero near the deadline
-# (5x5 on one H200 makes ~7 steps/s, 250 steps an epoch). Every run
+# planned epochs (default 6 when continuing, 4 in a first call); the learning rate decays to zero at the deadline
+# whatever the step rate (--decay-by-deadline: a GPU shared with other runs makes fewer steps). Every run
 # ends with a compact copy of its export (rot-train compact --bits 4, ~7.5 MB: <run>/compact) that fits beside the
 # wheels (two of them do; the 4-bit form is also what ships: rot-5x5 lost 0.2 points on test to it).
 # Each part is a pipelines/miniature.sh command (the table's rows give them one by one). Knobs: SEEDS (one per GPU,
@@ -40,7 +40,7 @@ one_seed() {  # the whole recipe for one seed on one GPU (or, with CONTINUE, mor
     EPOCHS=4 TAG=-h EXTRA="--train-head --lr 1e-3" PARTS=reader-tf mini
   fi
   local left=$(( DEADLINE - $(elapsed) - 38 ))  # ~38 s of launcher and model start-up before the clock starts
-  EPOCHS=$epochs TAG=${run#rollout} ROLL="$from --max-seconds $(( left > 30 ? left : 30 )) --no-gradient-checkpointing" PARTS=rollout mini
+  EPOCHS=$epochs TAG=${run#rollout} ROLL="$from --max-seconds $(( left > 30 ? left : 30 )) --decay-by-deadline --no-gradient-checkpointing" PARTS=rollout mini
   # compact first: the export that travels to the next call is ready before the evaluation spends the call's last seconds
   python3 -m rot_train compact "$W/$run-s$SEED/export" --out "$W/$run-s$SEED/compact" --base "${ANCHOR:-anchor}" --bits 4
   if [ "$EVAL" = 1 ]; then EVAL_RUNS=$run PARTS=eval mini; fi

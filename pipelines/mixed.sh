@@ -59,7 +59,7 @@ if part train; then  # miniature.sh's recipe on the mixed shards; its held-out f
   left=$(( DEADLINE - ($(date +%s) - START) - 38 ))  # ~38 s of launcher and model start-up before the clock starts
   trained=rollout$tag
   if (( left >= 60 )); then
-    EPOCHS=$epochs TAG=$tag ROLL="$from --stop-weight $SW --max-seconds $left --no-gradient-checkpointing ${ROLL:-}" \
+    EPOCHS=$epochs TAG=$tag ROLL="$from --stop-weight $SW --max-seconds $left --decay-by-deadline --no-gradient-checkpointing ${ROLL:-}" \
         PARTS=rollout bash pipelines/miniature.sh
   elif [ -z "${CONTINUE:-}" ]; then  # the call's time went to the earlier phases: the rollout phase starts next call
     trained=reader-tf-mixed

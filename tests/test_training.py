@@ -183,6 +183,23 @@ def test_one_shard_set_trains_two_backbones_of_different_sizes(tiny_shards, tiny
     assert summary["steps"] == 2 and all(v == v for v in _losses(tmp_path / "q25"))
 
 
+
+def test_decay_by_deadline_anneals_the_learning_rate_to_zero_at_the_clock(tiny_shards, tiny_qwen3_vl, tmp_path):
+    """--decay-by-deadline: a run planned far past its --max-seconds ends with its learning rate near 0 (the step
+    schedule alone leaves it near the peak), falling after the warm-up; without --max-seconds it is refused."""
+    common = dict(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), lr=1e-3, max_seconds=3.0, **dict(TINY, epochs=50))
+    rates = {}
+    for decay in (False, True):
+        out = tmp_path / f"decay-{decay}"
+        summary, _ = run(TrainConfig(out=str(out), decay_by_deadline=decay, **common))
+        assert summary["stopped_early"] and summary["steps"] >= 4, summary
+        rates[decay] = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rates[False][-1] > 0.9e-3  # 300 planned steps: the step schedule has hardly begun to decay
+    assert rates[True][-1] < 0.35e-3 and rates[True][-1] < rates[True][1] <= 1e-3
+    assert all(later <= earlier for earlier, later in zip(rates[True][1:], rates[True][2:]))
+    with pytest.raises(ValueError, match="--decay-by-deadline decays the learning rate to 0 at --max-seconds: give --max-seconds too"):
+        TrainConfig(out=str(tmp_path / "x"), decay_by_deadline=True, **dict(common, max_seconds=None))
+
 def _cli_error(args):
     env = _clean_env()
     result = subprocess.run([sys.executable, "-m", "rot_train", "stage1", *args], env=env, capture_output=True, text=True)

@@ -54,6 +54,9 @@ class RunOptions:
     max_seconds: float | None = option(None, "wall-clock budget: stop at the first optimizer step after this many seconds of "
                                        "training (setup not counted), then checkpoint and export as a finished run does "
                                        "(for time-limited GPU calls and jobs; --resume continues)")
+    decay_by_deadline: bool = option(False, "decay the learning rate to 0 at --max-seconds, not at the planned last "
+                                     "step: for a run whose budget is the clock (a GPU call's last phase), not a piece "
+                                     "to --resume")
     lr: float = option(2e-5, "peak learning rate (official: 2e-5), reached after the warm-up, then decayed linearly", at_least=0)
     warmup_steps: int = option(20, "optimizer steps of linear warm-up (official: 20; at most half of the run's steps)", at_least=0)
     # the SFT baselines carry an (untrained) head of this width in their export, and the pipelines give every command
@@ -212,6 +215,8 @@ class TrainConfig(RunOptions, LatentOptions, StageTwoOptions, FinetuneOptions, B
         refuse_out_of_range(self, AT_LEAST_ONE, NOT_NEGATIVE, OPTIONAL)
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"--max-seconds {self.max_seconds:g}: use a number of seconds > 0 (leave it out for no time limit)")
+        if self.decay_by_deadline and self.max_seconds is None:
+            raise ValueError("--decay-by-deadline decays the learning rate to 0 at --max-seconds: give --max-seconds too")
         if self.rollout not in (None, *ROLLOUTS):
             raise ValueError(f"--rollout {self.rollout}: use one of {', '.join(ROLLOUTS)} (leave it out for the default)")
         if self.latent_gradient not in LATENT_GRADIENTS:

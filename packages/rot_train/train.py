@@ -51,8 +51,21 @@ def init_distributed():
         raise
     _unlink_cpu_allreduce_buffer()
     local_rank = int(os.environ["LOCAL_RANK"])
-    accelerator.set_device(local_rank) if accelerator.device_name() != "cpu" else None
+    if accelerator.device_name() == "cpu":
+        _share_cpu_cores()
+    else:
+        accelerator.set_device(local_rank)
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), torch.device(accelerator.device_name(local_rank))
+
+
+def _share_cpu_cores() -> None:
+    """On a CPU, give each of this machine's ranks its share of the cores: every rank's torch otherwise starts a thread
+    per core, and 2 ranks on 2 cores spun 5-10x slower per step (a tiny Stage I: 45 s instead of 4 s). An
+    OMP_NUM_THREADS the user set wins."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    ranks_here = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks_here))
 
 
 @contextlib.contextmanager
@@ -263,15 +276,15 @@ def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, tensor.tolist()))
 
 
-def _out_of_time(started: float, max_seconds: float, device: torch.device) -> bool:
-    """Whether ``max_seconds`` of training have passed, by rank 0's clock sent to every rank: all ranks stop at the
-    same optimizer step (the final checkpoint and a ZeRO-3 export are collectives). One one-number broadcast per step."""
+def _seconds_by_rank0(started: float, device: torch.device) -> float:
+    """The seconds of training so far by rank 0's clock, sent to every rank: all ranks stop at the same optimizer step
+    (the final checkpoint and a ZeRO-3 export are collectives) and use the same learning rate. One broadcast a step."""
     import torch.distributed as dist
 
-    flag = torch.tensor([int(time.perf_counter() - started >= max_seconds)], device=device)
+    seconds = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(flag, src=0)
-    return bool(flag.item())
+        dist.broadcast(seconds, src=0)
+    return float(seconds.item())
 
 
 def _same_latent_slots_on_every_rank(batch: dict) -> dict:
@@ -514,6 +527,11 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     started, samples, sums, micro_steps = time.perf_counter(), 0, {}, 0  # the --max-seconds clock: setup not counted
     model_flops = 0.0  # of this run's samples, all ranks (rot_train.flops: what is counted)
     out_of_time = False
+    # --decay-by-deadline: a line from the learning rate this run starts its decay at down to 0 at --max-seconds, under
+    # the step schedule (whichever is lower): a run stopped by the clock ends annealed however fast its GPU went (one
+    # that shares its GPU makes fewer steps than planned and would otherwise stop near its peak rate)
+    decay_steps = max(total_steps - warmup, 1)
+    start_of_decay = cfg.lr * (1 - min(max(step - warmup, 0) / decay_steps, 1))
     while step < stop_step and epoch < cfg.epochs and not out_of_time:
         for batch in micro_batches(stream, cfg, epoch, next_batch):
             next_batch = batch["batch_index"] + 1
@@ -529,6 +547,13 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
             if micro_steps % plan.grad_accum:
                 continue
             step += 1
+            if cfg.max_seconds is not None and step < stop_step:
+                seconds = _seconds_by_rank0(started, device)
+                out_of_time = seconds >= cfg.max_seconds
+                if cfg.decay_by_deadline:
+                    ceiling = start_of_decay * max(0.0, 1 - seconds / cfg.max_seconds)
+                    for group in engine.optimizer.param_groups:  # the step schedule set the next step's rate; cap it
+                        group["lr"] = min(group["lr"], ceiling)
             values = {k: v / plan.grad_accum for k, v in _mean_over_ranks(sums).items()}
             if cfg.curriculum_steps:
                 values["rolled_out"] = min(cfg.rolled_out(step - 1), batch["targets"].shape[1])  # past the last slot: all
@@ -540,7 +565,6 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
             sums = {}
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoints.save(step, epoch, next_batch, _totals(before, samples, started))
-            out_of_time = cfg.max_seconds is not None and step < stop_step and _out_of_time(started, cfg.max_seconds, device)
             if step >= stop_step or out_of_time:
                 break
         if step < stop_step and not out_of_time:  # the epoch ran out: the next one starts at its first micro-batch
