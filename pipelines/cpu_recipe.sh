@@ -34,11 +34,11 @@ if part tf; then
 fi
 if part rollout; then
   rot-train stage2 $TRAIN --backbone "$W/tf/export" --init "$W/tf/export" --full-finetune --train-head --lr 3e-4 \
-      --vision-weight 10 --epochs 100 --max-seconds "$ROLL_SECONDS" --out "$W/rollout"
+      --vision-weight 10 --epochs 100 --max-seconds "$ROLL_SECONDS" --decay-by-deadline --out "$W/rollout"
 fi
 if part nocot; then  # the same training time as RoT's three runs
   budget=$(( $(seconds "$W/stage1") + $(seconds "$W/tf") + $(seconds "$W/rollout") ))
-  rot-train sft --mode sft-nocot $TRAIN --full-finetune --lr 3e-4 --epochs 100 --max-seconds "$budget" --out "$W/nocot"
+  rot-train sft --mode sft-nocot $TRAIN --full-finetune --lr 3e-4 --epochs 100 --max-seconds "$budget" --decay-by-deadline --out "$W/nocot"
 fi
 if part eval; then
   rot-eval run --checkpoint "$W/rollout/export" --dataset mult_3x3 --split test --batch-size 256 --out "$W/eval-rot"
