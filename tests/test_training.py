@@ -185,18 +185,21 @@ def test_one_shard_set_trains_two_backbones_of_different_sizes(tiny_shards, tiny
 
 
 def test_decay_by_deadline_anneals_the_learning_rate_to_zero_at_the_clock(tiny_shards, tiny_qwen3_vl, tmp_path):
-    """--decay-by-deadline: a run planned far past its --max-seconds ends with its learning rate near 0 (the step
-    schedule alone leaves it near the peak), falling after the warm-up; without --max-seconds it is refused."""
-    common = dict(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), lr=1e-3, max_seconds=3.0, **dict(TINY, epochs=50))
+    """--decay-by-deadline: a run planned far past its --max-seconds ends with its learning rate at 0 (the step schedule
+    alone leaves it near the peak), never above the step schedule's and falling after the warm-up; without
+    --max-seconds it is refused."""
+    common = dict(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), lr=1e-3, max_seconds=6.0, **dict(TINY, epochs=50))
     rates = {}
     for decay in (False, True):
         out = tmp_path / f"decay-{decay}"
         summary, _ = run(TrainConfig(out=str(out), decay_by_deadline=decay, **common))
-        assert summary["stopped_early"] and summary["steps"] >= 4, summary
+        assert summary["stopped_early"] and summary["steps"] >= 2, summary
         rates[decay] = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rates[False][-1] > 0.9e-3  # 300 planned steps: the step schedule has hardly begun to decay
-    assert rates[True][-1] < 0.35e-3 and rates[True][-1] < rates[True][1] <= 1e-3
-    assert all(later <= earlier for earlier, later in zip(rates[True][1:], rates[True][2:]))
+    capped, scheduled = rates[True], rates[False]
+    assert scheduled[-1] >= 0.5e-3 and capped[-1] == 0.0, rates  # 300 planned steps: the step schedule has hardly begun
+    assert all(c <= s for c, s in zip(capped, scheduled)), rates  # the same step schedule, capped by the clock
+    peak = capped.index(max(capped))  # DeepSpeed's warm-up rises over at least two steps
+    assert all(later <= earlier for earlier, later in zip(capped[peak:], capped[peak + 1:])), capped
     with pytest.raises(ValueError, match="--decay-by-deadline decays the learning rate to 0 at --max-seconds: give --max-seconds too"):
         TrainConfig(out=str(tmp_path / "x"), decay_by_deadline=True, **dict(common, max_seconds=None))
 
