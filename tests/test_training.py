@@ -183,7 +183,6 @@ def test_one_shard_set_trains_two_backbones_of_different_sizes(tiny_shards, tiny
     assert summary["steps"] == 2 and all(v == v for v in _losses(tmp_path / "q25"))
 
 
-
 def test_decay_by_deadline_anneals_the_learning_rate_to_zero_at_the_clock(tiny_shards, tiny_qwen3_vl, tmp_path):
     """--decay-by-deadline: a run planned far past its --max-seconds ends with its learning rate at 0 (the step schedule
     alone leaves it near the peak), never above the step schedule's and falling after the warm-up; without
@@ -202,6 +201,7 @@ def test_decay_by_deadline_anneals_the_learning_rate_to_zero_at_the_clock(tiny_s
     assert all(later <= earlier for earlier, later in zip(capped[peak:], capped[peak + 1:])), capped
     with pytest.raises(ValueError, match="--decay-by-deadline decays the learning rate to 0 at --max-seconds: give --max-seconds too"):
         TrainConfig(out=str(tmp_path / "x"), decay_by_deadline=True, **dict(common, max_seconds=None))
+
 
 def _cli_error(args):
     env = _clean_env()

@@ -527,11 +527,6 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     started, samples, sums, micro_steps = time.perf_counter(), 0, {}, 0  # the --max-seconds clock: setup not counted
     model_flops = 0.0  # of this run's samples, all ranks (rot_train.flops: what is counted)
     out_of_time = False
-    # --decay-by-deadline: a line from the learning rate this run starts its decay at down to 0 at --max-seconds, under
-    # the step schedule (whichever is lower): a run stopped by the clock ends annealed however fast its GPU went (one
-    # that shares its GPU makes fewer steps than planned and would otherwise stop near its peak rate)
-    decay_steps = max(total_steps - warmup, 1)
-    start_of_decay = cfg.lr * (1 - min(max(step - warmup, 0) / decay_steps, 1))
     while step < stop_step and epoch < cfg.epochs and not out_of_time:
         for batch in micro_batches(stream, cfg, epoch, next_batch):
             next_batch = batch["batch_index"] + 1
@@ -550,9 +545,10 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
             if cfg.max_seconds is not None and step < stop_step:
                 seconds = _seconds_by_rank0(started, device)
                 out_of_time = seconds >= cfg.max_seconds
-                if cfg.decay_by_deadline:
-                    ceiling = start_of_decay * max(0.0, 1 - seconds / cfg.max_seconds)
-                    for group in engine.optimizer.param_groups:  # the step schedule set the next step's rate; cap it
+                if cfg.decay_by_deadline:  # the step schedule set the next step's rate; cap it by a line from the
+                    # peak to 0 at the deadline: a run stopped by the clock ends annealed however many steps it made
+                    ceiling = cfg.lr * max(0.0, 1 - seconds / cfg.max_seconds)
+                    for group in engine.optimizer.param_groups:
                         group["lr"] = min(group["lr"], ceiling)
             values = {k: v / plan.grad_accum for k, v in _mean_over_ranks(sums).items()}
             if cfg.curriculum_steps:
