@@ -330,9 +330,7 @@ def _prepare_rows(config: BuildConfig, records: list, skipped: list, started: fl
     source = read_encoder_source(config.encoder)
     source.weights_sha256  # hashed here, beside Ray's start
     render = config.render.resolved(source.token_px)
-    records = _drawable(records, render, config.on_error, skipped)
-    if config.limit is not None:
-        records = records[:config.limit]
+    records = _drawable(records, render, config.on_error, skipped, config.limit)
     return records, source, render, time.perf_counter() - started
 
 
@@ -346,10 +344,14 @@ def _check_options(config: BuildConfig) -> None:
         raise BuildError(f"--dtype {config.dtype} is not one of {', '.join(shards.STORED_DTYPES)}")
 
 
-def _drawable(records: list, render: RenderSettings, on_error: str, skipped: list) -> list:
-    """The records whose CoT the font can draw faithfully; the others are bad rows (missing glyphs, right-to-left)."""
+def _drawable(records: list, render: RenderSettings, on_error: str, skipped: list, limit: int | None) -> list:
+    """The first ``limit`` records (all without one) whose CoT the font can draw faithfully; the others before them are
+    bad rows (missing glyphs, right-to-left). Rows after the limit are neither checked nor counted: a --limit 8 smoke
+    build neither waits on, nor fails for, the rest of a 7 473-row source."""
     kept = []
     for record in records:
+        if limit is not None and len(kept) == limit:
+            break
         problem = drawing_problem(line_text(record.cot, render), render.font_path)
         if problem is None:
             kept.append(record)
