@@ -69,10 +69,11 @@ def test_deepspeed_stage1_then_stage2_resume_continues_the_same_loss_sequence(ti
     whole, part = tmp_path / "whole", tmp_path / "part"
     run(TrainConfig(stage=2, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(whole),
                     init=str(stage1 / "export"), lr=1e-3, max_steps=8, **TINY))
-    init = ["--init", str(stage1 / "export")]
-    _launch("stage2", *_args(tiny_shards, tiny_qwen3_vl, part, max_steps=5), *init)  # "interrupted" after step 5
+    run(TrainConfig(stage=2, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(part),
+                    init=str(stage1 / "export"), lr=1e-3, max_steps=5, **TINY))  # "interrupted" after step 5
     assert _losses(part) == _losses(whole)[:5]
-    _launch("stage2.py", *_args(tiny_shards, tiny_qwen3_vl, part, max_steps=8), *init, "--resume")  # the script form
+    # resumed by the launcher, in the script form (`--module rot_train stage2` runs in test_multi_rank.py)
+    _launch("stage2.py", *_args(tiny_shards, tiny_qwen3_vl, part, max_steps=8), "--init", str(stage1 / "export"), "--resume")
     uninterrupted, resumed = _losses(whole), _losses(part)
     assert len(uninterrupted) == len(resumed) == 8
     assert resumed[:5] == uninterrupted[:5]
@@ -83,6 +84,32 @@ def test_deepspeed_stage1_then_stage2_resume_continues_the_same_loss_sequence(ti
     model, tokenizer, config = load_export(part / "export")
     assert config["stage"] == 2 and config["weights"] == "lora"
     assert "<img_end>" in tokenizer.get_vocab() and hasattr(model.lm, "peft_config")
+
+
+def test_a_cpu_without_bf16_units_trains_in_fp32_and_a_checkpoint_resumes_only_in_its_precision(tiny_shards, tiny_qwen3_vl,
+                                                                                               tmp_path):
+    """The shipped DeepSpeed configs train in bf16, except on a CPU without bf16 units, where torch emulates bf16 more
+    slowly than fp32: there they train in fp32 (run.json says which). A --ds-config of one's own is kept as written, and
+    a checkpoint is resumed only in the precision it was trained in (one line naming the fix)."""
+    from rot_train.train import cpu_without_bf16
+
+    common = dict(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), max_steps=1, **TINY)
+    _, model = run(TrainConfig(out=str(tmp_path / "default"), **common))
+    expected = "fp32" if cpu_without_bf16(torch.device("cpu")) else "bf16"
+    assert json.loads((tmp_path / "default" / "run.json").read_text())["precision"] == expected
+    assert {p.dtype for p in model.parameters()} == {torch.float32 if expected == "fp32" else torch.bfloat16}
+
+    shipped = json.loads((ROOT / "packages/rot_train/configs/zero2.json").read_text())
+    configs = {}
+    for bf16 in (True, False):
+        configs[bf16] = tmp_path / f"zero2-bf16-{bf16}.json"
+        configs[bf16].write_text(json.dumps(dict(shipped, bf16={"enabled": bf16})))
+    out = tmp_path / "own"
+    _, model = run(TrainConfig(out=str(out), ds_config=str(configs[True]), **common))
+    assert json.loads((out / "run.json").read_text())["precision"] == "bf16" and model.head.fc_out.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=re.escape(f'{out / "checkpoints" / "step1"} was trained in bf16, this run trains '
+                                                   'in fp32: resume with a --ds-config whose bf16 "enabled" is true, or start a new --out')):
+        run(TrainConfig(out=str(out), ds_config=str(configs[False]), resume=True, **dict(common, max_steps=2)))
 
 
 def test_max_seconds_stops_at_an_optimizer_step_then_checkpoints_exports_and_resumes(tiny_shards, tiny_qwen3_vl, tmp_path,
@@ -136,7 +163,7 @@ def stage_runs(tiny_shards, tiny_qwen3_vl, tmp_path_factory):
     from rot_model.backbone import load_backbone
 
     base = tmp_path_factory.mktemp("runs")
-    original, _ = load_backbone(str(tiny_qwen3_vl), dtype=torch.bfloat16)
+    original, _ = load_backbone(str(tiny_qwen3_vl), dtype=torch.float32)  # compared in the dtype the run trained in
     s1_summary, s1 = run(TrainConfig(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(base / "s1"),
                                      lr=3e-3, lm_weight=0.0, **dict(TINY, epochs=6)))
     s2_summary, s2 = run(TrainConfig(stage=2, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(base / "s2"),
@@ -152,10 +179,11 @@ def test_stage1_drives_the_mse_down_and_leaves_the_llm_bit_identical(stage_runs)
     trained = dict(stage1_model.lm.named_parameters())
     for name, parameter in original.named_parameters():
         if name != "model.embed_tokens.weight":  # its new-token rows are initialised by RoT, checked below
-            assert torch.equal(trained[name].data, parameter.data), name
+            assert torch.equal(trained[name].data, parameter.data.to(trained[name].dtype)), name
     old_rows, new_ids = original.get_input_embeddings().weight, [stage1_model.img_begin_id, stage1_model.img_end_id]
     keep = [i for i in range(old_rows.shape[0]) if i not in new_ids]
-    assert torch.equal(trained["model.embed_tokens.weight"][keep], old_rows[keep])
+    new_rows = trained["model.embed_tokens.weight"]
+    assert torch.equal(new_rows[keep], old_rows[keep].to(new_rows.dtype))
 
 
 def test_stage2_changes_only_lora_weights(stage_runs, tiny_qwen3_vl):
@@ -173,7 +201,7 @@ def test_stage2_changes_only_lora_weights(stage_runs, tiny_qwen3_vl):
                     for n, p in stage2_model.lm.named_parameters() if "lora_" not in n}
     for name, parameter in original.named_parameters():
         if name != "model.embed_tokens.weight":
-            assert torch.equal(base_weights[name].data, parameter.data), name
+            assert torch.equal(base_weights[name].data, parameter.data.to(base_weights[name].dtype)), name
 
 
 def test_one_shard_set_trains_two_backbones_of_different_sizes(tiny_shards, tiny_qwen2_5_vl, tmp_path):
