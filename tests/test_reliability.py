@@ -283,6 +283,7 @@ def test_a_training_run_prints_only_its_own_lines(tiny_shards, tiny_qwen3_vl, tm
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
-    assert lines[0].startswith("batches: micro-batch 4 x accumulation 2") and lines[-1].startswith("stage 1 done: 1 steps")
+    assert [line for line in lines if not line.startswith("note:")][0].startswith("batches: micro-batch 4 x accumulation 2")
+    assert lines[-1].startswith("stage 1 done: 1 steps")
     assert all(line.startswith(("batches:", "rollout:", "note:", "stage 1 done:")) for line in lines), lines
     assert "WARNING" not in result.stderr and "INFO" not in result.stderr and "Warning" not in result.stderr, result.stderr[-2000:]
