@@ -24,8 +24,22 @@ def _ids(out: Path) -> list[str]:
     return [i for p in sorted(out.glob("shard-*.parquet")) for i in pq.read_table(p, columns=["id"])["id"].to_pylist()]
 
 
-def _cli(*args, check=True):
-    return subprocess.run(["rot-render", *args], capture_output=True, text=True, check=check)
+def _cli(*args):
+    """`rot-render ARGS` as its own process, as a user runs it (Ray starts and stops with a build); it must succeed."""
+    return subprocess.run(["rot-render", *args], capture_output=True, text=True, check=True)
+
+
+def _invoke(*args):
+    """`rot-render ARGS` in this process (typer's test runner), for what ends before Ray starts: returncode, stdout, stderr."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from rot_render.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
 
 
 def test_build_writes_verified_shards_and_resumes_without_rewriting(tmp_path):
@@ -58,7 +72,7 @@ def test_build_writes_verified_shards_and_resumes_without_rewriting(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == mtimes
     assert again["fingerprint"] == manifest["fingerprint"]
 
-    result = _cli("inspect", str(out))
+    result = _invoke("inspect", str(out))
     assert "OK, 3 shards verified" in result.stdout and "UNTRAINED" in result.stdout
 
     with pytest.raises(BuildError, match="made with different settings.*--overwrite"):
@@ -68,7 +82,7 @@ def test_build_writes_verified_shards_and_resumes_without_rewriting(tmp_path):
     assert replaced["embedding"]["dtype"] == "fp32" and _ids(out) == [r.id for r in records[:40]]
 
     (out / "shard-00001.parquet").write_bytes(b"corrupt")
-    result = _cli("inspect", str(out), check=False)
+    result = _invoke("inspect", str(out))
     assert result.returncode == 1
     assert result.stderr.strip() == (f"error: {out / 'shard-00001.parquet'} does not match its checksum in {out / 'manifest.json'} (corrupt or changed); "
                                      "re-run the same rot-render build command to remake it")
@@ -78,7 +92,7 @@ def test_skipped_rows_are_counted_in_the_manifest(tmp_path):
     source = tmp_path / "rows.jsonl"
     source.write_text('{"question": "q1", "cot": "1 + 1 = 2", "answer": "2"}\n{"question": "q2", "cot": "", "answer": "3"}\n')
     out = tmp_path / "shards"
-    failed = _cli("build", "--encoder", "tiny", "--dataset", str(source), "--out", str(out), check=False)
+    failed = _invoke("build", "--encoder", "tiny", "--dataset", str(source), "--out", str(out))
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines()[-1] == f"error: {source}:2: empty CoT (this source has nothing to render); fix the row or pass --on-error skip"
     built = _cli("build", "--encoder", "tiny", "--dataset", str(source), "--out", str(out), "--on-error", "skip")
@@ -186,7 +200,7 @@ def test_a_build_keeps_the_users_files_refuses_a_held_folder_and_ignores_stale_s
     notes = out / ".shard-plan.tmp-notes"
     notes.write_text("mine")
     pq.write_table(pa.table({"x": [1, 2]}), out / "shard-00000.parquet")
-    foreign = _cli("build", "--dataset", str(rows), "--out", str(out), "--encoder", "tiny", check=False)
+    foreign = _invoke("build", "--dataset", str(rows), "--out", str(out), "--encoder", "tiny")
     assert foreign.returncode == 1 and "shard-00000.parquet is a Parquet file that rot-render did not write" in foreign.stderr
     assert len(foreign.stderr.strip().splitlines()) <= 2  # the tiny-tower note and the error
     (out / "shard-00000.parquet").unlink()

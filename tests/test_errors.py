@@ -90,6 +90,17 @@ def test_a_taken_launcher_port_is_named_with_the_flag_that_frees_it():
             "e.g. deepspeed --master_port 29501 ...") in result.stderr
 
 
+def _anchor_error(args: list[str]) -> str:
+    """What `rot-anchor ARGS` prints to stderr, run in this process (typer's test runner); it must exit 1, no traceback."""
+    from typer.testing import CliRunner
+
+    from rot_anchor.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.exception, result.output[-2000:])
+    return result.stderr.strip()
+
+
 def test_rot_anchor_evaluate_answers_bad_input_in_one_line(tmp_path):
     """A data folder without the evaluation files, a model folder that does not exist, a count below 1."""
     cases = [(["--data-dir", str(tmp_path), "--limit", "2"],
@@ -98,9 +109,7 @@ def test_rot_anchor_evaluate_answers_bad_input_in_one_line(tmp_path):
               f"error: the VLM {tmp_path / 'nowhere'}: no such checkpoint folder; pass the path of a local checkpoint folder"),
              (["--batch-size", "0"], "error: --batch-size 0: use at least 1")]
     for args, message in cases:
-        result = subprocess.run(["rot-anchor", "evaluate", *args, "--out", str(tmp_path / "eval.json")],
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 1 and result.stderr.strip() == message, result.stderr[-2000:]
+        assert _anchor_error(["evaluate", *args, "--out", str(tmp_path / "eval.json")]) == message
 
 
 def test_rot_anchor_pretrain_answers_bad_input_in_one_line(tmp_path):
@@ -120,9 +129,7 @@ def test_rot_anchor_pretrain_answers_bad_input_in_one_line(tmp_path):
              (["--out", out, "--init", str(tmp_path / "nowhere")],
               f"error: --init {tmp_path / 'nowhere'}: no such checkpoint folder; pass the path of a local checkpoint folder")]
     for args, message in cases:
-        result = subprocess.run(["rot-anchor", "pretrain", "--size", "micro", "--steps", "1", "--workers", "0", "--no-evaluate",
-                                 *args], capture_output=True, text=True, timeout=300)
-        assert result.returncode == 1 and result.stderr.strip() == message, result.stderr[-2000:]
+        assert _anchor_error(["pretrain", "--size", "micro", "--steps", "1", "--workers", "0", "--no-evaluate", *args]) == message
 
 
 def test_an_export_without_its_weights_is_one_line_naming_the_folder(tmp_path):

@@ -254,13 +254,23 @@ def test_the_static_cache_engine_decodes_text_exactly_as_hugging_face_generate(e
     assert all(g.token_ids == r[:r.index(eos) + 1] if eos in r else g.token_ids == r for g, r in zip(cut, reference))
 
 
+def _rot_eval(args: list[str]):
+    """`rot-eval ARGS` in this process (typer's test runner), which must succeed: its result (``.stdout``)."""
+    from typer.testing import CliRunner
+
+    from rot_eval.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (result.exception, result.output[-2000:])
+    return result
+
+
 def test_eval_run_writes_predictions_summary_and_the_table(exported, shared_data, tmp_path):
     runs = []
     for dataset in ("svamp", "multiarith"):
         out = tmp_path / dataset
-        result = subprocess.run(["rot-eval", "run", "--checkpoint", str(exported), "--dataset", dataset, "--data-dir",
-                                 str(shared_data), "--out", str(out), "--limit", "6", "--latents", "4",
-                                 "--max-answer-tokens", "3", "--batch-size", "4"], capture_output=True, text=True, check=True)
+        result = _rot_eval(["run", "--checkpoint", str(exported), "--dataset", dataset, "--data-dir", str(shared_data),
+                            "--out", str(out), "--limit", "6", "--latents", "4", "--max-answer-tokens", "3", "--batch-size", "4"])
         assert f"RoT on {dataset} [test]: accuracy" in result.stdout
         rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
         assert len(rows) == 6 and all(r["latents"] == 4 and isinstance(r["correct"], bool) for r in rows)
@@ -273,13 +283,12 @@ def test_eval_run_writes_predictions_summary_and_the_table(exported, shared_data
         runs.append(out)
     # the README's layout: a control run beside the real ones; it must be its own row, never the model's cell
     control = tmp_path / "eval" / "zeros"
-    result = subprocess.run(["rot-eval", "run", "--checkpoint", str(exported), "--dataset", "svamp", "--data-dir",
-                             str(shared_data), "--out", str(control), "--limit", "6", "--latents", "4", "--max-answer-tokens",
-                             "3", "--batch-size", "4", "--control", "zeros"], capture_output=True, text=True, check=True)
+    result = _rot_eval(["run", "--checkpoint", str(exported), "--dataset", "svamp", "--data-dir", str(shared_data),
+                        "--out", str(control), "--limit", "6", "--latents", "4", "--max-answer-tokens", "3", "--batch-size", "4",
+                        "--control", "zeros"])
     assert "RoT on svamp [test] with the zeros control: accuracy" in result.stdout
     picture = tmp_path / "compression.png"
-    table = subprocess.run(["rot-eval", "table", *map(str, runs), str(control), "--plot", str(picture)],
-                           capture_output=True, text=True, check=True).stdout
+    table = _rot_eval(["table", *map(str, runs), str(control), "--plot", str(picture)]).stdout
     lines = table.strip().splitlines()
     assert lines[0] == "| run | model | dataset | split | control | n | accuracy % | 95% interval | mean #L | s/question |"
     rows = [line.split(" | ") for line in lines[2:5]]
