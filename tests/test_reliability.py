@@ -124,6 +124,10 @@ def test_undrawable_rows_are_bad_rows_and_long_lines_are_cut_and_counted(tmp_pat
     table = pq.read_table(tmp_path / "shards" / "shard-00000.parquet")
     assert table["n_tokens"].to_pylist()[1] == 8 and table["cot"].to_pylist()[1] == long_cot  # the stored CoT stays whole
     assert shards.shard_summary(tmp_path / "shards" / "shard-00000.parquet")["truncated"] == 1
+    # --limit N builds the first N drawable rows; rows after them are neither checked nor counted: a --limit 1 build of
+    # this source does not fail on row 2 (it once checked every row of the source first)
+    first = build(BuildConfig(**dict(settings, out=tmp_path / "first"), limit=1), progress=False)
+    assert first["rows"] == 1 and first["skipped_rows"] == 0
 
 
 def _cli(*args):
