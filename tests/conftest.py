@@ -26,6 +26,17 @@ def tiny_vision_configs() -> dict:
     }
 
 
+def invoke(app, args: list[str], exit_code: int = 0):
+    """A command (its typer app: the entry point's own) run in this process by typer's test runner, for what needs no
+    process of its own: it must end with ``exit_code`` and without a traceback. The result (.stdout, .stderr)."""
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == exit_code and (result.exception is None or isinstance(result.exception, SystemExit)), \
+        (result.exception, result.output[-2000:])
+    return result
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The data folder that ships in the package (the same layout as ../shared/data): nothing is skipped on a clone."""

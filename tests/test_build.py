@@ -14,6 +14,7 @@ import torch
 from rot_data import shards
 from rot_vision.tower import VisionEncoder
 from rot_render.pipeline import BuildConfig, BuildError, build
+from tests.conftest import invoke
 from rot_data.records import load_records
 from rot_vision.render import RenderSettings, render_line
 
@@ -29,17 +30,11 @@ def _cli(*args):
     return subprocess.run(["rot-render", *args], capture_output=True, text=True, check=True)
 
 
-def _invoke(*args):
-    """`rot-render ARGS` in this process (typer's test runner), for what ends before Ray starts: returncode, stdout, stderr."""
-    from types import SimpleNamespace
-
-    from typer.testing import CliRunner
-
+def _invoke(*args, exit_code=0):
+    """`rot-render ARGS` in this process, for what ends before Ray starts (or starts none)."""
     from rot_render.cli import app
 
-    result = CliRunner().invoke(app, list(args))
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
+    return invoke(app, list(args), exit_code)
 
 
 def test_build_writes_verified_shards_and_resumes_without_rewriting(tmp_path):
@@ -82,8 +77,8 @@ def test_build_writes_verified_shards_and_resumes_without_rewriting(tmp_path):
     assert replaced["embedding"]["dtype"] == "fp32" and _ids(out) == [r.id for r in records[:40]]
 
     (out / "shard-00001.parquet").write_bytes(b"corrupt")
-    result = _invoke("inspect", str(out))
-    assert result.returncode == 1
+    result = _invoke("inspect", str(out), exit_code=1)
+    assert result.exit_code == 1
     assert result.stderr.strip() == (f"error: {out / 'shard-00001.parquet'} does not match its checksum in {out / 'manifest.json'} (corrupt or changed); "
                                      "re-run the same rot-render build command to remake it")
 
@@ -92,8 +87,8 @@ def test_skipped_rows_are_counted_in_the_manifest(tmp_path):
     source = tmp_path / "rows.jsonl"
     source.write_text('{"question": "q1", "cot": "1 + 1 = 2", "answer": "2"}\n{"question": "q2", "cot": "", "answer": "3"}\n')
     out = tmp_path / "shards"
-    failed = _invoke("build", "--encoder", "tiny", "--dataset", str(source), "--out", str(out))
-    assert failed.returncode == 1
+    failed = _invoke("build", "--encoder", "tiny", "--dataset", str(source), "--out", str(out), exit_code=1)
+    assert failed.exit_code == 1
     assert failed.stderr.strip().splitlines()[-1] == f"error: {source}:2: empty CoT (this source has nothing to render); fix the row or pass --on-error skip"
     built = _cli("build", "--encoder", "tiny", "--dataset", str(source), "--out", str(out), "--on-error", "skip")
     # Ray's lines that mean nothing to this job's user stay out of its output (issue 14.8)
@@ -174,7 +169,7 @@ def test_inspect_read_transcribes_stored_rows_against_their_cot(tmp_path, tiny_q
 
     out = tmp_path / "shards"
     build(BuildConfig(dataset=str(rows), out=out), progress=False)  # the default encoder: the anchor's tower
-    result = CliRunner().invoke(app, ["inspect", str(out), "--read", "6"])
+    result = invoke(app, ["inspect", str(out), "--read", "6"])
     found = re.search(r"read back 6 rows with anchor: ([\d.]+)% of (\d+) characters", result.output)
     assert result.exit_code == 0 and found and float(found.group(1)) >= 97.0, result.output
     assert "drawn: " in result.output and "read:  " in result.output
@@ -200,8 +195,8 @@ def test_a_build_keeps_the_users_files_refuses_a_held_folder_and_ignores_stale_s
     notes = out / ".shard-plan.tmp-notes"
     notes.write_text("mine")
     pq.write_table(pa.table({"x": [1, 2]}), out / "shard-00000.parquet")
-    foreign = _invoke("build", "--dataset", str(rows), "--out", str(out), "--encoder", "tiny")
-    assert foreign.returncode == 1 and "shard-00000.parquet is a Parquet file that rot-render did not write" in foreign.stderr
+    foreign = _invoke("build", "--dataset", str(rows), "--out", str(out), "--encoder", "tiny", exit_code=1)
+    assert foreign.exit_code == 1 and "shard-00000.parquet is a Parquet file that rot-render did not write" in foreign.stderr
     assert len(foreign.stderr.strip().splitlines()) <= 2  # the tiny-tower note and the error
     (out / "shard-00000.parquet").unlink()
     (out / STARTS).write_text("x\n" * 10)  # more starts than any build allows

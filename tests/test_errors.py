@@ -9,6 +9,7 @@ import pytest
 
 from rot_data import locks
 from rot_data.hub import ModelNotFound
+from tests.conftest import invoke
 
 
 @pytest.mark.parametrize("load", ["encoder", "backbone"])
@@ -91,14 +92,10 @@ def test_a_taken_launcher_port_is_named_with_the_flag_that_frees_it():
 
 
 def _anchor_error(args: list[str]) -> str:
-    """What `rot-anchor ARGS` prints to stderr, run in this process (typer's test runner); it must exit 1, no traceback."""
-    from typer.testing import CliRunner
-
+    """What `rot-anchor ARGS` prints to stderr, run in this process; it must exit 1, no traceback."""
     from rot_anchor.cli import app
 
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.exception, result.output[-2000:])
-    return result.stderr.strip()
+    return invoke(app, args, exit_code=1).stderr.strip()
 
 
 def test_rot_anchor_evaluate_answers_bad_input_in_one_line(tmp_path):

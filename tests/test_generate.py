@@ -13,6 +13,7 @@ from rot_eval.generate import generate_rot, generate_text
 from rot_model.model import RoTModel
 from rot_model.shard_stream import ShardSet
 from rot_train.train import TrainConfig
+from tests.conftest import invoke
 
 QUESTIONS = ["What is 3 + 4?", "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many?",
              "Tom has 5 apples.", "How many legs do 3 cats have?"]
@@ -255,14 +256,10 @@ def test_the_static_cache_engine_decodes_text_exactly_as_hugging_face_generate(e
 
 
 def _rot_eval(args: list[str]):
-    """`rot-eval ARGS` in this process (typer's test runner), which must succeed: its result (``.stdout``)."""
-    from typer.testing import CliRunner
-
+    """`rot-eval ARGS` in this process, which must succeed: its result (``.stdout``)."""
     from rot_eval.cli import app
 
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, (result.exception, result.output[-2000:])
-    return result
+    return invoke(app, args)
 
 
 def test_eval_run_writes_predictions_summary_and_the_table(exported, shared_data, tmp_path):

@@ -28,13 +28,17 @@ def _stage1(shards, backbone, out, ranks, *extra):
     return _launch("stage1", *args, ranks=ranks)
 
 
+def _one_rank_reference(shards, backbone, out: Path, max_latents: int) -> Path:
+    """ARGS' Stage I on 1 rank at ONE's global batch, ZeRO-2, in this process (a launch costs ~20 s more)."""
+    run(TrainConfig(stage=1, shards=str(shards), backbone=str(backbone), out=str(out), epochs=1, lr=1e-3, warmup_steps=1,
+                    head_width=32, max_latents=max_latents, save_every=3, global_batch=8, micro_batch=4))
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_rank(tiny_shards, tiny_qwen3_vl, tmp_path_factory) -> Path:
-    """The 1-rank ZeRO-2 Stage I run the 2-rank runs are compared with, in this process (a launch costs ~20 s more)."""
-    out = tmp_path_factory.mktemp("one-rank") / "one"
-    run(TrainConfig(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(out), epochs=1, lr=1e-3,
-                    warmup_steps=1, head_width=32, max_latents=40, save_every=3, global_batch=8, micro_batch=4))
-    return out
+    """The 1-rank ZeRO-2 Stage I run the 2-rank runs are compared with."""
+    return _one_rank_reference(tiny_shards, tiny_qwen3_vl, tmp_path_factory.mktemp("one-rank") / "one", max_latents=40)
 
 
 def _resume_copy(source: Path, target: Path, tag: str = "step3") -> None:
@@ -82,9 +86,7 @@ def test_zero3_partitions_matches_zero2_exports_whole_weights_and_resumes_on_one
     zero3 = tmp_path / "zero3.json"
     zero3.write_text(json.dumps(config))
     short = ["--max-latents", "12"]  # after ARGS' 40: the last one given wins
-    one_rank = tmp_path / "zero2-one"  # the ZeRO-2 reference, as the fixture's but at 12 slots
-    run(TrainConfig(stage=1, shards=str(tiny_shards), backbone=str(tiny_qwen3_vl), out=str(one_rank), epochs=1, lr=1e-3,
-                    warmup_steps=1, head_width=32, max_latents=12, save_every=3, global_batch=8, micro_batch=4))
+    one_rank = _one_rank_reference(tiny_shards, tiny_qwen3_vl, tmp_path / "zero2-one", max_latents=12)
     two = tmp_path / "two-zero3"
     _stage1(tiny_shards, tiny_qwen3_vl, two, 2, *short, "--ds-config", str(zero3))
     assert len(list((two / "checkpoints" / "step3").glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))) == 2

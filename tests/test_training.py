@@ -12,6 +12,7 @@ import torch
 
 from rot_model.export import load_export
 from rot_train.train import TrainConfig, run
+from tests.conftest import invoke
 
 pytestmark = pytest.mark.slow  # Ray / DeepSpeed launcher runs: pytest -m 'not slow' skips them
 
@@ -233,14 +234,10 @@ def test_decay_by_deadline_anneals_the_learning_rate_to_zero_at_the_clock(tiny_s
 
 
 def _cli_error(args):
-    """`rot_train stage1 ARGS`'s last line, run in this process (typer's test runner): it must end in a one-line error."""
-    from typer.testing import CliRunner
-
+    """`rot_train stage1 ARGS`'s last line, run in this process: it must end in a one-line error."""
     from rot_train.launch import app
 
-    result = CliRunner().invoke(app, ["stage1", *args])
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.exception, result.output[-2000:])
-    return result.stderr.strip().splitlines()[-1]
+    return invoke(app, ["stage1", *args], exit_code=1).stderr.strip().splitlines()[-1]
 
 
 def test_bad_shards_end_with_a_one_line_error(tiny_shards, tiny_qwen3_vl, tmp_path):

@@ -8,6 +8,7 @@ export. The vision encoder is never loaded: targets come from the shards.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -106,14 +107,14 @@ def warmup_steps(cfg: TrainConfig, stop_step: int) -> int:
 
 def cpu_without_bf16(device: torch.device) -> bool:
     """A CPU without bf16 units (x86's AVX512-BF16 or AMX; other CPUs are not asked): torch emulates bf16 matrix
-    products there, more slowly than fp32 (2.1x on 2 AVX-512 cores, docs/results.md "RoT on a CPU in 15 minutes")."""
+    products there, about half as fast as fp32 (2 AVX-512 cores, docs/results.md "RoT on a CPU in 15 minutes")."""
     return device.type == "cpu" and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def training_bf16(cfg: TrainConfig, device: torch.device, rank: int) -> bool:
-    """bf16 as the DeepSpeed config says, except that the shipped configs train in fp32 on a CPU without bf16 units
-    (a --ds-config of the user's own is kept as written)."""
-    bf16 = bool(json.loads(Path(cfg.deepspeed_file).read_text()).get("bf16", {}).get("enabled"))
+def training_bf16(cfg: TrainConfig, ds_file: dict, device: torch.device, rank: int) -> bool:
+    """bf16 as the DeepSpeed config file says, except that the shipped configs train in fp32 on a CPU without bf16
+    units (a --ds-config of the user's own is kept as written)."""
+    bf16 = bool(ds_file.get("bf16", {}).get("enabled"))
     if bf16 and cfg.ds_config is None and cpu_without_bf16(device):
         if rank == 0:
             print("note: this CPU has no bf16 units (AVX512-BF16 or AMX): training in fp32, about twice as fast here "
@@ -122,8 +123,9 @@ def training_bf16(cfg: TrainConfig, device: torch.device, rank: int) -> bool:
     return bf16
 
 
-def deepspeed_config(cfg: TrainConfig, plan: BatchPlan, total_steps: int, warmup: int, bf16: bool) -> dict:
-    config = json.loads(Path(cfg.deepspeed_file).read_text())
+def deepspeed_config(cfg: TrainConfig, ds_file: dict, plan: BatchPlan, total_steps: int, warmup: int, bf16: bool) -> dict:
+    """The config file's settings (``ds_file``, not changed) completed with this run's batches, schedule and precision."""
+    config = copy.deepcopy(ds_file)
     config["bf16"] = dict(config.get("bf16", {}), enabled=bf16)
     config.update(train_micro_batch_size_per_gpu=plan.micro_batch, gradient_accumulation_steps=plan.grad_accum,
                   train_batch_size=plan.global_batch)
@@ -336,7 +338,8 @@ class Checkpoints:
         """``totals``: the samples and seconds of the whole run so far (a resumed run's summary counts them all)."""
         state = {"step": step, "epoch": epoch, "next_batch": next_batch, "totals": totals,
                  "shards_fingerprint": self.shard_set.fingerprint,
-                 "shards_dim": self.shard_set.dim, "bf16": self.engine.bfloat16_enabled(), "token_rows": token_rows(self.model.lm, self.token_ids),
+                 "shards_dim": self.shard_set.dim, "bf16": self.engine.bfloat16_enabled(),
+                 "token_rows": token_rows(self.model.lm, self.token_ids),
                  "torch_rng": torch.get_rng_state(),
                  "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}  # lets ds_to_universal convert it
         # DeepSpeed would write `latest` on rank 0 before the other ranks finish their files, and in place: a kill
@@ -489,7 +492,7 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     seed_everything(cfg.seed)
     shard_set = ShardSet.open(cfg.shards)
     ds_file = json.loads(Path(cfg.deepspeed_file).read_text())
-    bf16 = training_bf16(cfg, device, rank)
+    bf16 = training_bf16(cfg, ds_file, device, rank)
     dtype = torch.bfloat16 if bf16 else torch.float32
     model, tokenizer, token_ids = build_model(cfg, device, dtype, shard_set)
     collate = make_collate(cfg, shard_set, tokenizer, token_ids)
@@ -512,7 +515,7 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     if warmup < cfg.warmup_steps and rank == 0:
         print(f"note: --warmup-steps {cfg.warmup_steps} is more than half of the {stop_step} steps this run makes: "
               f"warming up over {warmup} (the peak learning rate {cfg.lr:g} is reached at step {warmup})")
-    ds_config = deepspeed_config(cfg, plan, total_steps, warmup, bf16)
+    ds_config = deepspeed_config(cfg, ds_file, plan, total_steps, warmup, bf16)
     latest = out / "checkpoints" / "latest"
     resume_tag = _resume_tag(latest.parent, world_size, rank, ds_config, shard_set) if cfg.resume else None
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -529,7 +532,8 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     global_batch = plan.global_batch
     untrained_rows = max(0, shard_set.rows - stream.batches_per_epoch // plan.grad_accum * global_batch)
     counter = flops.Counter(model, cfg)
-    run_info = {"command": cfg.command.name, "config": cfg.options(), "deepspeed_config": cfg.deepspeed_file, "world_size": world_size, "precision": "bf16" if bf16 else "fp32", "global_batch": global_batch,
+    run_info = {"command": cfg.command.name, "config": cfg.options(), "deepspeed_config": cfg.deepspeed_file,
+                "world_size": world_size, "precision": "bf16" if bf16 else "fp32", "global_batch": global_batch,
                 "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "micro_batch_chosen_by": plan.chosen_by,
                 "rollout": rollout, "activation_checkpointing": plan.checkpointing,
                 "packing": packing,
