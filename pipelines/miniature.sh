@@ -35,7 +35,8 @@
 # the reader loss then defaults off, RW=0: it reads one latent per visual token); for the reader runs EXTRA (more trainer options, e.g. --train-head)
 # and TAG (a suffix to the run's name, so variants sit side by side); ROLL (more options for the rollout run, e.g.
 # --max-steps 300 --lr 1e-3: later options win); SHARDS (the shard folder in $W that Stage I and II train on) and S1 (the
-# Stage I run, in $W, that Stage II starts from), for the controls; SFT_MODES (the baselines the sft part trains, in turn:
+# Stage I run, in $W, that Stage II starts from), for the controls; SFT_EXTRA (more options for the baselines, e.g.
+# --max-seconds 300 --decay-by-deadline); SFT_MODES (the baselines the sft part trains, in turn:
 # default both; one each in two processes side by side after PARTS=data: SFT_MODES=sft-cot EVAL_RUNS=sft-cot PARTS=sft,eval).
 set -euo pipefail
 [ -f pipelines/device_env.sh ] && [ -z "${SMOKE:-}" ] && source pipelines/device_env.sh
@@ -109,7 +110,7 @@ if part rollout; then  # train the teacher-forced model on its own rollouts (the
 fi
 if part sft; then  # the baselines, same rows and steps, full fine-tuning
   for mode in ${SFT_MODES:-sft-cot sft-nocot}; do
-    run $DS sft --mode "$mode" --shards "$W/$SHARDS" $COMMON --epochs "$EPOCHS" --lr 3e-4 --full-finetune --out "$W/$mode-s$SEED"
+    run $DS sft --mode "$mode" --shards "$W/$SHARDS" $COMMON --epochs "$EPOCHS" --lr 3e-4 --full-finetune ${SFT_EXTRA:-} --out "$W/$mode-s$SEED"
   done
 fi
 if part nostage1; then  # control: no Stage I (a Stage I run with learning rate 0 exports a random head)

@@ -7,7 +7,8 @@
 #           Stage II on its own rollouts until DEADLINE seconds after this script started, both Stage II runs with the
 #           learned stop (--stop-weight SW); with CONTINUE=<an earlier call's export>, more of the rollout phase only
 #           (run rollout-mixed-c<CALL>). Each ends with a compact copy of its export (<run>/compact, 4 bits, ~7.5 MB).
-#   (sweep and test build the valid/test shards of every size first, where they are missing: the oracle's budgets)
+#   truth   the valid/test shards of every size (each question's visual-token count: the oracle's budget); sweep and
+#           test build them first where they are missing. On its own it can run beside the training
 #   sweep   per size, on valid (VLIMIT rows): (b) fixed budgets BUDGETS, (c) the paper's dynamic threshold THRESHOLDS
 #   test    per size, on valid and test: (a) the oracle (each question's own visual-token count), (b) the fixed budget
 #           and (c) the threshold best on valid (mean over sizes), (d) the learned stop; then the table and its picture
@@ -87,13 +88,15 @@ evaluate() {  # evaluate <name> <size> <split> <options...>
   run python3 -m rot_eval.cli run --checkpoint "$EXPORT" --dataset "$(set_of "$n")" --split "$split" $EVAL_ARGS \
       --out "$OUT/$name-$n-$split" "$@" > /dev/null
 }
-if part sweep || part test; then
+if part truth || part sweep || part test; then
   for n in $SIZES; do  # each held-out question's own visual-token count: the oracle's budget, and the stops' cap
     for split in valid test; do
       [ -f "$W/truth-$n-$split/manifest.json" ] || run python3 -m rot_render.cli build --dataset "$(file_of "$n" "$split")" \
           --encoder "$ANCHOR" --out "$W/truth-$n-$split" ${SMOKE:+--limit 4}
     done
   done
+fi
+if part sweep || part test; then
   EXPORT=${EXPORT:-$(ls -td "$W"/rollout-mixed*-s"$SEED"/export | head -1)}
   OUT=$W/eval-$(basename "$(dirname "$EXPORT")"); mkdir -p "$OUT"  # each export's evaluations apart: never mixed
   echo "evaluating $EXPORT into $OUT" | tee -a "$W/commands.txt"
