@@ -11,7 +11,8 @@
 #           test build them first where they are missing. On its own it can run beside the training
 #   sweep   per size, on valid (VLIMIT rows): (b) fixed budgets BUDGETS, (c) the paper's dynamic threshold THRESHOLDS
 #   test    per size, on valid and test: (a) the oracle (each question's own visual-token count), (b) the fixed budget
-#           and (c) the threshold best on valid (mean over sizes), (d) the learned stop; then the table and its picture
+#           and (c) the threshold best on valid (mean over sizes), (d) the learned stop; then the table, its picture, and
+#           stops-test.md: each stop against the oracle (accuracy and mean latents; the goal: within 1 point and 5%)
 # On a GPU machine (carry .whl), in calls of 10 minutes: PARTS=data,train; then PARTS=data,train CALL=2 CONTINUE=<its
 # export or compact export> (data again only on a fresh machine: a kept shard set is checked and reused) while the
 # answers still improve; then PARTS=sweep,test (EXPORT: the newest rollout-mixed*-s$SEED/export in W unless given).
@@ -137,4 +138,21 @@ PY
   }
   each_size test_size
   run python3 -m rot_eval.cli table "$OUT"/*-test --plot "$OUT/mixed-test.png"
+  python3 - "$OUT" "$budget" "$threshold" $SIZES <<'PY' | tee "$OUT/stops-test.md"  # each stop against the oracle
+import json, sys
+out, budget, threshold, sizes = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+stops = {"(a) oracle": "oracle", f"(b) fixed {budget}": f"fixed{budget}", f"(c) dynamic {threshold}": f"dyn{threshold}",
+         "(d) learned stop": "learned"}
+print("| size | stop | test accuracy | mean latents | s/question | vs oracle: accuracy, latents | goal (within 1 point, 5%) |")
+print("|---|---|---|---|---|---|---|")
+for n in sizes:
+    runs = {name: json.load(open(f"{out}/{folder}-{n}-test/summary.json")) for name, folder in stops.items()}
+    oracle = runs["(a) oracle"]
+    for name, run in runs.items():
+        gap = 100 * (run["accuracy"] - oracle["accuracy"])
+        ratio = run["mean_reasoning_tokens"] / oracle["mean_reasoning_tokens"] - 1
+        met = "" if name == "(a) oracle" else ("yes" if gap >= -1 and abs(ratio) <= 0.05 else "no")
+        print(f"| {n}x{n} | {name} | {100 * run['accuracy']:.1f}% | {run['mean_reasoning_tokens']:.1f} | "
+              f"{run['seconds_per_sample']:.4f} | {gap:+.1f} points, {100 * ratio:+.0f}% | {met} |")
+PY
 fi
