@@ -444,3 +444,46 @@ def test_an_export_with_merged_latents_evaluates_merged_truth_and_refuses_read_b
     with pytest.raises(ValueError, match=r"^.*merged was trained with --merge-latents 2: .* read back an export trained "
                                          r"with one latent per visual token$"):
         read_back(str(merged), "gsm8k", tiny_shards, tmp_path / "rb", split="train", reader=str(micro_anchor), limit=1)
+
+
+def test_the_stop_signals_say_where_each_stop_ends_a_row(exported, tmp_path):
+    """`rot-eval stops` reads, per latent step, the two signals the stops read: for any threshold, the dynamic stop
+    ends each row at the first step whose distance is under it, and the learned stop at the first step whose
+    p(<img_end>) passes one half; the separating window's thresholds end every row at the trained length."""
+    from rot_eval import stops
+    from rot_eval.cli import app
+
+    model, tokenizer, _ = load_export(exported)
+    distances, _ = stops.stop_signals(model, tokenizer, QUESTIONS, steps=6)
+    for threshold in torch.quantile(distances.flatten(), torch.tensor([0.1, 0.3, 0.6])).tolist():
+        under = distances < threshold
+        expected = torch.where(under.any(1), under.float().argmax(1), torch.full((4,), 6)).tolist()
+        ended = generate_rot(model, tokenizer, QUESTIONS, latents=6, max_answer_tokens=2, dynamic_threshold=threshold)
+        assert [len(g.latents) for g in ended] == expected
+    # the learned stop, with <img_end>'s logit shifted so that some steps pass one half and others do not
+    _, probabilities = stops.stop_signals(model, tokenizer, QUESTIONS, steps=6)
+    log_odds = (probabilities / (1 - probabilities)).log().flatten()
+    bias = torch.zeros(model.output_layer.out_features)
+    hook = model.output_layer.register_forward_hook(lambda module, inputs, output: output + bias)
+    seen = set()
+    try:
+        for shift in torch.quantile(log_odds, torch.tensor([0.5, 0.8, 0.97])).tolist():
+            bias[model.img_end_id] = -shift
+            _, probabilities = stops.stop_signals(model, tokenizer, QUESTIONS, steps=6)
+            passed = probabilities > 0.5
+            expected = torch.where(passed.any(1), passed.float().argmax(1), torch.full((4,), 6)).tolist()
+            ended = generate_rot(model, tokenizer, QUESTIONS, latents=6, max_answer_tokens=2, learned_stop=True)
+            assert [len(g.latents) for g in ended] == expected
+            seen.update(expected)
+    finally:
+        hook.remove()
+    assert len(seen) > 1, seen  # the stops ended rows at different steps: the comparison means something
+    low, high = stops.separating_window(distances, 3)
+    assert low == float(distances[:, 3].max()) and high == float(distances[:, :3].min())
+
+    result = invoke(app, ["stops", "--checkpoint", str(exported), "--dataset", "gsm8k", "--split", "train",
+                          "--limit", "3", "--steps", "5", "--out", str(tmp_path / "stops")])
+    summary = json.loads((tmp_path / "stops" / "stops.json").read_text())
+    assert summary["questions"] == 3 and summary["steps"] == 5 and len(summary["p_img_end"]["median"]) == 5
+    assert (tmp_path / "stops" / "stops.png").stat().st_size > 10_000
+    assert f"trained length {summary['trained_length']} latents" in result.stdout

@@ -122,6 +122,44 @@ def viz(
 
 
 @app.command()
+def stops(
+    checkpoint: str = typer.Option(..., help="an export folder (<run --out>/export) or a shipped model: 'rot-4x4' or 'rot-5x5' (4x4 or 5x5 multiplication)"),
+    dataset: str = typer.Option(..., help=f"{builtin_datasets_help()}, or a .jsonl/.json/.parquet/.txt file"),
+    out: Path = typer.Option(..., help="folder for stops.json and stops.png"),
+    split: str = typer.Option("valid", help="choose thresholds on valid, not test"),
+    data_dir: Optional[Path] = typer.Option(None, help="another copy of the package's data folders (e.g. ../shared/data)"),
+    limit: int = typer.Option(200, help="the first N questions"),
+    steps: Optional[int] = typer.Option(None, help="latent steps to read (default: the export's budget + 8, past its trained length)"),
+) -> None:
+    """Where a stop would end each thought: at every latent step, the distance to <img_end> (what --dynamic-threshold
+    reads) and p(<img_end>) (what --learned-stop reads), with no stop in between; the thresholds that end every
+    question at the trained length, and a picture."""
+    from rot_data.records import RecordError, load_records
+    from rot_eval import stops as stop_module
+    from rot_eval.generate import load_for_inference
+    from rot_model.export import latent_budget
+
+    try:
+        model, tokenizer, config = load_for_inference(checkpoint)
+        length = latent_budget(config)
+        records, _ = load_records(dataset, split, data_dir=data_dir, require_cot=False)
+    except (RecordError, FileNotFoundError, ValueError) as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(1)
+    questions = [record.question for record in records[:limit]]
+    distances, end_probabilities = stop_module.stop_signals(model, tokenizer, questions, steps or length + 8)
+    summary = stop_module.summarize(distances, end_probabilities, length)
+    paths = stop_module.write(summary, out, f"{checkpoint} on {dataset} [{split}], {len(questions)} questions")
+    window = summary["dynamic_window"]
+    verdict = (f"any --dynamic-threshold in ({window['low']:.4g}, {window['high']:.4g}] ends every question there"
+               if window["separates"] else f"no --dynamic-threshold does (largest distance at it {window['low']:.4g}, "
+               f"smallest before it {window['high']:.4g})")
+    typer.echo(f"trained length {length} latents: {verdict}; the learned stop ends "
+               f"{100 * summary['learned_stop_at_trained_length']:.1f}% of questions there\nwrote "
+               + ", ".join(str(p) for p in paths))
+
+
+@app.command()
 def readback(
     checkpoint: str = typer.Option(..., help="an export folder (<run --out>/export) or a shipped model: 'rot-4x4' or 'rot-5x5' (4x4 or 5x5 multiplication)"),
     dataset: str = typer.Option(..., help="a set with CoTs (e.g. icot_mult_4x4)"),
