@@ -482,8 +482,13 @@ def test_the_stop_signals_say_where_each_stop_ends_a_row(exported, tmp_path):
     assert low == float(distances[:, 3].max()) and high == float(distances[:, :3].min())
 
     result = invoke(app, ["stops", "--checkpoint", str(exported), "--dataset", "gsm8k", "--split", "train",
-                          "--limit", "3", "--steps", "5", "--out", str(tmp_path / "stops")])
+                          "--limit", "3", "--out", str(tmp_path / "stops")])
     summary = json.loads((tmp_path / "stops" / "stops.json").read_text())
-    assert summary["questions"] == 3 and summary["steps"] == 5 and len(summary["p_img_end"]["median"]) == 5
+    budget = summary["trained_length"]
+    assert summary["questions"] == 3 and summary["steps"] == budget + 8 == len(summary["p_img_end"]["median"])
     assert (tmp_path / "stops" / "stops.png").stat().st_size > 10_000
-    assert f"trained length {summary['trained_length']} latents" in result.stdout
+    assert f"the export's budget, {budget} latents: " in result.stdout
+    refused = invoke(app, ["stops", "--checkpoint", str(exported), "--dataset", "gsm8k", "--split", "train",
+                           "--steps", str(budget), "--out", str(tmp_path / "refused")], exit_code=1)
+    assert f"--steps {budget}: the stops are read past the export's budget ({budget} latents): pass at least {budget + 1}" in refused.output
+    assert not (tmp_path / "refused").exists()

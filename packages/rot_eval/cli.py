@@ -128,12 +128,12 @@ def stops(
     out: Path = typer.Option(..., help="folder for stops.json and stops.png"),
     split: str = typer.Option("valid", help="choose thresholds on valid, not test"),
     data_dir: Optional[Path] = typer.Option(None, help="another copy of the package's data folders (e.g. ../shared/data)"),
-    limit: int = typer.Option(200, help="the first N questions"),
-    steps: Optional[int] = typer.Option(None, help="latent steps to read (default: the export's budget + 8, past its trained length)"),
+    limit: int = typer.Option(200, min=1, help="the first N questions"),
+    steps: Optional[int] = typer.Option(None, help="latent steps to read, past the export's budget (default: the budget + 8)"),
 ) -> None:
     """Where a stop would end each thought: at every latent step, the distance to <img_end> (what --dynamic-threshold
     reads) and p(<img_end>) (what --learned-stop reads), with no stop in between; the thresholds that end every
-    question at the trained length, and a picture."""
+    question after the export's budget (a fixed-length model's trained length), and a picture."""
     from rot_data.records import RecordError, load_records
     from rot_eval import stops as stop_module
     from rot_eval.generate import load_for_inference
@@ -143,6 +143,8 @@ def stops(
         model, tokenizer, config = load_for_inference(checkpoint)
         length = latent_budget(config)
         records, _ = load_records(dataset, split, data_dir=data_dir, require_cot=False)
+        if steps is not None and steps <= length:
+            raise ValueError(f"--steps {steps}: the stops are read past the export's budget ({length} latents): pass at least {length + 1}")
     except (RecordError, FileNotFoundError, ValueError) as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(1)
@@ -154,7 +156,7 @@ def stops(
     verdict = (f"any --dynamic-threshold in ({window['low']:.4g}, {window['high']:.4g}] ends every question there"
                if window["separates"] else f"no --dynamic-threshold does (largest distance at it {window['low']:.4g}, "
                f"smallest before it {window['high']:.4g})")
-    typer.echo(f"trained length {length} latents: {verdict}; the learned stop ends "
+    typer.echo(f"the export's budget, {length} latents: {verdict}; the learned stop ends "
                f"{100 * summary['learned_stop_at_trained_length']:.1f}% of questions there\nwrote "
                + ", ".join(str(p) for p in paths))
 
