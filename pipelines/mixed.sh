@@ -25,7 +25,7 @@ START=$(date +%s); DEADLINE=${DEADLINE:-520}
 [ -f pipelines/device_env.sh ] && [ -z "${SMOKE:-}" ] && source pipelines/device_env.sh
 export PYTHONPATH=$PWD/packages${PYTHONPATH:+:$PYTHONPATH}
 SIZES=${SIZES:-"3 4 5 6"}; ROWS=${ROWS:-25600}; SEED=${SEED:-0}; ANCHOR=${ANCHOR:-anchor}; SW=${SW:-1}
-BUDGETS=${BUDGETS:-"16 24 32 44 56 72"}; THRESHOLDS=${THRESHOLDS:-"0.005 0.01 0.02 0.05"}; VLIMIT=${VLIMIT:-200}
+BUDGETS=${BUDGETS:-"16 24 32 44 56 72"}; THRESHOLDS=${THRESHOLDS:-"0.05 0.1 0.15 0.2 0.25 0.3"}; VLIMIT=${VLIMIT:-200}
 export W=$(realpath -m "${W:-/tmp/mixed}"); mkdir -p "$W"
 PARTS=${PARTS:-data,train,sweep,test}; EVAL_ARGS="--batch-size 256"; TEST_LIMIT=""
 if [ -n "${SMOKE:-}" ]; then ROWS=8; BUDGETS="4 8"; THRESHOLDS="0.01"; VLIMIT=4; TEST_LIMIT="--limit 4"; EVAL_ARGS="--batch-size 4"; fi
