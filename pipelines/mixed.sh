@@ -6,16 +6,20 @@
 #   train   pipelines/miniature.sh's recipe on them: Stage I, teacher-forced Stage II (reader loss, head trained), then
 #           Stage II on its own rollouts until DEADLINE seconds after this script started, both Stage II runs with the
 #           learned stop (--stop-weight SW); with CONTINUE=<an earlier call's export>, more of the rollout phase only
-#           (run rollout-mixed-c<CALL>). Each ends with a compact copy of its export (<run>/compact, 4 bits, ~7.5 MB).
+#           (run rollout-mixed-c<CALL>). Each ends with a compact copy of its export (<run>/compact, 8-bit differences,
+#           ~12 MB: one file back from the device; the parts below evaluate it on any machine).
 #   truth   the valid/test shards of every size (each question's visual-token count: the oracle's budget); sweep and
 #           test build them first where they are missing. On its own it can run beside the training
-#   sweep   per size, on valid (VLIMIT rows): (b) fixed budgets BUDGETS, (c) the paper's dynamic threshold THRESHOLDS
+#   sweep   per size, on valid (VLIMIT rows): (b) fixed budgets BUDGETS (default: every size's own visual-token count,
+#           the only lengths a model trained on whole CoTs answers at), (c) the paper's dynamic threshold THRESHOLDS
 #   test    per size, on valid and test: (a) the oracle (each question's own visual-token count), (b) the fixed budget
 #           and (c) the threshold best on valid (mean over sizes), (d) the learned stop; then the table, its picture, and
 #           stops-test.md: each stop against the oracle (accuracy and mean latents; the goal: within 1 point and 5%)
-# On a GPU machine (carry .whl), in calls of 10 minutes: PARTS=data,train; then PARTS=data,train CALL=2 CONTINUE=<its
-# export or compact export> (data again only on a fresh machine: a kept shard set is checked and reused) while the
-# answers still improve; then PARTS=sweep,test (EXPORT: the newest rollout-mixed*-s$SEED/export in W unless given).
+# On a GPU machine (carry .whl): PARTS=data,train, as one job across calls of 10 minutes (pipelines/in_background.sh),
+# or call by call with CONTINUE=<the last call's export or compact export> CALL=2, 3, ... (data again only on a fresh
+# machine: a kept shard set is checked and reused); then PARTS=sweep,test there (EXPORT: the newest
+# rollout-mixed*-s$SEED/export in W unless given), or on a CPU from the compact export brought back:
+# EXPORT=<it> PARTS=truth,sweep,test bash pipelines/mixed.sh (about 40 minutes on 2 cores).
 # On this CPU, at smoke scale: SMOKE=1 ANCHOR=<a micro anchor folder> bash pipelines/mixed.sh
 # Knobs: SIZES, ROWS (per size), SEED, ANCHOR, W, SW (stop weight), DEADLINE (default 520), CONTINUE, CALL, CEPOCHS
 # (the rollout phase's planned epochs: 4, or 6 when continuing), EXPORT, BUDGETS, THRESHOLDS, VLIMIT, and
@@ -25,10 +29,10 @@ START=$(date +%s); DEADLINE=${DEADLINE:-520}
 [ -f pipelines/device_env.sh ] && [ -z "${SMOKE:-}" ] && source pipelines/device_env.sh
 export PYTHONPATH=$PWD/packages${PYTHONPATH:+:$PYTHONPATH}
 SIZES=${SIZES:-"3 4 5 6"}; ROWS=${ROWS:-25600}; SEED=${SEED:-0}; ANCHOR=${ANCHOR:-anchor}; SW=${SW:-1}
-BUDGETS=${BUDGETS:-"16 24 32 44 56 72"}; THRESHOLDS=${THRESHOLDS:-"0.05 0.1 0.15 0.2 0.25 0.3"}; VLIMIT=${VLIMIT:-200}
+THRESHOLDS=${THRESHOLDS:-"0.05 0.1 0.15 0.2 0.25 0.3"}; VLIMIT=${VLIMIT:-200}
 export W=$(realpath -m "${W:-/tmp/mixed}"); mkdir -p "$W"
 PARTS=${PARTS:-data,train,sweep,test}; EVAL_ARGS="--batch-size 256"; TEST_LIMIT=""
-if [ -n "${SMOKE:-}" ]; then ROWS=8; BUDGETS="4 8"; THRESHOLDS="0.01"; VLIMIT=4; TEST_LIMIT="--limit 4"; EVAL_ARGS="--batch-size 4"; fi
+if [ -n "${SMOKE:-}" ]; then ROWS=8; THRESHOLDS="0.01"; VLIMIT=4; TEST_LIMIT="--limit 4"; EVAL_ARGS="--batch-size 4"; fi
 part() { [[ ",$PARTS," == *",$1,"* ]]; }
 run() { echo "== $*" | tee -a "$W/commands.txt"; "$@"; }
 set_of() { case $1 in 4|5) echo "icot_mult_${1}x${1}";; *) echo "mult_${1}x${1}";; esac; }  # the shipped held-out sets
@@ -70,18 +74,18 @@ if part train; then  # miniature.sh's recipe on the mixed shards; its held-out f
     echo "no time left for the rollout phase ($left s)"; exit 1
   fi
   # the compact copy travels to the next call (a full export is ~24 MB) before anything else spends the call's time
-  run python3 -m rot_train compact "$W/$trained-s$SEED/export" --out "$W/$trained-s$SEED/compact" --base "$ANCHOR" --bits 4
+  run python3 -m rot_train compact "$W/$trained-s$SEED/export" --out "$W/$trained-s$SEED/compact" --base "$ANCHOR"
 fi
-max_tokens() {  # the longest held-out CoT in visual tokens, plus 8: the cap of the stops (a stop that runs late shows)
+token_counts() {  # the held-out CoTs' distinct visual-token counts: every size's oracle budget, the fixed budgets swept
   python3 - "$W" <<'PY'
 import pathlib, sys
 from rot_model.shard_stream import ShardSet
-longest = 0
+counts = set()
 for folder in pathlib.Path(sys.argv[1]).glob("truth-*"):
     shard_set = ShardSet.open(folder)
     for index in range(len(shard_set.manifest["shards"])):
-        longest = max([longest, *(row["n_tokens"] for row in shard_set.read_rows(index, with_embeddings=False))])
-print(longest + 8)
+        counts.update(row["n_tokens"] for row in shard_set.read_rows(index, with_embeddings=False))
+print(*sorted(counts))
 PY
 }
 evaluate() {  # evaluate <name> <size> <split> <options...>
@@ -101,7 +105,8 @@ if part sweep || part test; then
   EXPORT=${EXPORT:-$(ls -td "$W"/rollout-mixed*-s"$SEED"/export | head -1)}
   OUT=$W/eval-$(basename "$(dirname "$EXPORT")"); mkdir -p "$OUT"  # each export's evaluations apart: never mixed
   echo "evaluating $EXPORT into $OUT" | tee -a "$W/commands.txt"
-  MAX=$(max_tokens)
+  COUNTS=$(token_counts); MAX=$(( ${COUNTS##* } + 8 ))  # the stops' cap: the longest CoT + 8 (a stop that runs late shows)
+  BUDGETS=${BUDGETS:-$COUNTS}
 fi
 each_size() {  # each_size <function>: the function for every size at once (each evaluation is its own short process)
   local pids=() pid
