@@ -14,8 +14,9 @@ case ${1:-} in
     name=$2 command=$3
     [ -d "$JOBS/repo" ] || cp -r "$PWD" "$JOBS/repo"
     rm -f "$JOBS/$name.exit"
-    (cd "$JOBS/repo" && setsid nohup bash -c "source pipelines/device_env.sh; ( $command ); echo \$? > $JOBS/$name.exit" \
-        > "$JOBS/$name.log" 2>&1 < /dev/null &)
+    # the command as a script of its own: any quoting in it reaches bash as written
+    printf 'source pipelines/device_env.sh\n( %s )\necho $? > %s\n' "$command" "$JOBS/$name.exit" > "$JOBS/$name.sh"
+    (cd "$JOBS/repo" && setsid nohup bash "$JOBS/$name.sh" > "$JOBS/$name.log" 2>&1 < /dev/null &)
     echo "started $name in $JOBS/repo: $command";;
   wait)
     seconds=$2; shift 2; end=$(( $(date +%s) + seconds ))
