@@ -14,7 +14,8 @@
 #           the only lengths a model trained on whole CoTs answers at), (c) the paper's dynamic threshold THRESHOLDS
 #   test    per size, on valid and test: (a) the oracle (each question's own visual-token count), (b) the fixed budget
 #           and (c) the threshold best on valid (mean over sizes), (d) the learned stop; then the table, its picture, and
-#           stops-test.md: each stop against the oracle (accuracy and mean latents; the goal: within 1 point and 5%)
+#           stops-test.md: each stop against the oracle (accuracy and mean latents; the goal: within 1 point and 5%),
+#           and per size the thresholds that end every valid question at its length (rot-eval stops; their overlap)
 # On a GPU machine (carry .whl): PARTS=data,train, as one job across calls of 10 minutes (pipelines/in_background.sh),
 # or call by call with CONTINUE=<the last call's export or compact export> CALL=2, 3, ... (data again only on a fresh
 # machine: a kept shard set is checked and reused); then PARTS=sweep,test there (EXPORT: the newest
@@ -139,7 +140,9 @@ PY
       evaluate "fixed$budget" "$1" "$split" --latents "$budget" $TEST_LIMIT
       evaluate "dyn$threshold" "$1" "$split" --latents "$MAX" --dynamic-threshold "$threshold" $TEST_LIMIT
       evaluate learned "$1" "$split" --latents "$MAX" --learned-stop $TEST_LIMIT
-    done
+    done  # where the two signals put each valid question's stop, against its own length (rot-eval stops)
+    run python3 -m rot_eval.cli stops --checkpoint "$EXPORT" --dataset "$(set_of "$1")" --truth-shards "$W/truth-$1-valid" \
+        --limit "$VLIMIT" --out "$OUT/stops-$1" > /dev/null
   }
   each_size test_size
   run python3 -m rot_eval.cli table "$OUT"/*-test --plot "$OUT/mixed-test.png"
@@ -159,5 +162,15 @@ for n in sizes:
         met = "" if name == "(a) oracle" else ("yes" if gap >= -1 and abs(ratio) <= 0.05 else "no")
         print(f"| {n}x{n} | {name} | {100 * run['accuracy']:.1f}% | {run['mean_reasoning_tokens']:.1f} | "
               f"{run['seconds_per_sample']:.4f} | {gap:+.1f} points, {100 * ratio:+.0f}% | {met} |")
+print("\n| size (valid) | length | the thresholds that end every question at its length | the learned stop there |")
+print("|---|---|---|---|")
+windows = {n: json.load(open(f"{out}/stops-{n}/stops.json")) for n in sizes}
+for n, signals in windows.items():
+    window = signals["dynamic_window"]
+    shown = f"({window['low']:.4g}, {window['high']:.4g}]" if window["separates"] else f"none ({window['low']:.4g} >= {window['high']:.4g})"
+    print(f"| {n}x{n} | {'/'.join(map(str, signals['lengths']))} | {shown} | {100 * signals['learned_stop_at_length']:.1f}% |")
+low = max(signals["dynamic_window"]["low"] for signals in windows.values())
+high = min(signals["dynamic_window"]["high"] for signals in windows.values())
+print(f"\none threshold for every size: {f'any in ({low:.4g}, {high:.4g}]' if low < high else f'none ({low:.4g} >= {high:.4g})'}")
 PY
 fi

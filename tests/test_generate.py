@@ -6,6 +6,7 @@ import subprocess
 import pytest
 import torch
 
+from rot_data.records import load_records
 from rot_data.tokens import IMG_BEGIN, IMG_END
 from rot_model.backbone import add_latent_tokens, load_backbone
 from rot_model.export import export, load_export
@@ -446,10 +447,11 @@ def test_an_export_with_merged_latents_evaluates_merged_truth_and_refuses_read_b
         read_back(str(merged), "gsm8k", tiny_shards, tmp_path / "rb", split="train", reader=str(micro_anchor), limit=1)
 
 
-def test_the_stop_signals_say_where_each_stop_ends_a_row(exported, tmp_path):
+def test_the_stop_signals_say_where_each_stop_ends_a_row(exported, tiny_shards, tmp_path):
     """`rot-eval stops` reads, per latent step, the two signals the stops read: for any threshold, the dynamic stop
     ends each row at the first step whose distance is under it, and the learned stop at the first step whose
-    p(<img_end>) passes one half; the separating window's thresholds end every row at the trained length."""
+    p(<img_end>) passes one half; the separating window's thresholds end every row at its length (the export's
+    budget, or with --truth-shards each question's own visual-token count)."""
     from rot_eval import stops
     from rot_eval.cli import app
 
@@ -478,13 +480,16 @@ def test_the_stop_signals_say_where_each_stop_ends_a_row(exported, tmp_path):
     finally:
         hook.remove()
     assert len(seen) > 1, seen  # the stops ended rows at different steps: the comparison means something
-    low, high = stops.separating_window(distances, 3)
+    low, high = stops.separating_window(distances, torch.full((4,), 3))
     assert low == float(distances[:, 3].max()) and high == float(distances[:, :3].min())
+    low, high = stops.separating_window(distances, torch.tensor([1, 2, 4, 5]))  # each row its own length
+    assert low == max(float(distances[row, length]) for row, length in enumerate([1, 2, 4, 5]))
+    assert high == min(float(distances[row, :length].min()) for row, length in enumerate([1, 2, 4, 5]))
 
     result = invoke(app, ["stops", "--checkpoint", str(exported), "--dataset", "gsm8k", "--split", "train",
                           "--limit", "3", "--out", str(tmp_path / "stops")])
     summary = json.loads((tmp_path / "stops" / "stops.json").read_text())
-    budget = summary["trained_length"]
+    (budget,) = summary["lengths"]
     assert summary["questions"] == 3 and summary["steps"] == budget + 8 == len(summary["p_img_end"]["median"])
     assert (tmp_path / "stops" / "stops.png").stat().st_size > 10_000
     assert f"the export's budget, {budget} latents: " in result.stdout
@@ -492,3 +497,21 @@ def test_the_stop_signals_say_where_each_stop_ends_a_row(exported, tmp_path):
                            "--steps", str(budget), "--out", str(tmp_path / "refused")], exit_code=1)
     assert f"--steps {budget}: the stops are read past the export's budget ({budget} latents): pass at least {budget + 1}" in refused.output
     assert not (tmp_path / "refused").exists()
+
+    # a mixed-length set: each question's length is its own CoT's visual-token count, read from the split's shards
+    result = invoke(app, ["stops", "--checkpoint", str(exported), "--dataset", "gsm8k", "--split", "train", "--limit", "3",
+                          "--truth-shards", str(tiny_shards), "--out", str(tmp_path / "own")])
+    summary = json.loads((tmp_path / "own" / "stops.json").read_text())
+    stored = {row["question"]: row["n_tokens"] for row in ShardSet.open(tiny_shards).read_rows(0, with_embeddings=False)}
+    questions = [record.question for record in load_records("gsm8k", "train")[0][:3]]
+    lengths = torch.tensor([stored[question] for question in questions])
+    assert len(set(lengths.tolist())) > 1  # the three CoTs differ in length: one budget would not describe them
+    assert summary["lengths"] == sorted(set(lengths.tolist())) and summary["steps"] == int(lengths.max()) + 8
+    distances, _ = stops.stop_signals(model, tokenizer, questions, steps=summary["steps"])
+    low, high = stops.separating_window(distances, lengths)
+    assert summary["dynamic_window"] == {"low": round(low, 6), "high": round(high, 6), "separates": low < high}
+    assert f"each question's own length, {'/'.join(map(str, summary['lengths']))} latents: " in result.stdout
+    refused = invoke(app, ["stops", "--checkpoint", str(exported), "--dataset", "gsm8k", "--split", "train", "--limit", "3",
+                           "--truth-shards", str(tiny_shards), "--steps", str(int(lengths.max())), "--out", str(tmp_path / "x")],
+                     exit_code=1)
+    assert f"past each question's own length ({int(lengths.max())} latents): pass at least {int(lengths.max()) + 1}" in refused.output

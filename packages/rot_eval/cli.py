@@ -129,35 +129,45 @@ def stops(
     split: str = typer.Option("valid", help="choose thresholds on valid, not test"),
     data_dir: Optional[Path] = typer.Option(None, help="another copy of the package's data folders (e.g. ../shared/data)"),
     limit: int = typer.Option(200, min=1, help="the first N questions"),
-    steps: Optional[int] = typer.Option(None, help="latent steps to read, past the export's budget (default: the budget + 8)"),
+    steps: Optional[int] = typer.Option(None, help="latent steps to read, past the longest length (default: it + 8)"),
+    truth_shards: Optional[Path] = typer.Option(None, help="the split's shard set (rot-render build, the training encoder): each question's own visual-token count as its length, not the export's budget (a mixed-length model)"),
 ) -> None:
     """Where a stop would end each thought: at every latent step, the distance to <img_end> (what --dynamic-threshold
     reads) and p(<img_end>) (what --learned-stop reads), with no stop in between; the thresholds that end every
-    question after the export's budget (a fixed-length model's trained length), and a picture."""
+    question after its length (the export's budget, or with --truth-shards each question's own), and a picture."""
+    import torch
+
     from rot_data.records import RecordError, load_records
     from rot_eval import stops as stop_module
+    from rot_eval.evaluate import _oracle_budgets, _truth_embeddings
     from rot_eval.generate import load_for_inference
-    from rot_model.export import latent_budget
+    from rot_model.export import latent_budget, latent_merge
 
     try:
         model, tokenizer, config = load_for_inference(checkpoint)
-        length = latent_budget(config)
         records, _ = load_records(dataset, split, data_dir=data_dir, require_cot=False)
-        if steps is not None and steps <= length:
-            raise ValueError(f"--steps {steps}: the stops are read past the export's budget ({length} latents): pass at least {length + 1}")
+        questions = [record.question for record in records[:limit]]
+        if truth_shards is None:
+            lengths, named = torch.full((len(questions),), latent_budget(config)), "the export's budget"
+        else:
+            lengths = _oracle_budgets(questions, _truth_embeddings(truth_shards, latent_merge(config)))
+            named = "each question's own length" if len(set(lengths.tolist())) > 1 else "the questions' length"
+        longest = int(lengths.max())
+        if steps is not None and steps <= longest:
+            raise ValueError(f"--steps {steps}: the stops are read past {named} ({longest} latents): pass at least {longest + 1}")
     except (RecordError, FileNotFoundError, ValueError) as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(1)
-    questions = [record.question for record in records[:limit]]
-    distances, end_probabilities = stop_module.stop_signals(model, tokenizer, questions, steps or length + 8)
-    summary = stop_module.summarize(distances, end_probabilities, length)
+    distances, end_probabilities = stop_module.stop_signals(model, tokenizer, questions, steps or longest + 8)
+    summary = stop_module.summarize(distances, end_probabilities, lengths)
     paths = stop_module.write(summary, out, f"{checkpoint} on {dataset} [{split}], {len(questions)} questions")
     window = summary["dynamic_window"]
     verdict = (f"any --dynamic-threshold in ({window['low']:.4g}, {window['high']:.4g}] ends every question there"
                if window["separates"] else f"no --dynamic-threshold does (largest distance at it {window['low']:.4g}, "
                f"smallest before it {window['high']:.4g})")
-    typer.echo(f"the export's budget, {length} latents: {verdict}; the learned stop ends "
-               f"{100 * summary['learned_stop_at_trained_length']:.1f}% of questions there\nwrote "
+    shown = "/".join(str(length) for length in summary["lengths"])
+    typer.echo(f"{named}, {shown} latents: {verdict}; the learned stop ends "
+               f"{100 * summary['learned_stop_at_length']:.1f}% of questions there\nwrote "
                + ", ".join(str(p) for p in paths))
 
 

@@ -6,8 +6,9 @@ At step k (k latents written) ``generate_rot`` ends the thought when
 - the learned stop: the LM head gives ``<img_end>`` a probability above one half (a model trained with
   ``--stop-weight``).
 Both are read here for a fixed number of steps, past the trained length, so a threshold can be chosen by looking: a
-threshold stops every question at length L exactly when it lies between the largest distance at step L and the
-smallest distance before it (the separating window).
+threshold stops every question at its length L exactly when it lies between the largest distance at its step L and
+the smallest distance before it (the separating window). L is the export's budget (a fixed-length model), or each
+question's own visual-token count (a mixed-length model: ``rot-eval stops --truth-shards``).
 """
 
 from __future__ import annotations
@@ -38,31 +39,33 @@ def stop_signals(model, tokenizer, questions: list[str], steps: int) -> tuple[to
     return torch.stack(distances), torch.stack(end_probabilities)
 
 
-def separating_window(distances: torch.Tensor, length: int) -> tuple[float, float]:
-    """(low, high): every threshold in low < t <= high ends every question after exactly ``length`` latents (empty
-    when low >= high: no single threshold does)."""
-    return float(distances[:, length].max()), float(distances[:, :length].min())
+def separating_window(distances: torch.Tensor, lengths: torch.Tensor) -> tuple[float, float]:
+    """(low, high): every threshold in low < t <= high ends each question q after exactly ``lengths[q]`` latents
+    (empty when low >= high: no single threshold does)."""
+    at_length = distances.gather(1, lengths[:, None])
+    before = torch.arange(distances.shape[1])[None] < lengths[:, None]
+    return float(at_length.max()), float(distances[before].min())
 
 
-def summarize(distances: torch.Tensor, end_probabilities: torch.Tensor, length: int) -> dict:
-    """Per step: the median and the 5th / 95th percentiles over the questions, and the separating window at
-    ``length`` (the export's trained length)."""
+def summarize(distances: torch.Tensor, end_probabilities: torch.Tensor, lengths: torch.Tensor) -> dict:
+    """Per step: the median and the 5th / 95th percentiles over the questions; the separating window at each
+    question's length (``lengths``: the export's budget, or each question's own visual-token count)."""
     def bands(values):
         quantiles = torch.quantile(values, torch.tensor([0.05, 0.5, 0.95]), dim=0)
         return {name: [round(float(v), 6) for v in row] for name, row in zip(("p5", "median", "p95"), quantiles)}
 
-    low, high = separating_window(distances, length) if length < distances.shape[1] else (float("nan"), float("nan"))
+    low, high = separating_window(distances, lengths)
     learned = (end_probabilities > 0.5).float()
     first = torch.where(learned.any(1), learned.argmax(1), torch.full((len(learned),), -1))
-    return {"questions": len(distances), "steps": distances.shape[1], "trained_length": length,
+    return {"questions": len(distances), "steps": distances.shape[1], "lengths": sorted(set(lengths.tolist())),
             "distance_to_img_end": bands(distances), "p_img_end": bands(end_probabilities),
             "dynamic_window": {"low": round(low, 6), "high": round(high, 6), "separates": low < high},
-            "learned_stop_at_trained_length": round(float((first == length).float().mean()), 4)}
+            "learned_stop_at_length": round(float((first == lengths).float().mean()), 4)}
 
 
 def draw(summary: dict, path: Path, title: str) -> Path:
     """Two panels over the latent steps: the distance to ``<img_end>`` (the dynamic threshold's signal, log scale)
-    and p(<img_end>) (the learned stop's), each a median line in its 5-95% band, the trained length marked."""
+    and p(<img_end>) (the learned stop's), each a median line in its 5-95% band, the questions' lengths marked."""
     from rot_eval.viz import _pyplot, _save
 
     plt = _pyplot()
@@ -73,7 +76,8 @@ def draw(summary: dict, path: Path, title: str) -> Path:
         band = summary[key]
         axis.fill_between(steps, band["p5"], band["p95"], alpha=0.3, label="5-95% of questions")
         axis.plot(steps, band["median"], marker="o", markersize=2, label="median")
-        axis.axvline(summary["trained_length"], color="black", linestyle="--", linewidth=1, label="trained length")
+        for index, length in enumerate(summary["lengths"]):
+            axis.axvline(length, color="black", linestyle="--", linewidth=1, label=None if index else "CoT length")
         axis.set(xlabel="latents written (k)", ylabel=label)
         axis.legend(fontsize=7)
     axes[0].set_yscale("log")
