@@ -109,18 +109,11 @@ if part sweep || part test; then
   COUNTS=$(token_counts); MAX=$(( ${COUNTS##* } + 8 ))  # the stops' cap: the longest CoT + 8 (a stop that runs late shows)
   BUDGETS=${BUDGETS:-$COUNTS}
 fi
-each_size() {  # each_size <function>: the function for every size at once (each evaluation is its own short process)
-  local pids=() pid
-  for n in $SIZES; do "$1" "$n" & pids+=($!); done
-  local failed=0
-  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done  # every size ends before a failed one stops the script
-  return $failed
-}
 sweep_size() {
   for budget in $BUDGETS; do evaluate "fixed$budget" "$1" valid --latents "$budget" --limit "$VLIMIT"; done
   for threshold in $THRESHOLDS; do evaluate "dyn$threshold" "$1" valid --latents "$MAX" --dynamic-threshold "$threshold" --limit "$VLIMIT"; done
 }
-if part sweep; then each_size sweep_size; fi
+if part sweep; then for n in $SIZES; do sweep_size "$n"; done; fi  # one evaluation at a time: each s/question its own
 if part test; then
   best() {  # the sweep's setting with the best mean valid accuracy over the sizes
     python3 - "$OUT" "$1" <<'PY'
@@ -144,7 +137,7 @@ PY
     run python3 -m rot_eval.cli stops --checkpoint "$EXPORT" --dataset "$(set_of "$1")" --truth-shards "$W/truth-$1-valid" \
         --limit "$VLIMIT" --out "$OUT/stops-$1" > /dev/null
   }
-  each_size test_size
+  for n in $SIZES; do test_size "$n"; done
   run python3 -m rot_eval.cli table "$OUT"/*-test --plot "$OUT/mixed-test.png"
   python3 - "$OUT" "$budget" "$threshold" $SIZES <<'PY' | tee "$OUT/stops-test.md"  # each stop against the oracle
 import json, sys
