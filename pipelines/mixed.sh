@@ -12,7 +12,7 @@
 #           test build them first where they are missing. On its own it can run beside the training
 #   sweep   per size, on valid (VLIMIT rows): (b) fixed budgets BUDGETS (default: every size's own visual-token count,
 #           the only lengths a model trained on whole CoTs answers at), (c) the paper's dynamic threshold THRESHOLDS
-#   test    per size, on valid and test: (a) the oracle (each question's own visual-token count), (b) the fixed budget
+#   test    per size, on test: (a) the oracle (each question's own visual-token count), (b) the fixed budget
 #           and (c) the threshold best on valid (mean over sizes), (d) the learned stop; then the table, its picture, and
 #           stops-test.md: each stop against the oracle (accuracy and mean latents; the goal: within 1 point and 5%),
 #           and per size the thresholds that end every valid question at its length (rot-eval stops; their overlap)
@@ -128,12 +128,12 @@ PY
   budget=$(best fixed); threshold=$(best dyn)
   echo "chosen on valid: fixed budget $budget, dynamic threshold $threshold" | tee -a "$W/commands.txt"
   test_size() {
-    for split in valid test; do
-      evaluate oracle "$1" "$split" --oracle-latents --truth-shards "$W/truth-$1-$split" $TEST_LIMIT
-      evaluate "fixed$budget" "$1" "$split" --latents "$budget" $TEST_LIMIT
-      evaluate "dyn$threshold" "$1" "$split" --latents "$MAX" --dynamic-threshold "$threshold" $TEST_LIMIT
-      evaluate learned "$1" "$split" --latents "$MAX" --learned-stop $TEST_LIMIT
-    done  # where the two signals put each valid question's stop, against its own length (rot-eval stops)
+    # on test only: valid's summaries stay the sweep's, so a later test part chooses among the same runs
+    evaluate oracle "$1" test --oracle-latents --truth-shards "$W/truth-$1-test" $TEST_LIMIT
+    evaluate "fixed$budget" "$1" test --latents "$budget" $TEST_LIMIT
+    evaluate "dyn$threshold" "$1" test --latents "$MAX" --dynamic-threshold "$threshold" $TEST_LIMIT
+    evaluate learned "$1" test --latents "$MAX" --learned-stop $TEST_LIMIT
+    # where the two signals put each valid question's stop, against its own length (rot-eval stops)
     run python3 -m rot_eval.cli stops --checkpoint "$EXPORT" --dataset "$(set_of "$1")" --truth-shards "$W/truth-$1-valid" \
         --limit "$VLIMIT" --out "$OUT/stops-$1" > /dev/null
   }
