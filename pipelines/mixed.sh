@@ -20,7 +20,7 @@
 # or call by call with CONTINUE=<the last call's export or compact export> CALL=2, 3, ... (data again only on a fresh
 # machine: a kept shard set is checked and reused); then PARTS=sweep,test there (EXPORT: the newest
 # rollout-mixed*-s$SEED/export in W unless given), or on a CPU from the compact export brought back:
-# EXPORT=<it> PARTS=truth,sweep,test bash pipelines/mixed.sh (about 40 minutes on 2 cores).
+# EXPORT=<it> PARTS=truth,sweep,test bash pipelines/mixed.sh (about an hour on 2 cores: 60 min measured).
 # On this CPU, at smoke scale: SMOKE=1 ANCHOR=<a micro anchor folder> bash pipelines/mixed.sh
 # Knobs: SIZES, ROWS (per size), SEED, ANCHOR, W, SW (stop weight), DEADLINE (default 520), CONTINUE, CALL, CEPOCHS
 # (the rollout phase's planned epochs: 4, or 6 when continuing), EXPORT, BUDGETS, THRESHOLDS, VLIMIT, and

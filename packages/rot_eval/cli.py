@@ -139,7 +139,7 @@ def stops(
 
     from rot_data.records import RecordError, load_records
     from rot_eval import stops as stop_module
-    from rot_eval.evaluate import _oracle_budgets, _truth_embeddings
+    from rot_eval.evaluate import oracle_budgets, truth_embeddings
     from rot_eval.generate import load_for_inference
     from rot_model.export import latent_budget, latent_merge
 
@@ -150,7 +150,7 @@ def stops(
         if truth_shards is None:
             lengths, named = torch.full((len(questions),), latent_budget(config)), "the export's budget"
         else:
-            lengths = _oracle_budgets(questions, _truth_embeddings(truth_shards, latent_merge(config)))
+            lengths = oracle_budgets(questions, truth_embeddings(truth_shards, latent_merge(config)))
             named = "each question's own length" if len(set(lengths.tolist())) > 1 else "the questions' length"
         longest = int(lengths.max())
         if steps is not None and steps <= longest:

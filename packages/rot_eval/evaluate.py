@@ -58,7 +58,7 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
     check_positions(model, tokenizer, [r.question for r in records], thinking[0] + max_answer_tokens + 2, f"{thinking[1]} + answer tokens".strip(" +"))
     if control and mode != "rot":
         raise ValueError(f"--control applies to RoT exports; {checkpoint} is an {mode} baseline")
-    truth = _truth_embeddings(truth_shards, latent_merge(config)) if control == "truth" or oracle_latents else None
+    truth = truth_embeddings(truth_shards, latent_merge(config)) if control == "truth" or oracle_latents else None
     if oracle_latents and truth:
         check_positions(model, tokenizer, [r.question for r in records], max(map(len, truth.values())) + max_answer_tokens + 2,
                         "--oracle-latents + answer tokens")
@@ -70,7 +70,7 @@ def evaluate(checkpoint: str, dataset: str, out: Path, split: str = "test", data
             questions = [r.question for r in batch]
             if mode == "rot":
                 given = _control_latents(control, model, tokenizer, questions, latents, truth) if control else None
-                budget = _oracle_budgets(questions, truth) if oracle_latents else latents
+                budget = oracle_budgets(questions, truth) if oracle_latents else latents
                 results, elapsed = timed(generate_rot, model, tokenizer, questions, latents=budget,
                                          dynamic_threshold=dynamic_threshold, max_answer_tokens=max_answer_tokens,
                                          given_latents=given, learned_stop=learned_stop)
@@ -126,7 +126,7 @@ def _aligned(gold: str, predicted: str) -> list[tuple[str, str | None]]:
     return [(want, got[i] if i < len(got) else None) for i, want in enumerate(gold.split())]
 
 
-def _truth_embeddings(folder: Path, merge: int) -> dict[str, torch.Tensor]:
+def truth_embeddings(folder: Path, merge: int) -> dict[str, torch.Tensor]:
     """question -> the latents its rendered CoT's stored visual embeddings stand for (merged as the export trained)."""
     from rot_model.batches import merged
     from rot_model.shard_stream import ShardSet
@@ -150,7 +150,8 @@ def _control_latents(control, model, tokenizer, questions, latents, truth) -> to
     return torch.stack(true).to(device)
 
 
-def _oracle_budgets(questions, truth) -> torch.Tensor:
+def oracle_budgets(questions, truth) -> torch.Tensor:
+    """Each question's own CoT length in latents (the oracle's budget; ``rot-eval stops --truth-shards``'s lengths)."""
     return torch.tensor([len(t) for t in _truth_of(questions, truth)])
 
 

@@ -66,9 +66,9 @@ def summarize(distances: torch.Tensor, end_probabilities: torch.Tensor, lengths:
 def draw(summary: dict, path: Path, title: str) -> Path:
     """Two panels over the latent steps: the distance to ``<img_end>`` (the dynamic threshold's signal, log scale)
     and p(<img_end>) (the learned stop's), each a median line in its 5-95% band, the questions' lengths marked."""
-    from rot_eval.viz import _pyplot, _save
+    from rot_eval.viz import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     steps = range(summary["steps"])
     for axis, key, label in zip(axes, ("distance_to_img_end", "p_img_end"),
@@ -86,7 +86,7 @@ def draw(summary: dict, path: Path, title: str) -> Path:
         axes[0].axhspan(window["low"], window["high"], color="green", alpha=0.15)
     figure.suptitle(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _save(figure, path, plt)
+    return save_figure(figure, path, plt)
 
 
 def write(summary: dict, out: Path, title: str) -> list[Path]:

@@ -17,7 +17,7 @@ import torch
 from rot_data.shards import drawn_text
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,7 +27,7 @@ def _pyplot():
 
 
 def draw(latents: torch.Tensor, out: Path, title: str) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     latents = latents.float()
     paths = []
@@ -36,25 +36,25 @@ def draw(latents: torch.Tensor, out: Path, title: str) -> list[Path]:
     image = axis.imshow(latents.numpy(), aspect="auto", cmap="RdBu_r", interpolation="nearest")
     axis.set(xlabel="embedding dimension", ylabel="latent token", title=f"latent embeddings: {title}")
     figure.colorbar(image)
-    paths.append(_save(figure, out / "heatmap.png", plt))
+    paths.append(save_figure(figure, out / "heatmap.png", plt))
 
     unit = torch.nn.functional.normalize(latents, dim=-1)
     figure, axis = plt.subplots(figsize=(5, 4.5))
     image = axis.imshow((unit @ unit.T).numpy(), vmin=-1, vmax=1, cmap="viridis")
     axis.set(xlabel="latent token", ylabel="latent token", title="cosine similarity")
     figure.colorbar(image)
-    paths.append(_save(figure, out / "similarity.png", plt))
+    paths.append(save_figure(figure, out / "similarity.png", plt))
 
     figure, axes = plt.subplots(1, 3, figsize=(12, 3))
     steps = range(1, len(latents) + 1)
     for axis, values, name in zip(axes, (latents.norm(dim=-1), latents.mean(-1), latents.std(-1)), ("norm", "mean", "std")):
         axis.plot(steps, values.numpy(), marker="o", markersize=3)
         axis.set(xlabel="latent token", title=name)
-    paths.append(_save(figure, out / "stats.png", plt))
+    paths.append(save_figure(figure, out / "stats.png", plt))
     return paths
 
 
-def _save(figure, path: Path, plt) -> Path:
+def save_figure(figure, path: Path, plt) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
