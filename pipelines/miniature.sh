@@ -49,12 +49,15 @@ PARTS=${PARTS:-data,stage1,stage2,sft,eval,controls,readback}
 EVAL_RUNS=${EVAL_RUNS:-stage2 vision curriculum curriculum-lora reader reader-tf reader-lora rollout sft-cot sft-nocot rollout-nostage1 rollout-tiny detached}; CONTROL_RUN=${CONTROL_RUN:-stage2}
 if [ -n "${SMOKE:-}" ]; then STEPS1=2; MB=4; ROWS=16; EPOCHS=1; CSTEPS=1; LIMIT=4; fi
 SET=icot_mult_${N}x${N}
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')  # runs side by side
-if [ -n "${GPU:-}" ]; then  # one GPU for this process: runs on other GPUs go on beside it
-  DS="python3 -m deepspeed.launcher.runner --include localhost:$GPU --master_port $PORT --module rot_train"
-else  # the launcher (also where --target installs left no 'deepspeed' script)
-  DS="python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port $PORT --module rot_train"
-fi
+ds() {  # one `deepspeed --module rot_train <args>` launch on a port free at this moment: a port picked once at the
+  # script's start can be taken minutes later by another run's sockets (a mixed run beside a 5x5 one failed so)
+  local port; port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+  if [ -n "${GPU:-}" ]; then  # one GPU for this process: runs on other GPUs go on beside it
+    run python3 -m deepspeed.launcher.runner --include "localhost:$GPU" --master_port "$port" --module rot_train "$@"
+  else  # the launcher (also where --target installs left no 'deepspeed' script)
+    run python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port "$port" --module rot_train "$@"
+  fi
+}
 part() { [[ ",$PARTS," == *",$1,"* ]]; }
 log() { echo "== $*" | tee -a "$OUT/commands.txt"; }
 run() { local shown="$*"; log "${shown#on_gpu }"; "$@"; }
@@ -69,7 +72,7 @@ if part data; then  # training rows; held-out questions are never generated
   run python3 -m rot_render.cli build --dataset "$W/train.txt" --encoder "$ANCHOR" --out "$W/shards"
 fi
 if part stage1; then  # RoT Stage I: head only, LLM frozen (vision MSE x10 + LM loss)
-  run $DS stage1 --shards "$W/$SHARDS" $TRAIN --max-steps "$STEPS1" --lr 1e-3 --out "$W/$S1-s$SEED"
+  ds stage1 --shards "$W/$SHARDS" $TRAIN --max-steps "$STEPS1" --lr 1e-3 --out "$W/$S1-s$SEED"
 fi
 if part profile; then  # the trainer's step at this size (issue 13.6): eager rollout vs CUDA graph, Stage I and II
   (run on_gpu python3 benchmarks/rot_step_profile.py --shards "$W/$SHARDS" --backbone "$ANCHOR" --micro-batch "$MB" --head-width 512 --full-finetune \
@@ -77,47 +80,47 @@ if part profile; then  # the trainer's step at this size (issue 13.6): eager rol
   grep -E "^(loader|stage)" "$OUT/profile-s$SEED.txt" || true
 fi
 if part stage2; then  # RoT Stage II as the official code trains it: head frozen, answer loss, official gradient
-  run $DS stage2 --shards "$W/$SHARDS" $STAGE2 --init "$W/stage1-s$SEED/export" --out "$W/stage2-s$SEED"
+  ds stage2 --shards "$W/$SHARDS" $STAGE2 --init "$W/stage1-s$SEED/export" --out "$W/stage2-s$SEED"
 fi
 if part vision; then  # Stage II keeping the vision loss on every latent
-  run $DS stage2 --shards "$W/$SHARDS" $STAGE2 --vision-weight 10 --init "$W/stage1-s$SEED/export" --out "$W/vision-s$SEED"
+  ds stage2 --shards "$W/$SHARDS" $STAGE2 --vision-weight 10 --init "$W/stage1-s$SEED/export" --out "$W/vision-s$SEED"
 fi
 if part curriculum; then  # Stage II with the vision loss, latents handed from teacher forcing to the rollout 4 at a time
-  run $DS stage2 --shards "$W/$SHARDS" $STAGE2 --vision-weight 10 --curriculum-steps "$CSTEPS" --curriculum-stride 4 \
+  ds stage2 --shards "$W/$SHARDS" $STAGE2 --vision-weight 10 --curriculum-steps "$CSTEPS" --curriculum-stride 4 \
       --init "$W/stage1-s$SEED/export" --out "$W/curriculum-s$SEED"
 fi
 if part curriculum-lora; then  # the same with LoRA (r 64 on every projection) instead of full fine-tuning: an export of a few MB
   LORA="--lora-r 64 --lora-alpha 128"; for m in q k v o gate up down; do LORA="$LORA --lora-targets ${m}_proj"; done
-  run $DS stage2 --shards "$W/$SHARDS" $TRAIN --epochs "$EPOCHS" --lr 1e-3 $LORA --vision-weight 10 \
+  ds stage2 --shards "$W/$SHARDS" $TRAIN --epochs "$EPOCHS" --lr 1e-3 $LORA --vision-weight 10 \
       --curriculum-steps "$CSTEPS" --curriculum-stride 4 --init "$W/stage1-s$SEED/export" --out "$W/curriculum-lora-s$SEED"
 fi
 READER="--vision-weight $VW --reader-weight $RW --init $W/$S1-s$SEED/export $EXTRA"
 if part reader; then  # the curriculum with the reader loss
-  run $DS stage2 --shards "$W/$SHARDS" $STAGE2 $READER --curriculum-steps "$CSTEPS" --curriculum-stride 4 --out "$W/reader$TAG-s$SEED"
+  ds stage2 --shards "$W/$SHARDS" $STAGE2 $READER --curriculum-steps "$CSTEPS" --curriculum-stride 4 --out "$W/reader$TAG-s$SEED"
 fi
 if part reader-tf; then  # the reader loss, every latent slot teacher-forced with the true embedding in every step
-  run $DS stage2 --shards "$W/$SHARDS" $STAGE2 $READER --curriculum-steps 1000000 --out "$W/reader-tf$TAG-s$SEED"
+  ds stage2 --shards "$W/$SHARDS" $STAGE2 $READER --curriculum-steps 1000000 --out "$W/reader-tf$TAG-s$SEED"
 fi
 if part reader-lora; then  # the reader run with LoRA (r 64 on every projection): an export of a few MB
   LORA="--lora-r 64 --lora-alpha 128"; for m in q k v o gate up down; do LORA="$LORA --lora-targets ${m}_proj"; done
-  run $DS stage2 --shards "$W/$SHARDS" $TRAIN --epochs "$EPOCHS" --lr 1e-3 $LORA $READER --curriculum-steps "$CSTEPS" \
+  ds stage2 --shards "$W/$SHARDS" $TRAIN --epochs "$EPOCHS" --lr 1e-3 $LORA $READER --curriculum-steps "$CSTEPS" \
       --curriculum-stride 4 --out "$W/reader-lora$TAG-s$SEED"
 fi
 if part rollout; then  # train the teacher-forced model on its own rollouts (the export is the backbone to start from)
   FROM="$W/reader-tf$TAG-s$SEED/export"
-  run $DS stage2 --shards "$W/$SHARDS" $STAGE2 --backbone "$FROM" --init "$FROM" --train-head --vision-weight "$VW" \
+  ds stage2 --shards "$W/$SHARDS" $STAGE2 --backbone "$FROM" --init "$FROM" --train-head --vision-weight "$VW" \
       $ROLL --out "$W/rollout$TAG-s$SEED"
 fi
 if part sft; then  # the baselines, same rows and steps, full fine-tuning
   for mode in ${SFT_MODES:-sft-cot sft-nocot}; do
-    run $DS sft --mode "$mode" --shards "$W/$SHARDS" $COMMON --epochs "$EPOCHS" --lr 3e-4 --full-finetune ${SFT_EXTRA:-} --out "$W/$mode-s$SEED"
+    ds sft --mode "$mode" --shards "$W/$SHARDS" $COMMON --epochs "$EPOCHS" --lr 3e-4 --full-finetune ${SFT_EXTRA:-} --out "$W/$mode-s$SEED"
   done
 fi
 if part nostage1; then  # control: no Stage I (a Stage I run with learning rate 0 exports a random head)
-  run $DS stage1 --shards "$W/$SHARDS" $TRAIN --max-steps 1 --lr 0 --out "$W/random-head-s$SEED"
+  ds stage1 --shards "$W/$SHARDS" $TRAIN --max-steps 1 --lr 0 --out "$W/random-head-s$SEED"
 fi
 if part detached; then  # ablation: Stage II with latents.detach() in the answer pass (the previous trainer)
-  run $DS stage2 --shards "$W/$SHARDS" $STAGE2 --latent-gradient detached --init "$W/stage1-s$SEED/export" --out "$W/detached-s$SEED"
+  ds stage2 --shards "$W/$SHARDS" $STAGE2 --latent-gradient detached --init "$W/stage1-s$SEED/export" --out "$W/detached-s$SEED"
 fi
 if part tiny; then  # control: the untrained 'tiny' tower's embeddings as targets
   [ -f "$W/shards-tiny/manifest.json" ] || run python3 -m rot_render.cli build --dataset "$W/train.txt" --encoder tiny --out "$W/shards-tiny"
