@@ -132,7 +132,7 @@ def main(shards: str = typer.Option(...), backbone: str = typer.Option("anchor")
         for cap in max_latents:
             collate = RoTCollator(tokenizer, token_ids[IMG_BEGIN], token_ids[IMG_END], cap or None)
             for size in micro_batch:
-                stream = ShardStream(shard_set, collate, size)
+                stream = ShardStream(shard_set, collate, size, by_length=False)  # batches of mixed lengths, as always measured
                 loaded = time.perf_counter()
                 batches = [b for _, b in zip(range(repeats + 1), stream)]
                 loader_rate = len(batches) * size / (time.perf_counter() - loaded)

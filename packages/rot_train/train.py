@@ -506,7 +506,8 @@ def _run(cfg: TrainConfig) -> tuple[dict, RoTModel]:
     if rank == 0:
         print(f"batches: {plan.describe()}")
         print(f"rollout: {rollout} ({ROLLOUT_WORDS[rollout]}); packing: {packing}")
-    stream = ShardStream(shard_set, collate, plan.micro_batch, rank, world_size, cfg.seed, cfg.shuffle_buffer)
+    stream = ShardStream(shard_set, collate, plan.micro_batch, rank, world_size, cfg.seed, cfg.shuffle_buffer,
+                         global_batch=plan.global_batch)
     total_steps = stream.batches_per_epoch // plan.grad_accum * cfg.epochs  # the LR schedule's length
     stop_step = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)  # --max-steps only stops early
 
