@@ -3,10 +3,11 @@
 The order of an epoch is a pure function of (seed, epoch): shards in a seeded random order, rows
 passed through a seeded shuffle buffer, then sorted by visual-token count within each run of
 ``LENGTH_GROUP`` optimizer batches (a batch rolls out as many latents as its longest row). Every
-rank computes the same order from the manifest alone, cuts it into global micro-batches of ``micro_batch * world_size`` rows, and takes its own slice, so
-ranks never overlap and a checkpoint only has to record (epoch, micro-batch index) to resume. The
-last global micro-batch of an epoch is filled with weight-0 copies so every rank runs the same
-number of steps; those copies add nothing to the loss.
+rank computes the same order from the manifest alone, cuts it into global micro-batches of
+``micro_batch * world_size`` rows, and takes its own slice, so ranks never overlap and a checkpoint
+only has to record (epoch, micro-batch index) to resume. The last global micro-batch of an epoch is
+filled with weight-0 copies so every rank runs the same number of steps; those copies add nothing
+to the loss.
 """
 
 from __future__ import annotations
