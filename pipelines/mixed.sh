@@ -81,11 +81,7 @@ token_counts() {  # the held-out CoTs' distinct visual-token counts: every size'
   python3 - "$W" <<'PY'
 import pathlib, sys
 from rot_model.shard_stream import ShardSet
-counts = set()
-for folder in pathlib.Path(sys.argv[1]).glob("truth-*"):
-    shard_set = ShardSet.open(folder)
-    for index in range(len(shard_set.manifest["shards"])):
-        counts.update(row["n_tokens"] for row in shard_set.read_rows(index, with_embeddings=False))
+counts = {n for folder in pathlib.Path(sys.argv[1]).glob("truth-*") for shard in ShardSet.open(folder).row_lengths() for n in shard}
 print(*sorted(counts))
 PY
 }
